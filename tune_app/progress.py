@@ -1,0 +1,43 @@
+"""Live progress: one line per epoch result and per finished trial, with the counts and the best so far."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, metric: str, mode: str, total: int, stream=None):
+        self.metric, self.mode, self.total = metric, mode, total
+        self.stream = stream or sys.stdout
+        self.best: dict[str, tuple[float, str]] = {}
+        self.start = time.monotonic()
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def _line(self, text: str, trials) -> None:
+        states = [t.status for t in trials]
+        counts = (f"running {states.count('RUNNING')}, done {states.count('TERMINATED')}, "
+                  f"failed {states.count('ERROR')}, pending {states.count('PENDING')} of {self.total}")
+        best = "; ".join(f"{m} {v:.4f}" for m, (v, _) in sorted(self.best.items()))
+        elapsed = time.monotonic() - self.start
+        print(f"[{elapsed:7.0f}s] {text} | {counts} | best {self.metric}: {best or '-'}",
+              file=self.stream, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        model = trial.config.get("model", "?")
+        value = result.get(self.metric)
+        if value is not None and (model not in self.best or self._better(value, self.best[model][0])):
+            self.best[model] = (value, trial.trial_id)
+        self._line(f"{model} {trial.trial_id} epoch {result.get('training_iteration')}: "
+                   f"{self.metric}={value:.4f}" if value is not None else f"{model} {trial.trial_id}", trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} finished", trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} FAILED (traceback in the run directory)",
+                   trials)

@@ -1,0 +1,179 @@
+"""Study outputs: the per-trial table, the summary, the best configuration as a runnable study YAML.
+
+Best = the best epoch of any trial (Tune's scope "all"), so a trial ASHA stopped at its first rung is judged by
+every epoch it ran, and a trial that peaked before its last epoch is judged by its peak (whose adapter the
+checkpoint keeps).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tune_app.config import StudyConfig, dump
+from tune_app.space import HYPERPARAMETERS
+
+SUMMARY = "summary.json"
+TRIALS = "trials.csv"
+BEST_CONFIG = "best_config.yaml"
+METRIC_COLUMNS = ("f1", "precision", "recall", "accuracy", "eval_loss")
+BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: model, status, every hyperparameter, epochs reached, final and best metric."""
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    rows = []
+    for result in grid:
+        config = result.config or {}
+        history = result.metrics_dataframe
+        records = history.to_dict("records") if history is not None and len(history) else []
+        records = [r for r in records if r.get(metric) is not None]
+        best = None
+        for record in records:
+            if best is None or _better(record[metric], best[metric], mode):
+                best = record
+        epochs = int(max((r.get("training_iteration", 0) for r in records), default=0))
+        status = ("FAILED" if result.error else "STOPPED_EARLY" if epochs < cfg.train.epochs else "COMPLETED")
+        checkpoint = result.get_best_checkpoint(metric, mode) if records else None
+        trial_path = Path(result.path)
+        row: dict[str, Any] = {
+            "trial_id": (result.metrics or {}).get("trial_id") or trial_path.name.rsplit("_", 1)[-1],
+            "model": config.get("model"),
+            "status": status,
+            **{name: config.get(name) for name in HYPERPARAMETERS},
+            "epochs": epochs,
+            f"final_{metric}": records[-1][metric] if records else None,
+            f"best_{metric}": best[metric] if best else None,
+            "best_epoch": int(best["training_iteration"]) if best else None,
+            **{f"best_{m}": best.get(m) if best else None for m in METRIC_COLUMNS if m != metric},
+            "train_time_s": records[-1].get("train_time_s") if records else None,
+            "trial_time_s": records[-1].get("time_total_s") if records else None,
+            "train_samples_per_s": records[-1].get("train_samples_per_s") if records else None,
+            "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in records), default=None),
+            "trainable_params": records[-1].get("trainable_params") if records else None,
+            "total_params": records[-1].get("total_params") if records else None,
+            "checkpoint": _relative(checkpoint.path, run_dir) if checkpoint else None,
+            "error": _relative(str(trial_path / "error.txt"), run_dir) if result.error else None,
+        }
+        rows.append({k: _clean(v) for k, v in row.items()})
+    rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
+    return rows
+
+
+def _relative(path: str, run_dir: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **extra: Any) -> dict[str, Any]:
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    key = f"best_{metric}"
+    models: dict[str, Any] = {}
+    for name in cfg.models:
+        mine = [r for r in rows if r["model"] == name]
+        scored = [r for r in mine if r[key] is not None]
+        best = None
+        for r in scored:
+            if best is None or _better(r[key], best[key], mode):
+                best = r
+        models[name] = {
+            "best_metric": best[key] if best else None,
+            "best_trial": best["trial_id"] if best else None,
+            "best_epoch": best["best_epoch"] if best else None,
+            "best_config": {h: best[h] for h in HYPERPARAMETERS if best[h] is not None} if best else None,
+            "metrics": {m: best[f"best_{m}"] for m in METRIC_COLUMNS} if best else None,
+            "checkpoint": best["checkpoint"] if best else None,
+            "trials": len(mine),
+            "completed": sum(r["status"] == "COMPLETED" for r in mine),
+            "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in mine),
+            "failed": sum(r["status"] == "FAILED" for r in mine),
+        }
+    overall = None
+    for name, m in models.items():
+        if m["best_metric"] is not None and (overall is None or _better(m["best_metric"], overall[1], mode)):
+            overall = (name, m["best_metric"])
+    return {
+        "study": cfg.name,
+        "run_dir": str(run_dir),
+        "metric": metric,
+        "mode": mode,
+        "best_scope": BEST_SCOPE,
+        "models": models,
+        "best": ({"model": overall[0], "trial_id": models[overall[0]]["best_trial"], metric: overall[1],
+                  "config": models[overall[0]]["best_config"]} if overall else None),
+        **extra,
+    }
+
+
+def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:
+    """A complete study YAML with the winner's values fixed: `tune-app run best_config.yaml` retrains it once."""
+    best = summary["best"]
+    if best is None:
+        return None
+    raw = copy.deepcopy(cfg.raw)
+    model_raw = raw["models"][best["model"]]
+    model_raw = {"checkpoint": model_raw} if isinstance(model_raw, str) else dict(model_raw)
+    model_raw.pop("space", None)
+    model_raw.pop("num_samples", None)
+    raw["name"] = f"{cfg.name}-best"
+    raw["models"] = {best["model"]: model_raw}
+    raw["space"] = dict(best["config"])
+    raw.setdefault("tune", {})["num_samples"] = 1
+    header = (f"# Best of study run {summary['run_dir']}: model {best['model']}, trial {best['trial_id']}, "
+              f"{summary['metric']} = {best[summary['metric']]:.4f} (best epoch of any trial).\n"
+              f"# Retrain it:  tune-app run {BEST_CONFIG}\n")
+    return header + dump(raw)
+
+
+def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(cfg, grid, run_dir)
+    with open(run_dir / TRIALS, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(
+        cfg, rows, run_dir,
+        tokenizations=len(prepared.tokenized),
+        data={"train_rows": len(prepared.splits.train_texts), "validation_rows": len(prepared.splits.val_texts),
+              "label_names": prepared.splits.label_names, "class_weights": prepared.splits.class_weights},
+        resources=resources,
+    )
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if (text := best_config_yaml(cfg, summary)) is not None:
+        (run_dir / BEST_CONFIG).write_text(text)
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The end-of-run table: best F1 / precision / recall / accuracy per model, trials run and stopped early."""
+    header = ("model", "best f1", "precision", "recall", "accuracy", "trials", "stopped early", "failed")
+    lines = [header]
+    for name, m in summary["models"].items():
+        met = m["metrics"] or {}
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        lines.append((name, fmt(met.get("f1")), fmt(met.get("precision")), fmt(met.get("recall")),
+                      fmt(met.get("accuracy")), str(m["trials"]), str(m["stopped_early"]), str(m["failed"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,154 @@
+"""One Ray Tune study over several models: a searcher and a scheduler that route each trial to its model's own
+Optuna TPE searcher and its own ASHA rungs, so models interleave on the resources but never compete in a rung
+or share a TPE model.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from tune_app import space as space_mod
+
+MODEL_KEY = "model"
+"""The config key naming the model a trial trains."""
+
+
+def default_startup_trials(num_samples: int) -> int:
+    """Random proposals before TPE starts modelling: a third of the budget, between 1 and 10."""
+    return max(1, min(10, num_samples // 3))
+
+
+class PerModelSearch(Searcher):
+    """Proposes trials model by model (round robin while each has samples left), each from its model's seeded
+    Optuna TPE sampler; fixed values are added to every proposal. Failed trials are told to Optuna as FAIL."""
+
+    def __init__(self, spaces: dict[str, dict[str, Any]], samples: dict[str, int], *, metric: str, mode: str,
+                 seed: int, n_startup_trials: int | None = None):
+        super().__init__(metric=metric, mode=mode)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.models = list(spaces)
+        self.remaining = dict(samples)
+        self.fixed = {m: {k: v for k, v in s.items() if not space_mod.is_distribution(v)} for m, s in spaces.items()}
+        self.searchers: dict[str, OptunaSearch | None] = {}
+        for index, (model, spec) in enumerate(spaces.items()):
+            domains = {k: space_mod.to_tune(v) for k, v in space_mod.searched(spec).items()}
+            if not domains:
+                self.searchers[model] = None  # nothing to search: every trial uses the fixed values
+                continue
+            sampler = optuna.samplers.TPESampler(
+                seed=seed + index,
+                n_startup_trials=n_startup_trials or default_startup_trials(samples[model]))
+            self.searchers[model] = OptunaSearch(OptunaSearch.convert_search_space(domains), metric=metric,
+                                                 mode=mode, sampler=sampler)
+        self.trial_model: dict[str, str] = {}
+        self._turn = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        for offset in range(len(self.models)):
+            model = self.models[(self._turn + offset) % len(self.models)]
+            if self.remaining[model] <= 0:
+                continue
+            searcher = self.searchers[model]
+            proposal = searcher.suggest(trial_id) if searcher else {}
+            if proposal is None:
+                continue
+            self._turn = (self._turn + offset + 1) % len(self.models)
+            self.remaining[model] -= 1
+            self.trial_model[trial_id] = model
+            return {MODEL_KEY: model, **self.fixed[model], **proposal}
+        return Searcher.FINISHED if all(n <= 0 for n in self.remaining.values()) else None
+
+    def _searcher_of(self, trial_id: str) -> OptunaSearch | None:
+        model = self.trial_model.get(trial_id)
+        return self.searchers.get(model) if model else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if searcher := self._searcher_of(trial_id):
+            searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if searcher := self._searcher_of(trial_id):
+            searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+class PerModelASHA(FIFOScheduler):
+    """One ASHA scheduler per model (rungs at grace x rf^k epochs); without `asha`, a plain FIFO."""
+
+    def __init__(self, models: list[str], *, metric: str, mode: str, max_t: int, grace_period: int,
+                 reduction_factor: int, enabled: bool = True):
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.enabled = enabled
+        self.schedulers = {
+            m: ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_t,
+                             grace_period=grace_period, reduction_factor=reduction_factor)
+            for m in models
+        } if enabled else {}
+        self.stopped: set[str] = set()
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def _of(self, trial) -> ASHAScheduler | None:
+        return self.schedulers.get(trial.config.get(MODEL_KEY))
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if s := self._of(trial):
+            s.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        s = self._of(trial)
+        if s is None:
+            return TrialScheduler.CONTINUE
+        action = s.on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get("training_iteration", 0) < s._max_t:
+            self.stopped.add(trial.trial_id)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        s = self._of(trial)
+        if s is not None and trial.trial_id in s._trial_info:
+            s.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        s = self._of(trial)
+        if s is not None and trial.trial_id in s._trial_info:
+            s.on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{m}: {s.debug_string()}" for m, s in self.schedulers.items()) or "FIFO (no ASHA)"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
