@@ -70,6 +70,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    """Every YAML key with its default and meaning (the README's reference table)."""
+    print(config_mod.reference_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune-app",
@@ -89,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("show", help="print the merged study and each model's resolved search space")
     _add_study_args(p)
     p.set_defaults(func=cmd_show)
+
+    p = verbs.add_parser("keys", help="print every study YAML key with its default and meaning")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -389,3 +389,38 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
 
 def dump(raw: dict) -> str:
     return yaml.safe_dump(raw, sort_keys=False, default_flow_style=None, width=110)
+
+
+REQUIRED = object()
+
+
+def reference_rows() -> list[tuple[str, Any, str]]:
+    """Every YAML key with its default and doc line, from the dataclasses above (the README's reference)."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if f.name == "raw":
+                continue
+            nested = _NESTED.get(f.name)
+            if nested and f.metadata["types"] == (dict,):
+                walk(nested, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, REQUIRED if f.metadata["required"] else default, f.metadata["doc"]))
+            if f.name == "models" and cls is StudyConfig:
+                walk(ModelConfig, "models.<name>.")
+
+    walk(StudyConfig, "")
+    rows.extend((f"space.{name}", hp.default, hp.doc) for name, hp in space_mod.HYPERPARAMETERS.items())
+    return rows
+
+
+def reference_markdown() -> str:
+    """The YAML reference as a markdown table (`tune-app keys`; README.md holds a copy, checked by a test)."""
+    def cell(value: Any) -> str:
+        return "required" if value is REQUIRED else f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | {cell(default)} | {doc.replace('|', '/')} |" for key, default, doc in reference_rows()]
+    return "\n".join(lines)
