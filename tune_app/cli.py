@@ -11,6 +11,8 @@ import sys
 
 from tune_app import config as config_mod
 from tune_app.config import ConfigError, StudyConfig
+from tune_app.data import DataError
+from tune_app.families import UnknownFamilyError
 
 EXIT_BAD_INPUT = 2
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except UsageError as e:
+    except (UsageError, DataError, UnknownFamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
