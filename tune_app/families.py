@@ -1,12 +1,19 @@
 """Model families: the ONE table of what differs per Hugging Face `config.model_type`.
 
-Adding a family is one entry here plus one row in `tests/test_families.py`.
+Adding a family is one entry here plus one row in `tests/test_families.py` (which builds a tiny model of it and
+checks every preset's LoRA targets, the head and a save/reload round trip).
+
+Module names were checked against transformers 5 (`model.named_modules()` of each
+`AutoModelForSequenceClassification`). Nothing here imports torch at module level: `validate` uses it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,10 +21,10 @@ class Family:
     """What LoRA sequence classification needs to know about one architecture."""
 
     decoder: bool
-    """Decoder-only LM (classifies from the last non-pad token; has no pad token of its own)."""
+    """Decoder-only LM: classifies from the last non-pad token and usually ships without a pad token."""
     layers: str
     """Regex of the transformer blocks' module path: LoRA targets are looked for inside these only,
-    so the classification head is never also a LoRA target."""
+    so the classification head (and a pooler) is never also a LoRA target."""
     attention_qv: tuple[str, ...]
     """Query and value projections (the LoRA paper's and the blog's default)."""
     attention: tuple[str, ...]
@@ -25,52 +32,73 @@ class Family:
     mlp: tuple[str, ...]
     """Feed-forward projections (all_linear = attention + mlp)."""
     head: tuple[str, ...]
-    """Modules created fresh for classification: trained in full and saved with the adapter."""
+    """Modules created fresh for classification: trained in full and saved with the adapter (modules_to_save)."""
+    pad: str = "own"
+    """Pad policy: 'own' (the tokenizer has a pad token) | 'eos' (use eos when there is no pad token)."""
+    padding_side: str = "right"
+    """Where the tokenizer pads. Right everywhere: transformers' decoder classifiers find the last non-pad token
+    on either side, and right padding keeps position ids of real tokens unchanged."""
+    fan_in_fan_out: bool = False
+    """Target layers store weights as (in, out) (GPT-2's Conv1D), which LoRA must be told."""
 
     def target_modules(self, preset: str) -> str:
-        """A PEFT target_modules regex for a preset: attention_qv | attention | all_linear."""
+        """A PEFT target_modules regex (full match) for a preset: attention_qv | attention | all_linear."""
         names = {"attention_qv": self.attention_qv, "attention": self.attention,
                  "all_linear": self.attention + self.mlp}[preset]
-        return rf"{self.layers}\.({'|'.join(re.escape(n) for n in names)})"
+        # Any path inside a block that ends in one of the names: `...layer.3.attention.self.query`.
+        return rf"{self.layers}\.(?:.*\.)?({'|'.join(re.escape(n) for n in names)})"
 
 
 _BERT_LIKE = dict(
-    decoder=False, layers=r".*encoder\.layer\.\d+.*",
+    decoder=False, layers=r".*encoder\.layer\.\d+",
     attention_qv=("query", "value"), attention=("query", "key", "value", "attention.output.dense"),
     mlp=("intermediate.dense", "output.dense"),
 )
 _LLAMA_LIKE = dict(
-    decoder=True, layers=r".*layers\.\d+.*",
-    attention_qv=("q_proj", "v_proj"), attention=("q_proj", "k_proj", "v_proj", "o_proj"),
-    mlp=("gate_proj", "up_proj", "down_proj"), head=("score",),
+    decoder=True, layers=r".*layers\.\d+", pad="eos",
+    attention_qv=("self_attn.q_proj", "self_attn.v_proj"),
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), head=("score",),
 )
 
 FAMILIES: dict[str, Family] = {
+    # BERT: the pooler is pretrained (NSP) in BERT checkpoints; if one lacks it, build_model saves it too.
     "bert": Family(**_BERT_LIKE, head=("classifier",)),
+    # RoBERTa's head is classifier.dense + classifier.out_proj (no pooler).
     "roberta": Family(**_BERT_LIKE, head=("classifier",)),
     "xlm-roberta": Family(**_BERT_LIKE, head=("classifier",)),
+    # DeBERTa-v2/v3: a fresh ContextPooler (pooler.dense) sits before the classifier.
     "deberta-v2": Family(
-        decoder=False, layers=r".*encoder\.layer\.\d+.*",
+        decoder=False, layers=r".*encoder\.layer\.\d+",
         attention_qv=("query_proj", "value_proj"),
         attention=("query_proj", "key_proj", "value_proj", "attention.output.dense"),
         mlp=("intermediate.dense", "output.dense"), head=("pooler", "classifier")),
+    # DistilBERT: pre_classifier (fresh) then classifier.
     "distilbert": Family(
-        decoder=False, layers=r".*transformer\.layer\.\d+.*",
+        decoder=False, layers=r".*transformer\.layer\.\d+",
         attention_qv=("q_lin", "v_lin"), attention=("q_lin", "k_lin", "v_lin", "out_lin"),
-        mlp=("lin1", "lin2"), head=("pre_classifier", "classifier")),
+        mlp=("ffn.lin1", "ffn.lin2"), head=("pre_classifier", "classifier")),
     "llama": Family(**_LLAMA_LIKE),
     "mistral": Family(**_LLAMA_LIKE),
     "qwen2": Family(**_LLAMA_LIKE),
     "gemma": Family(**_LLAMA_LIKE),
+    # GPT-2: q, k, v are one fused Conv1D (c_attn), so attention_qv adapts all three.
     "gpt2": Family(
-        decoder=True, layers=r".*h\.\d+.*",
-        attention_qv=("c_attn",), attention=("c_attn", "attn.c_proj"),
-        mlp=("c_fc", "mlp.c_proj"), head=("score",)),
+        decoder=True, layers=r".*h\.\d+", pad="eos", fan_in_fan_out=True,
+        attention_qv=("attn.c_attn",), attention=("attn.c_attn", "attn.c_proj"),
+        mlp=("mlp.c_fc", "mlp.c_proj"), head=("score",)),
 }
 
 
 class UnknownFamilyError(ValueError):
-    pass
+    """A checkpoint whose model_type is not in FAMILIES and no explicit target_modules."""
+
+
+def unknown_family_message(model_type: str, where: str = "models.<name>") -> str:
+    """What to do about a model_type outside the table: the known ones, and how to set targets by hand."""
+    return (f"model_type {model_type!r} is not in tune_app's family table (known: {', '.join(FAMILIES)}). "
+            f"Set the LoRA targets by hand in the YAML: {where}.target_modules: [q_proj, v_proj] "
+            f"(names of the model's attention linear layers; the classification head is saved automatically)")
 
 
 def family_for(model_type: str) -> Family:
@@ -78,7 +106,120 @@ def family_for(model_type: str) -> Family:
     try:
         return FAMILIES[model_type]
     except KeyError:
-        raise UnknownFamilyError(
-            f"model_type {model_type!r} is not in tune_app's family table (known: {', '.join(FAMILIES)}). "
-            f"Set the LoRA targets by hand in the YAML: models.<name>.target_modules: [q_proj, v_proj] "
-            f"(names of the model's linear layers)") from None
+        raise UnknownFamilyError(unknown_family_message(model_type)) from None
+
+
+def local_model_type(folder: str | Path) -> str | None:
+    """`model_type` from a local model folder's config.json (None if absent or unreadable); no torch import."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def local_family_problem(folder: str | Path, where: str) -> str | None:
+    """Why a local checkpoint cannot be tuned without explicit target_modules (its model_type is not in the
+    table), or None. `where` is the model's YAML path, e.g. models.roberta."""
+    model_type = local_model_type(folder)
+    if model_type is None:
+        return f"{folder}/config.json has no model_type; set {where}.target_modules by hand"
+    return None if model_type in FAMILIES else unknown_family_message(model_type, where)
+
+
+# ------------------------------------------------------------------------------------ tokenizer and head
+
+
+def prepare_tokenizer(tokenizer: Any, family: Family | None) -> int:
+    """Apply the family's pad policy and padding side to a tokenizer; returns the pad token id.
+
+    Decoder checkpoints (Llama, Mistral, GPT-2) ship without a pad token: pad = eos, or batches > 1 fail
+    (transformers#34055). The model side (`config.pad_token_id`) must get the same id.
+    """
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None and (family is None or family.pad == "eos"
+                                                                              or family.decoder):
+        tokenizer.pad_token = tokenizer.eos_token
+    if family is not None:
+        tokenizer.padding_side = family.padding_side
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token")
+    return int(tokenizer.pad_token_id)
+
+
+def checkpoint_head_labels(hf_config: Any) -> list[str] | None:
+    """Label names of the classification head a checkpoint already has (None for a base checkpoint)."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return None
+    id2label = getattr(hf_config, "id2label", None) or {}
+    try:
+        return [str(id2label[i]) for i in range(len(id2label))]
+    except KeyError:
+        return None
+
+
+def _inside(module: str, head: str) -> bool:
+    """Whether module path `module` is the module `head` or lies inside it (`roberta.classifier.out_proj`)."""
+    parts, sub = module.split("."), head.split(".")
+    return any(parts[i:i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1))
+
+
+def _label_layer(model: Any, family: Family | None, num_labels: int):
+    """The head's last linear layer with one output per label (classifier / classifier.out_proj / score)."""
+    import torch
+
+    heads = family.head if family else ("classifier", "score")
+    found = None
+    for name, module in model.named_modules():
+        in_head = any(_inside(name, h) for h in heads)
+        if in_head and isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
+            found = module
+    return found
+
+
+def align_head(model: Any, family: Family | None, checkpoint_labels: list[str] | None,
+               label_names: list[str]) -> str | None:
+    """Keep a checkpoint's trained head when its labels are the data's labels, else make sure it is fresh.
+
+    Same label set (any order): the head's rows are reordered to the data's class ids, nothing re-initialised
+    (twitter-roberta-base-sentiment-latest on negative/neutral/positive data). Same size but other labels: the
+    label layer is re-initialised. Other size: transformers already made a fresh one. Returns a log line, or
+    None for a base checkpoint.
+    """
+    import torch
+
+    if checkpoint_labels is None:
+        return None
+    if sorted(checkpoint_labels) == sorted(label_names) and len(set(label_names)) == len(label_names):
+        layer = _label_layer(model, family, len(label_names))
+        order = [checkpoint_labels.index(name) for name in label_names]
+        if layer is not None and order != list(range(len(order))):
+            with torch.no_grad():
+                layer.weight.copy_(layer.weight[order].clone())
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias[order].clone())
+        return (f"keeping the checkpoint's trained {len(label_names)}-label head ({', '.join(checkpoint_labels)})"
+                + ("" if order == list(range(len(order))) else f", rows reordered to the data's ids "
+                                                                f"({', '.join(label_names)})"))
+    if len(checkpoint_labels) == len(label_names):
+        layer = _label_layer(model, family, len(label_names))
+        if layer is not None:
+            std = getattr(model.config, "initializer_range", 0.02)
+            with torch.no_grad():
+                layer.weight.normal_(0.0, std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+    return (f"replacing the checkpoint's {len(checkpoint_labels)}-label head ({', '.join(checkpoint_labels)}) "
+            f"with a fresh {len(label_names)}-label head ({', '.join(label_names)}): the labels differ")
+
+
+def modules_to_save(family: Family | None, loading_info: dict[str, Any]) -> list[str]:
+    """Head modules plus every module whose weights the checkpoint lacked or had in another shape (freshly
+    initialised, e.g. a pooler missing from an MLM-only BERT): all of them train in full and are saved with the
+    adapter, so a reloaded adapter scores the same. `loading_info` is from_pretrained's output_loading_info."""
+    names = list(family.head) if family else ["classifier", "score"]
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading_info.get("mismatched_keys", ())]
+    for key in list(loading_info.get("missing_keys", ())) + mismatched:
+        module = key.rsplit(".", 1)[0]
+        if not any(_inside(module, h) for h in names):
+            names.append(module)
+    return names
