@@ -263,7 +263,12 @@ def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
 
 
-def _check_checkpoint(checkpoint: str, path: str, errors: list[str]) -> None:
+def is_hub_name(name: str) -> bool:
+    """Has the form of a Hub repository id: `name` or `org/name` (letters, digits, '.', '_', '-')."""
+    return bool(_HUB_NAME.match(name))
+
+
+def _check_checkpoint(checkpoint: str, path: str, errors: list[str], target_modules: list | None = None) -> None:
     try:
         resolved = resolve_checkpoint(checkpoint)
     except FileNotFoundError as e:
@@ -274,6 +279,11 @@ def _check_checkpoint(checkpoint: str, path: str, errors: list[str]) -> None:
             errors.append(f"{path}: local model folder {checkpoint!r} does not exist")
         elif not (Path(resolved) / "config.json").is_file():
             errors.append(f"{path}: {checkpoint!r} is not a model folder (no config.json inside)")
+        elif target_modules is None:  # the model family must be known (Hub checkpoints: checked before Ray)
+            from tune_app.families import local_family_problem
+
+            if why := local_family_problem(resolved, path.rsplit(".", 1)[0]):
+                errors.append(f"{path}: {why}")
     elif not _HUB_NAME.match(resolved):
         errors.append(f"{path}: {checkpoint!r} is neither an existing local folder nor a Hub name like "
                       f"'org/model'")
@@ -324,7 +334,9 @@ def read_yaml(path: str | os.PathLike, errors: list[str]) -> dict:
         errors.append(f"{path}: cannot read ({e})")
         return {}
     except yaml.YAMLError as e:
-        errors.append(f"{path}: not valid YAML: {e}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        errors.append(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
         return {}
     if not isinstance(raw, dict):
         errors.append(f"{path}: a study YAML must be a mapping at the top level, got {type(raw).__name__}")
@@ -350,14 +362,13 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
                 continue
             _check_space(model.space, f"models.{name}.space", errors)
             if model.checkpoint is not None:
-                _check_checkpoint(model.checkpoint, f"models.{name}.checkpoint", errors)
+                _check_checkpoint(model.checkpoint, f"models.{name}.checkpoint", errors, model.target_modules)
             if model.target_modules is not None and (
                     not model.target_modules or not all(isinstance(m, str) for m in model.target_modules)):
                 errors.append(f"models.{name}.target_modules: must be a non-empty list of module names, "
                               f"got {model.target_modules!r}")
             models[name] = model
-    elif models_raw is not None:
-        errors.append(f"models: must be a mapping of name: {{checkpoint: ...}}, got {models_raw!r}")
+    # A non-mapping `models` is already reported by _build (once is enough).
     if cfg is None:
         return None
     cfg.models = models
@@ -375,9 +386,11 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
     """Read, merge overrides, validate everything (data files too) and raise one ConfigError listing all problems."""
     errors: list[str] = []
     raw = read_yaml(path, errors)
-    if raw or not errors:
+    readable = not errors
+    if readable:
         raw = apply_overrides(raw, list(overrides), errors)
-    cfg = from_dict(raw, errors) if raw else None
+    # Checked even when empty (`{}`), so that its missing required keys are reported with any override errors.
+    cfg = from_dict(raw, errors) if readable else None
     if cfg is not None and check_data and not any(e.startswith("data.") for e in errors):
         from tune_app import data
 

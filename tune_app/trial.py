@@ -14,12 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from tune_app.data import TokenizedSplit
-from tune_app.families import Family, family_for
+from tune_app.families import (Family, align_head, checkpoint_head_labels, family_for, modules_to_save,
+                                prepare_tokenizer)
 from tune_app.metrics import classification_metrics
 from tune_app.space import HYPERPARAMETERS, resolve_alpha
 
@@ -64,19 +65,25 @@ class TrialContext:
 # --------------------------------------------------------------------------------------------- model
 
 
-def _torch_dtype(name: str, checkpoint_dtype: Any, on_gpu: bool):
+def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto"):
+    """torch dtype of the frozen base weights (policy: resources.weights_dtype)."""
     import torch
 
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name != "auto":
-        return table[name]
-    # auto: keep half-precision checkpoints (7B LLMs) in bf16 on GPU, no fp32 copy; fp32 otherwise.
-    if on_gpu and str(checkpoint_dtype).replace("torch.", "") in ("float16", "bfloat16"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from tune_app.resources import count_parameters, weights_dtype
+
+    checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    try:
+        n_params = count_parameters(hf_config)
+    except (AttributeError, TypeError):  # an exotic config: decide by the checkpoint's dtype alone
+        n_params = 0
+    name = weights_dtype(name, checkpoint_dtype, n_params, on_gpu=on_gpu, precision=precision)
+    if name == "half":
+        name = "bf16" if precision != "fp16" and torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str], *, on_gpu: bool = False):
+def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str], *, on_gpu: bool = False,
+                precision: str = "auto"):
     """Base checkpoint -> sequence classifier with the right labels and pad token -> PEFT LoRA model.
 
     Returns (peft_model, family, pad_token_id).
@@ -88,18 +95,17 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
     hf_config = AutoConfig.from_pretrained(spec.checkpoint, **load)
     family = family_for(hf_config.model_type) if spec.target_modules is None else _family_or_none(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, **load)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError(f"{spec.checkpoint}: tokenizer has neither a pad nor an eos token")
+    pad_id = prepare_tokenizer(tokenizer, family)  # decoders: pad = eos
     num_labels = len(label_names)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
         spec.checkpoint, num_labels=num_labels,
         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-        dtype=_torch_dtype(spec.dtype, getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None),
-                           on_gpu),
-        ignore_mismatched_sizes=True, **load)
+        dtype=_torch_dtype(spec.dtype, hf_config, on_gpu, precision),
+        ignore_mismatched_sizes=True, output_loading_info=True, **load)
     # Decoder classifiers find the last real token through pad_token_id: without it, batches > 1 fail.
     model.config.pad_token_id = pad_id
+    if note := align_head(model, family, checkpoint_head_labels(hf_config), label_names):
+        print(f"[tune_app] {spec.checkpoint}: {note}", flush=True)
 
     targets: Any = list(spec.target_modules) if spec.target_modules else family.target_modules(
         params["target_modules"])
@@ -107,8 +113,9 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
         task_type=TaskType.SEQ_CLS,
         r=int(params["lora_rank"]), lora_alpha=resolve_alpha(params), lora_dropout=float(params["lora_dropout"]),
         bias=params["lora_bias"], use_rslora=bool(params["use_rslora"]), target_modules=targets,
+        fan_in_fan_out=bool(family and family.fan_in_fan_out),
         # The fresh classification head trains in full and is saved with the adapter (peft#310, peft#876).
-        modules_to_save=list(family.head) if family else None,
+        modules_to_save=modules_to_save(family, loading),
     )
     return get_peft_model(model, lora), family, pad_id
 
@@ -136,19 +143,51 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
     return batches
 
 
-def collate(split: TokenizedSplit, rows: np.ndarray, pad_id: int, pad_multiple: int = 8):
+def bucket_widths(max_length: int) -> tuple[int, ...]:
+    """Padded widths of a compiled step: 16, 32, 64, 128, then x1.5 / x4/3 (192, 256, 384, 512, ...), capped by
+    max_length. Few shapes, so torch.compile builds one graph per width and reuses it for every later batch;
+    the padding they add is free on short texts (a step there is bound by kernel launches, not arithmetic)."""
+    widths, width = [], 16
+    while width < max_length:
+        widths.append(width)
+        width = width * 2 if width < 128 else (width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3)
+    return (*widths, max_length)
+
+
+def padded_width(longest: int, widths: tuple[int, ...] | None = None, pad_multiple: int = 8) -> int:
+    """Width a batch whose longest row has `longest` tokens is padded to: the next bucket, else a multiple of 8."""
+    if widths:
+        bucket = next((w for w in widths if w >= longest), None)
+        if bucket is not None:
+            return bucket
+    return int(math.ceil(longest / pad_multiple) * pad_multiple)
+
+
+def collate(split: TokenizedSplit, rows: np.ndarray, pad_id: int, pad_multiple: int = 8, *,
+            widths: tuple[int, ...] | None = None, num_rows: int | None = None):
     """Rows -> padded input_ids / attention_mask / labels tensors, padded to the longest row in the batch
-    (rounded up to `pad_multiple` so that shapes repeat)."""
+    (rounded up to `pad_multiple`, or to the next of `widths` when given). With `num_rows`, a short batch is filled
+    up to that many rows with copies of its first row labelled IGNORE_INDEX (no loss, no gradient), so that a
+    compiled step sees one batch shape."""
     import torch
 
     lengths = split.lengths[rows]
-    width = int(math.ceil(lengths.max() / pad_multiple) * pad_multiple)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for j, (i, n) in enumerate(zip(rows, lengths)):
-        ids[j, :n] = split.row(i)
-        mask[j, :n] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(split.labels[rows].copy())
+    width = padded_width(int(lengths.max()), widths, pad_multiple)
+    n = max(len(rows), num_rows or 0)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
+    for j, (i, length) in enumerate(zip(rows, lengths)):
+        ids[j, :length] = split.row(i)
+        mask[j, :length] = 1
+    labels[:len(rows)] = split.labels[rows]
+    if n > len(rows):
+        ids[len(rows):], mask[len(rows):] = ids[0], mask[0]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+
+
+IGNORE_INDEX = -100
+"""Label of filler rows: cross-entropy skips them."""
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -222,6 +261,7 @@ def _autocast_factory(device, precision: str):
 
 
 def _assigned_cpus() -> int:
+    """CPU cores Ray gave this trial (the machine's cores outside Ray)."""
     try:
         import ray
 
@@ -230,34 +270,128 @@ def _assigned_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: train LoRA for ctx.epochs epochs, evaluating and reporting after each."""
-    import ray
+def _fetch(ref: Any):
+    """A TokenizedData from a Ray object reference (or the object itself, outside Ray)."""
+    if type(ref).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(ref)
+    return ref
+
+
+def transformer_blocks(model) -> list:
+    """The model's repeated transformer blocks: the longest ModuleList whose entries are all of one class."""
     import torch
+
+    best: list = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best) \
+                and len({type(m) for m in module}) == 1:
+            best = list(module)
+    return best
+
+
+def compile_blocks(model) -> int:
+    """Regional compilation: torch.compile each transformer block in place. All blocks share one graph per input
+    shape (their weights are graph inputs), so compiling costs about one block per padding bucket instead of the
+    whole network, and the saved adapter's parameter names do not change. Returns the number of blocks."""
+    import torch
+    import torch._dynamo
+
+    # One graph per (bucket, train/eval) shape: allow more recompiles than the default 8 per code object.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (to check: one per padding bucket, not per step)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - private counter moved: report nothing rather than fail a trial
+        return -1
+
+
+def _eager():
+    """Evaluation runs eagerly: large batches amortise launches, and no eval-shape graphs need compiling."""
+    import contextlib
+
+    import torch
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()
+
+
+def batch_loss(model, ids, mask, labels, loss_weight, total_weight, autocast):
+    """A micro-batch's share of its effective batch's class-weighted mean cross-entropy: the weighted sum of its
+    rows' losses over `total_weight`, the summed class weights of the WHOLE effective batch. Micro-batch losses
+    therefore add up to the full batch's loss (and gradients), however the batch is split; filler rows
+    (IGNORE_INDEX) add nothing."""
+    import torch
+
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=loss_weight, reduction="sum",
+                                             ignore_index=IGNORE_INDEX) / total_weight
+
+
+def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch."""
     from ray import tune
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+    checkpoint = tune.get_checkpoint()
+    resume_dir = checkpoint.to_directory() if checkpoint else None
+    fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
+
+
+def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str, Any], str], None],
+        resume_dir: str | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+    """Train LoRA for ctx.epochs epochs, evaluating after each; `report(metrics, checkpoint_dir)` is called once
+    per epoch with a directory holding the adapter files, trainer_state.pt and metrics.json (valid during the
+    call only). Needs no Ray: the benchmark and tests call it in-process. Returns every epoch's metrics."""
+    import torch
     from transformers import get_scheduler
 
     t_start = time.perf_counter()
     quiet_libraries()
     params = {name: config[name] for name in HYPERPARAMETERS}
     spec = ctx.models[config["model"]]
-    torch.set_num_threads(_assigned_cpus())
+    torch.set_num_threads(threads or _assigned_cpus())  # a trial's step uses exactly the cores it was given
     torch.manual_seed(ctx.seed)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
 
-    ref = ctx.data_refs[spec.data_key]
-    data = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-    model, _family, pad_id = build_model(spec, params, ctx.label_names, on_gpu=on_gpu)
-    model.to(device)
+    data = _fetch(ctx.data_refs[spec.data_key])
+    t_data = time.perf_counter()
     autocast, precision = _autocast_factory(device, ctx.precision)
+    model, _family, pad_id = build_model(spec, params, ctx.label_names, on_gpu=on_gpu, precision=precision)
+    model.to(device)
+    # Adapters and head train in fp32 even when the frozen base is bf16 (AdamW on bf16 weights loses updates).
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     use_compile = ctx.compile is True or (ctx.compile == "auto" and on_gpu)
-    forward = torch.compile(model) if use_compile else model
+    graphs_before = compiled_graphs()
+    widths = None
+    if use_compile:
+        compile_blocks(model)
+        widths = bucket_widths(ctx.max_length)
+    t_load = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
 
     batch_size = int(params["batch_size"])
+    eval_batch = max(ctx.eval_batch_size, 4 * batch_size)  # no activations kept: larger batches, fewer launches
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     total_steps = steps_per_epoch * ctx.epochs
     optimizer = torch.optim.AdamW(trainable, lr=float(params["learning_rate"]),
@@ -268,16 +402,15 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
     loss_weight = torch.tensor(weights if weights is not None else np.ones(len(ctx.label_names), np.float32),
                                device=device)
+    max_grad_norm = float(params["max_grad_norm"])
 
     start_epoch, micro_batch, train_seconds = 0, batch_size, 0.0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:  # resumed trial: adapter, optimizer, schedule and clock as they were
+    if resume_dir:  # resumed trial: adapter, optimizer, schedule and clock as they were
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        with checkpoint.as_directory() as ckpt_dir:
-            set_peft_model_state_dict(model, load_file(os.path.join(ckpt_dir, "adapter_model.safetensors")))
-            state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location=device, weights_only=False)
+        set_peft_model_state_dict(model, load_file(os.path.join(resume_dir, "adapter_model.safetensors")))
+        state = torch.load(os.path.join(resume_dir, STATE_FILE), map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, micro_batch, train_seconds = state["epoch"], state["micro_batch"], state["train_seconds"]
@@ -285,9 +418,25 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     oom_test_limit = int(os.environ.get(OOM_TEST_ENV, "0"))
     oom_retries = 0
 
+    def to_device(tensors):
+        if on_gpu:
+            return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+        return list(tensors)
+
+    def micro_step(part: np.ndarray, total_weight: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of one micro-batch (filled up to the micro-batch size when compiled)."""
+        if oom_test_limit and len(part) > oom_test_limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} > {oom_test_limit})")
+        batch = to_device(collate(data.train, part, pad_id, widths=widths,
+                                  num_rows=micro_batch if use_compile else None))
+        loss = batch_loss(model, *batch, loss_weight, total_weight, autocast)
+        loss.backward()
+        return loss.detach()
+
     def train_step(rows: np.ndarray) -> torch.Tensor:
         """One optimizer step on one (effective) batch, in micro-batches; on OOM, halve the micro-batch and
-        redo the step, so the effective batch size, the tuned value, never changes."""
+        redo the step (at micro-batch 1, turn on gradient checkpointing), so the effective batch size, the
+        tuned value, never changes. No host sync: the loss stays on the device."""
         nonlocal micro_batch, oom_retries
         while True:
             try:
@@ -295,44 +444,64 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 total_weight = loss_weight[torch.from_numpy(data.train.labels[rows]).to(device)].sum()
                 step_loss = torch.zeros((), device=device)
                 for start in range(0, len(rows), micro_batch):
-                    part = rows[start:start + micro_batch]
-                    if oom_test_limit and len(part) > oom_test_limit:
-                        raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} "
-                                                     f"> {oom_test_limit})")
-                    ids, mask, labels = (t.to(device, non_blocking=True) for t in collate(data.train, part, pad_id))
-                    with autocast():
-                        logits = forward(input_ids=ids, attention_mask=mask).logits
-                    # Weighted mean over the whole effective batch, however it is split into micro-batches.
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=loss_weight,
-                                                             reduction="sum") / total_weight
-                    loss.backward()
-                    step_loss += loss.detach()
+                    step_loss += micro_step(rows[start:start + micro_batch], total_weight)
                 break
             except Exception as error:  # noqa: BLE001 - only OOM is retried here
-                if not _is_oom(error) or micro_batch == 1 or oom_retries >= ctx.max_oom_retries:
+                checkpointing = getattr(model, "is_gradient_checkpointing", False)
+                if not _is_oom(error) or (micro_batch == 1 and checkpointing) or oom_retries >= ctx.max_oom_retries:
                     raise
                 oom_retries += 1
-                micro_batch = max(1, micro_batch // 2)
-                print(f"[tune_app] out of memory: micro-batch -> {micro_batch}, gradient accumulation -> "
-                      f"{math.ceil(batch_size / micro_batch)} (effective batch {batch_size} unchanged)", flush=True)
                 optimizer.zero_grad(set_to_none=True)
+                if micro_batch > 1:
+                    micro_batch = max(1, micro_batch // 2)
+                    print(f"[tune_app] out of memory: micro-batch -> {micro_batch}, gradient accumulation -> "
+                          f"{math.ceil(batch_size / micro_batch)} (effective batch {batch_size} unchanged)",
+                          flush=True)
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    print("[tune_app] out of memory at micro-batch 1: gradient checkpointing on", flush=True)
                 if on_gpu:
                     torch.cuda.empty_cache()
-        if float(params["max_grad_norm"]) > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, float(params["max_grad_norm"]))
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm, foreach=True)
         optimizer.step()
         scheduler.step()
         return step_loss
 
+    def warm_up(batches: list[np.ndarray]) -> None:
+        """Compile every padding bucket this epoch needs before the clock starts: one forward/backward per
+        bucket, gradients dropped, no optimizer step (so training is unchanged)."""
+        model.train()
+        firsts: dict[int, np.ndarray] = {}
+        for rows in batches:
+            for start in range(0, len(rows), micro_batch):
+                part = rows[start:start + micro_batch]
+                firsts.setdefault(padded_width(int(data.train.lengths[part].max()), widths), part)
+        try:
+            for part in firsts.values():
+                micro_step(part, torch.tensor(float(len(part)), device=device))
+        except Exception as error:  # noqa: BLE001 - an OOM here is handled by train_step's retries
+            if not _is_oom(error):
+                raise
+        optimizer.zero_grad(set_to_none=True)
+
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        return length_grouped_batches(data.train.lengths, batch_size, np.random.default_rng([ctx.seed, epoch]))
+
+    if use_compile and start_epoch < ctx.epochs:
+        warm_up(epoch_batches(start_epoch))
     if on_gpu:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    setup_seconds = time.perf_counter() - t_start
+    t_ready = time.perf_counter()
+    timing = dict(setup_time_s=t_ready - t_start, data_fetch_s=t_data - t_start, model_load_s=t_load - t_data,
+                  compile_time_s=t_ready - t_load if use_compile else 0.0)
+    history = []
     for epoch in range(start_epoch, ctx.epochs):
         model.train()
-        rng = np.random.default_rng([ctx.seed, epoch])
+        batches = epoch_batches(epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        batches = length_grouped_batches(data.train.lengths, batch_size, rng)
         for rows in batches:
             loss_sum += train_step(rows)
         train_loss = float(loss_sum) / len(batches)  # the epoch's one host sync
@@ -340,14 +509,15 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         train_seconds += epoch_seconds
 
         t0 = time.perf_counter()
-        metrics = evaluate(model, data.val, pad_id, ctx.eval_batch_size, device, autocast, weights)
+        with _eager():
+            metrics = evaluate(model, data.val, pad_id, eval_batch, device, autocast, weights)
         metrics.update(
-            epoch=epoch + 1, train_loss=train_loss, train_time_s=train_seconds,
-            eval_time_s=time.perf_counter() - t0, setup_time_s=setup_seconds,
+            epoch=epoch + 1, train_loss=train_loss, train_time_s=train_seconds, epoch_time_s=epoch_seconds,
+            eval_time_s=time.perf_counter() - t0, **timing,
             train_samples_per_s=len(data.train) / epoch_seconds,
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=micro_batch,
-            autocast=precision, compiled=use_compile, device=device.type,
-            peak_memory_mb=_peak_memory_mb(on_gpu),
+            autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
+            device=device.type, threads=torch.get_num_threads(), peak_memory_mb=_peak_memory_mb(on_gpu),
         )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
@@ -356,7 +526,9 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                        os.path.join(tmp, STATE_FILE))
             Path(tmp, METRICS_FILE).write_text(json.dumps({**metrics, "config": params, "model": config["model"]},
                                                           indent=2, default=str))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            report(metrics, tmp)
+        history.append(metrics)
+    return history
 
 
 def _peak_memory_mb(on_gpu: bool) -> float:
