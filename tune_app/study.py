@@ -45,7 +45,9 @@ class PreparedData:
 
 def prepare_data(cfg: StudyConfig) -> PreparedData:
     """Load and split the data once; tokenize it once per distinct tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tune_app.families import family_for
 
     splits = load_splits(cfg.data)
     tokenized: dict[str, TokenizedData] = {}
@@ -53,6 +55,9 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     for name, model in cfg.models.items():
         tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
+        if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
+            family_for(AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code).model_type)
         key = tokenizer_key(tokenizer, cfg.data.max_length)
         if key not in tokenized:
             tokenized[key] = tokenize(tokenizer, splits, cfg.data.max_length)
