@@ -72,6 +72,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _write_report(summary: dict) -> None:
+    """After a finished local run: report.md and plots in the run directory. Never fails the run."""
+    if "://" in str(summary["run_dir"]):
+        return
+    try:
+        from tune_app.report import write_report
+
+        print(f"report: {write_report(summary['run_dir'])}")
+    except Exception as e:  # noqa: BLE001 - the study's results are written already; keep them, say what to do
+        print(f"warning: could not write the report ({type(e).__name__}: {e}); the study's results are intact in "
+              f"{summary['run_dir']}; retry with: tune-app report {summary['run_dir']}", file=sys.stderr)
+
+
+def cmd_report(args) -> int:
+    """report.md plus PNG plots in RUN_DIR, from its summary.json, trials.csv and the trials' histories."""
+    from tune_app.report import ReportError, write_report
+
+    try:
+        path = write_report(args.run_dir)
+    except ReportError as e:
+        raise UsageError(str(e)) from None
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     """Every YAML key with its default and meaning (the README's reference table)."""
     print(config_mod.reference_markdown())
@@ -89,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("report", help="write report.md and plots comparing the models of a finished run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory `run` printed")
+    p.set_defaults(func=cmd_report)
 
     p = verbs.add_parser("validate", help="check a study YAML (and its data) without running anything")
     _add_study_args(p)
