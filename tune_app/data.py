@@ -8,6 +8,8 @@ at module level.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.config import is_local_path
+from tune_app.config import is_hub_name, is_local_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,14 +86,33 @@ def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_li
     if n_empty:
         errors.append(f"data.text: column {data.text!r} in {where} has {n_empty} empty value(s); "
                       f"drop or fill them")
+    if apply_limit and data.validation is None and n_classes >= 2:
+        errors.extend(_check_split_sizes(len(df), n_classes, data, where))
     return errors
+
+
+def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str) -> list[str]:
+    """The val_size split must leave a validation row and at least one train row per class."""
+    n_val = math.ceil(data.val_size * rows)  # as datasets' train_test_split(test_size=val_size) rounds
+    n_train = rows - n_val
+    if n_val >= 1 and n_train >= n_classes:
+        return []
+    key = "data.limit" if data.limit is not None else "data.source"
+    return [f"{key}: {rows} row(s) of {where} split with val_size={data.val_size} leave {n_train} train / "
+            f"{n_val} validation row(s); {n_classes} classes need at least {n_classes} train rows and 1 "
+            f"validation row (use more rows)"]
 
 
 def check_source(data: "DataConfig") -> list[str]:
     """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
     errors: list[str] = []
     for key, value in (("source", data.source), ("validation", data.validation)):
-        if value is None or not is_local_source(value):
+        if value is None:
+            continue
+        if not is_local_source(value):  # a Hub dataset: offline, only its form can be checked
+            if key == "source" and not is_hub_name(value):
+                errors.append(f"data.source: {value!r} is neither an existing local file nor a Hub dataset name "
+                              f"like 'org/name'")
             continue
         p = Path(value).expanduser()
         if not p.is_file():
@@ -223,20 +244,26 @@ def tokenizer_key(tokenizer: Any, max_length: int) -> str:
     """Same key <=> same token ids: the fast tokenizer's full definition (or its class and vocab) plus max_length."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        definition = backend.to_str()
+        # Calling a fast tokenizer leaves its last truncation/padding settings in the backend: not part of its
+        # definition (max_length is added below), so equal tokenizers get equal keys whatever they encoded before.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        definition = json.dumps(spec, sort_keys=True)
     else:
         definition = type(tokenizer).__name__ + repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha1(f"{definition}|{max_length}".encode()).hexdigest()[:16]
 
 
+def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of texts, truncated, unpadded: how training, evaluation and exported bundles all tokenize."""
+    return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"] if texts else []
+
+
 def tokenize(tokenizer: Any, splits: Splits, max_length: int) -> TokenizedData:
     """Tokenize both splits once, without padding (trials pad each batch dynamically)."""
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
-
     return TokenizedData(
         key=tokenizer_key(tokenizer, max_length),
-        train=TokenizedSplit.from_lists(encode(splits.train_texts), splits.train_labels),
-        val=TokenizedSplit.from_lists(encode(splits.val_texts), splits.val_labels),
+        train=TokenizedSplit.from_lists(encode(tokenizer, splits.train_texts, max_length), splits.train_labels),
+        val=TokenizedSplit.from_lists(encode(tokenizer, splits.val_texts, max_length), splits.val_labels),
     )
