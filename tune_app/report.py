@@ -166,6 +166,28 @@ def searched_hyperparameters(run: RunData) -> list[str]:
     return names
 
 
+def asha_rungs(run: RunData) -> list[int]:
+    """Epochs after which ASHA compares trials (grace x rf^k below the last epoch), from the run's study.yaml."""
+    import yaml
+
+    from tune_app.config import from_dict
+
+    try:
+        raw = yaml.safe_load((run.run_dir / "study.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    # Through the config loader, so that defaults the YAML left out count (problems are irrelevant here).
+    cfg = from_dict(raw, []) if isinstance(raw, dict) else None
+    if cfg is None or cfg.tune is None or cfg.train is None or not cfg.tune.asha.enabled:
+        return []
+    grace, factor, epochs = cfg.tune.asha.grace_period, cfg.tune.asha.reduction_factor, cfg.train.epochs
+    rungs, t = [], grace
+    while t < epochs:
+        rungs.append(t)
+        t *= factor
+    return rungs
+
+
 def pareto_front(points: list[tuple[float, float, Any]], mode: str) -> list[tuple[float, float, Any]]:
     """(cost, metric, key) points no other point beats on both: cheaper-or-equal and better-or-equal."""
     sign = 1 if mode == "max" else -1
@@ -448,7 +470,9 @@ def plot_rungs(run: RunData, path: Path) -> None:
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(epochs)
     ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set(title="Trials surviving each epoch (ASHA early stopping)", xlabel="epoch",
+    rungs = asha_rungs(run)
+    ax.set(title="Trials surviving each epoch (ASHA early stopping)",
+           xlabel="epoch" + (f" (ASHA rungs after epoch {', '.join(map(str, rungs))})" if rungs else ""),
            ylabel="trials that trained this epoch")
     ax.legend(title="model")
     ax.grid(axis="y", alpha=0.3)
