@@ -40,7 +40,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, node_ip_address="127.0.0.1",
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level="WARNING",
                  runtime_env={"env_vars": {k: os.environ[k] for k in (
                      "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT",

@@ -11,7 +11,9 @@ from ray.tune import Callback
 class ProgressPrinter(Callback):
     def __init__(self, metric: str, mode: str, total: int, stream=None):
         self.metric, self.mode, self.total = metric, mode, total
-        self.stream = stream or sys.stdout
+        # Resolved at print time, never stored: Tune pickles its callbacks, and sys.stdout under pytest or
+        # Jupyter cannot be pickled.
+        self.stream = stream
         self.best: dict[str, tuple[float, str]] = {}
         self.start = time.monotonic()
 
@@ -25,7 +27,7 @@ class ProgressPrinter(Callback):
         best = "; ".join(f"{m} {v:.4f}" for m, (v, _) in sorted(self.best.items()))
         elapsed = time.monotonic() - self.start
         print(f"[{elapsed:7.0f}s] {text} | {counts} | best {self.metric}: {best or '-'}",
-              file=self.stream, flush=True)
+              file=self.stream or sys.stdout, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         model = trial.config.get("model", "?")

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
 from tune_app.config import WandbConfig
+
+
+class _ClosingWandbLoggingActor(_WandbLoggingActor):
+    """Ray's per-trial logging actor, which also shuts its W&B service down before Ray kills the actor.
+
+    Without this, wandb's own atexit hook runs after the service is gone and prints a
+    "ConnectionResetError: Connection lost" traceback for every trial.
+    """
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            self._wandb.teardown()
 
 
 class TrialWandbCallback(WandbLoggerCallback):
@@ -16,9 +31,26 @@ class TrialWandbCallback(WandbLoggerCallback):
     passed, written or printed: online mode uses the user's own `wandb login` or WANDB_API_KEY.
     """
 
+    _logger_actor_cls = _ClosingWandbLoggingActor
+
     def __init__(self, settings: WandbConfig, *, run_name: str, run_dir: Path):
         super().__init__(project=settings.project, entity=settings.entity, group=run_name, mode=settings.mode,
                          dir=str(run_dir), log_config=False)
+
+    def setup(self, *args, **kwargs) -> None:
+        # Ray demands an API key unless the WANDB_MODE variable says offline; our YAML's `wandb.mode: offline`
+        # needs none either, so Ray is shown that mode while it checks (and the user's environment is restored).
+        if self.kwargs.get("mode") != "offline":
+            return super().setup(*args, **kwargs)
+        before = os.environ.get("WANDB_MODE")
+        os.environ["WANDB_MODE"] = "offline"
+        try:
+            super().setup(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ["WANDB_MODE"]
+            else:
+                os.environ["WANDB_MODE"] = before
 
     def log_trial_start(self, trial) -> None:
         model = trial.config.get("model", "model")

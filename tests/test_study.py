@@ -1,0 +1,245 @@
+"""One end-to-end study through `tune-app run` (shared by every slow test here), its retrain from
+best_config.yaml in a real process, and the searcher's seed determinism (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tune_app import config, results, space
+from tune_app.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 3
+FAKE_API_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # the 40-character form of a W&B key
+
+
+def study_raw(tiny_a: str, tiny_b: str, source: Path, output_dir: Path) -> dict:
+    """Two tiny models sharing the MiniLM tokenizer; trials run one at a time so that ASHA sees the results in
+    proposal order and its decisions repeat run after run."""
+    return {
+        "name": "e2e",
+        "data": {"source": str(source), "text": "text", "label": "target", "limit": 300, "max_length": 32},
+        "models": {"a": {"checkpoint": tiny_a, "cpu": 1},
+                   "b": {"checkpoint": tiny_b, "cpu": 1, "num_samples": 1}},
+        "space": {"lora_rank": {"choice": [2, 4]}, "learning_rate": {"loguniform": [1.0e-4, 5.0e-2]},
+                  "lora_dropout": 0.0},
+        "train": {"epochs": EPOCHS, "batch_size": 16},
+        # eval_loss: random tiny models all predict one class at first, so their F1s tie and ASHA (which stops
+        # only strictly worse trials) would keep them all; their losses differ.
+        "tune": {"num_samples": 4, "metric": "eval_loss", "mode": "min", "seed": 0, "max_concurrent": 1,
+                 "n_startup_trials": 4,  # seeded random proposals: TPE would hand ASHA ever better trials
+                 "keep_checkpoints": 1, "asha": {"grace_period": 1, "reduction_factor": 2}},
+        "output_dir": str(output_dir),
+        "wandb": {"mode": "offline", "project": "tune-app-test"},
+    }
+
+
+@pytest.fixture(scope="module")
+def study(ray_session, tiny_models, tweets_csv, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    tiny_a, tiny_b = tiny_models("bert"), tiny_models("bert", num_hidden_layers=1)
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study_raw(tiny_a, tiny_b, tweets_csv, root / "runs"), sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        # Offline must come from the YAML alone, as for a user with no W&B setup (conftest sets WANDB_MODE).
+        mp.delenv("WANDB_MODE", raising=False)
+        mp.delenv("WANDB_API_KEY", raising=False)
+        assert main(["run", str(path)]) == 0
+    (run_dir,) = (root / "runs").iterdir()
+    with open(run_dir / results.TRIALS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return SimpleNamespace(root=root, yaml=path, run_dir=run_dir, rows=rows, cfg=config.load(path),
+                           summary=json.loads((run_dir / results.SUMMARY).read_text()))
+
+
+@pytest.mark.slow
+def test_summary(study):
+    s = study.summary
+    assert s["run_dir"] == str(study.run_dir) and study.run_dir.name.startswith("e2e-")
+    assert s["metric"] == "eval_loss" and s["mode"] == "min"
+    assert s["tokenizations"] == 1  # a and b share the MiniLM tokenizer: the data was tokenized once
+    assert s["data"]["train_rows"] == 240 and s["data"]["validation_rows"] == 60
+    assert set(s["models"]) == {"a", "b"}
+    for name, m in s["models"].items():
+        mine = [r for r in study.rows if r["model"] == name]
+        assert m["trials"] == len(mine) == study.cfg.model_samples(name)
+        assert m["failed"] == 0
+        assert m["stopped_early"] == sum(r["status"] == "STOPPED_EARLY" for r in mine)
+        assert m["best_metric"] == min(float(r["best_eval_loss"]) for r in mine)
+        best_row = next(r for r in mine if r["trial_id"] == m["best_trial"])
+        assert m["best_config"]["learning_rate"] == float(best_row["learning_rate"])
+        assert set(m["best_config"]) == {h for h in space.HYPERPARAMETERS if best_row[h] != ""}
+    best_model = min(s["models"], key=lambda n: s["models"][n]["best_metric"])
+    assert s["best"]["model"] == best_model
+    assert s["best"]["eval_loss"] == s["models"][best_model]["best_metric"]
+
+
+@pytest.mark.slow
+def test_trials_table(study):
+    assert len(study.rows) == 5
+    columns = set(study.rows[0])
+    assert {"trial_id", "model", "status", "epochs", "final_eval_loss", "best_eval_loss"} <= columns
+    assert set(space.HYPERPARAMETERS) <= columns
+    for row in study.rows:
+        params = json.loads(next(study.run_dir.glob(f"{row['model']}_{row['trial_id']}/params.json")).read_text())
+        assert int(row["lora_rank"]) == params["lora_rank"] in (2, 4)
+        assert float(row["learning_rate"]) == params["learning_rate"] and 1e-4 <= params["learning_rate"] <= 5e-2
+        assert float(row["lora_dropout"]) == 0.0 and int(row["batch_size"]) == 16
+        history = (study.run_dir / f"{row['model']}_{row['trial_id']}" / "result.json").read_text().splitlines()
+        losses = [json.loads(line)["eval_loss"] for line in history]
+        assert int(row["epochs"]) == len(losses)
+        assert float(row["final_eval_loss"]) == losses[-1] and float(row["best_eval_loss"]) == min(losses)
+        assert row["status"] == ("COMPLETED" if len(losses) == EPOCHS else "STOPPED_EARLY")
+
+
+@pytest.mark.slow
+def test_asha_stopped_a_trial_early(study):
+    stopped = [r for r in study.rows if r["status"] == "STOPPED_EARLY"]
+    assert stopped, [(r["trial_id"], r["epochs"]) for r in study.rows]
+    assert all(int(r["epochs"]) in (1, 2) for r in stopped)  # the rungs: grace 1 x reduction factor 2^k
+
+
+@pytest.mark.slow
+def test_only_the_best_checkpoints_are_kept(study):
+    keep = study.cfg.tune.keep_checkpoints
+    for row in study.rows:
+        trial_dir = study.run_dir / f"{row['model']}_{row['trial_id']}"
+        kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+        assert len(kept) == keep, (trial_dir.name, kept)
+        assert row["checkpoint"] == f"{trial_dir.name}/{kept[0]}"
+        # An adapter-only checkpoint: the LoRA weights and the head, never the base model's weights.
+        assert (trial_dir / kept[0] / "adapter_model.safetensors").is_file()
+        assert not list((trial_dir / kept[0]).glob("model.safetensors"))
+
+
+def _wandb_records(path: Path):
+    """The records of an offline W&B run file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""  # 7: W&B's file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST continue it
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+@pytest.mark.slow
+def test_one_offline_wandb_run_per_trial(study):
+    runs = sorted((study.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(study.rows)
+    seen = {}
+    for run in runs:
+        (log,) = run.glob("run-*.wandb")
+        records = list(_wandb_records(log))
+        (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        epochs = [r for r in records if r.WhichOneof("record_type") == "history"]
+        seen[info.run_id] = (info.display_name, info.run_group, info.job_type, len(epochs))
+    expected = {r["trial_id"]: (f"{r['model']}-{r['trial_id']}", study.run_dir.name, r["model"], int(r["epochs"]))
+                for r in study.rows}
+    assert seen == expected  # named <model>-<trial id>, grouped by study run, job type = model, one log per epoch
+
+
+@pytest.fixture(scope="module")
+def retrain(study, ray_session):
+    """`python -m tune_app run best_config.yaml name=e2e` in a real process, on the session's Ray, with a W&B key
+    in its environment (which must end up nowhere in the run directory)."""
+    best = study.run_dir / results.BEST_CONFIG
+    before = {p: p.stat().st_mtime_ns for p in study.run_dir.rglob("*")}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_API_KEY=FAKE_API_KEY, PYTHONPATH=str(REPO),
+               RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    done = subprocess.run([sys.executable, "-m", "tune_app", "run", str(best), "name=e2e"], cwd=study.root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    runs = sorted((study.root / "runs").iterdir())
+    return SimpleNamespace(done=done, best=best, before=before, runs=runs)
+
+
+@pytest.mark.slow
+def test_best_config_retrains_one_trial(study, retrain):
+    assert retrain.done.returncode == 0, retrain.done.stderr[-3000:]
+    cfg = config.load(retrain.best)  # a complete, valid study YAML
+    winner = study.summary["best"]
+    assert list(cfg.models) == [winner["model"]] and cfg.model_samples(winner["model"]) == 1
+    assert cfg.space == winner["config"] and not space.searched(cfg.model_space(winner["model"]))
+    (second,) = [r for r in retrain.runs if r != study.run_dir]
+    summary = json.loads((second / results.SUMMARY).read_text())
+    assert {n: m["trials"] for n, m in summary["models"].items()} == {winner["model"]: 1}
+    assert summary["models"][winner["model"]]["best_config"] == winner["config"]
+
+
+@pytest.mark.slow
+def test_a_second_run_never_overwrites_the_first(study, retrain):
+    assert len(retrain.runs) == 2 and all(r.name.startswith("e2e-") for r in retrain.runs)
+    after = {p: p.stat().st_mtime_ns for p in study.run_dir.rglob("*")}
+    assert after == retrain.before
+
+
+@pytest.mark.slow
+def test_no_api_key_on_disk_and_a_quiet_exit(study, retrain):
+    for run_dir in retrain.runs:
+        for path in run_dir.rglob("*"):
+            if path.is_file():
+                assert FAKE_API_KEY.encode() not in path.read_bytes(), path
+    assert FAKE_API_KEY not in retrain.done.stdout + retrain.done.stderr
+    # Ray's W&B callback and wandb's service used to print tracebacks at exit.
+    for noise in ("Exception ignored", "Traceback", "ConnectionResetError"):
+        assert noise not in retrain.done.stderr, retrain.done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------- searcher seeds
+
+SPACES = {
+    "a": {"lora_rank": {"choice": [4, 8, 16]}, "learning_rate": {"loguniform": [1e-5, 1e-3]},
+          "lora_dropout": {"uniform": [0.0, 0.1]}, "batch_size": 8},
+    "b": {"lora_rank": {"int": [2, 32]}, "learning_rate": 1e-4},
+}
+
+
+def _proposals(seed: int, n: int = 6) -> list[dict]:
+    from tune_app.search import PerModelSearch
+
+    searcher = PerModelSearch(SPACES, {"a": 4, "b": 2}, metric="f1", mode="max", seed=seed)
+    return [searcher.suggest(f"trial_{i}") for i in range(n)]
+
+
+def test_same_seed_same_proposals():
+    first = _proposals(seed=0)
+    assert first == _proposals(seed=0)
+    assert [p["model"] for p in first] == ["a", "b", "a", "b", "a", "a"]  # round robin while samples last
+    assert all(p["batch_size"] == 8 for p in first if p["model"] == "a")  # fixed values join every proposal
+    assert all(p["learning_rate"] == 1e-4 for p in first if p["model"] == "b")
+    assert all(2 <= p["lora_rank"] <= 32 for p in first if p["model"] == "b")
+
+
+def test_different_seeds_differ():
+    assert _proposals(seed=0) != _proposals(seed=1)
+
+
+def test_searcher_finishes_when_every_model_is_done():
+    from ray.tune.search import Searcher
+
+    from tune_app.search import PerModelSearch
+
+    searcher = PerModelSearch(SPACES, {"a": 1, "b": 1}, metric="f1", mode="max", seed=0)
+    assert [searcher.suggest(f"t{i}")["model"] for i in range(2)] == ["a", "b"]
+    assert searcher.suggest("t2") == Searcher.FINISHED
