@@ -20,6 +20,8 @@ from tune_app.space import HYPERPARAMETERS
 SUMMARY = "summary.json"
 TRIALS = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
+STUDY = "study.yaml"
+"""The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
 METRIC_COLUMNS = ("f1", "precision", "recall", "accuracy", "eval_loss")
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
 
@@ -144,7 +146,8 @@ def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:
     return header + dump(raw)
 
 
-def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources) -> dict[str, Any]:
+def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(cfg, grid, run_dir)
     with open(run_dir / TRIALS, "w", newline="") as f:
@@ -158,6 +161,7 @@ def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources) ->
               "label_names": prepared.splits.label_names, "class_weights": prepared.splits.class_weights},
         resources=resources,
     )
+    summary.update(extra or {})  # the caller's facts: run_dir as the user sees it, complete, ...
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     if (text := best_config_yaml(cfg, summary)) is not None:
         (run_dir / BEST_CONFIG).write_text(text)

@@ -1,20 +1,27 @@
-"""Builds and runs one Ray Tune study from a validated StudyConfig.
+"""Builds, runs and resumes one Ray Tune study from a validated StudyConfig.
 
     data (once, on the driver) -> tokenize once per distinct tokenizer -> ray.put
     -> Tuner(with_parameters(train_trial, ctx), PerModelSearch(TPE per model), PerModelASHA) -> fit
     -> results (summary.json, trials.csv, best_config.yaml)
+
+A run directory is `<output_dir>/<name>-<timestamp>`, where output_dir is a local folder or any URI pyarrow
+filesystems understand (file://, s3://, gs://, ...). It holds `study.yaml` (the merged study, written first, so
+that `tune-app resume` can rebuild the trainable), Ray Tune's experiment state and one folder per trial.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import StudyConfig, resolve_checkpoint
+from tune_app.config import ConfigError, StudyConfig, is_local_path, resolve_checkpoint
 from tune_app.data import Splits, TokenizedData, load_splits, tokenize, tokenizer_key
 
 log = logging.getLogger("tune_app")
@@ -23,15 +30,145 @@ WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR")
 FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TUNE_APP_TEST_OOM_ABOVE")
 
 
-def new_run_dir(cfg: StudyConfig) -> Path:
+# --------------------------------------------------------------------------------------------- run directory
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One study run's directory: a local folder, or a folder in any store pyarrow.fs reaches."""
+
+    uri: str
+    """What users and Ray see: the local path, or the run directory's URI (s3://bucket/runs/name-stamp)."""
+    fs: Any
+    """pyarrow.fs.FileSystem holding the run directory."""
+    path: str
+    """The run directory inside `fs`."""
+    local: Path
+    """Where our own files are written: the run directory itself when local, else a staging folder that
+    `publish` uploads."""
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def storage_path(self) -> str:
+        """The parent, as Ray's RunConfig(storage_path=...) wants it."""
+        return self.uri.rstrip("/").rsplit("/", 1)[0]
+
+    @property
+    def remote(self) -> bool:
+        import pyarrow.fs
+
+        return not isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def has(self, name: str = "") -> bool:
+        import pyarrow.fs
+
+        path = posixpath.join(self.path, name) if name else self.path
+        return self.fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(posixpath.join(self.path, name)) as f:
+            return f.readall().decode("utf-8")
+
+    def publish(self, *names: str) -> None:
+        """Upload our files and folders from the local staging folder (no-op for a local run directory)."""
+        if not self.remote:
+            return
+        import pyarrow.fs
+
+        for name in names:
+            if (self.local / name).exists():
+                pyarrow.fs.copy_files(str(self.local / name), posixpath.join(self.path, name),
+                                      destination_filesystem=self.fs)
+
+
+def _filesystem(location: str, what: str):
+    """(pyarrow filesystem, path inside it, is_uri) of a local path or URI; a clear ConfigError otherwise."""
+    import pyarrow.fs
+
+    if "://" not in location:
+        return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve()), False
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowNotImplementedError, OSError ...
+        raise ConfigError([f"{what}: cannot open {location!r} as a pyarrow filesystem ({e}); use a local path or "
+                           f"a URI such as file:///abs/path, s3://bucket/prefix, gs://bucket/prefix"]) from None
+    return fs, path, True
+
+
+def _run_dir_at(location: str, what: str) -> RunDir:
+    fs, path, is_uri = _filesystem(location, what)
+    import pyarrow.fs
+
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):  # a path or a file:// URI: one local folder, no staging
+        return RunDir(uri=path, fs=fs, path=path, local=Path(path))
+    uri = location.rstrip("/")
+    staging = Path(tempfile.gettempdir()) / "tune_app" / posixpath.basename(path.rstrip("/"))
+    return RunDir(uri=uri, fs=fs, path=path.rstrip("/"), local=staging)
+
+
+def new_run_dir(cfg: StudyConfig) -> RunDir:
     """<output_dir>/<name>-<timestamp>, never an existing directory."""
-    root = Path(cfg.output_dir).expanduser().resolve()
+    root = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = root / f"{cfg.name}-{stamp}", 1
-    while candidate.exists():
+    name, n = f"{cfg.name}-{stamp}", 1
+    while (run := _run_dir_at(f"{root.rstrip('/')}/{name}", "output_dir")).has():
         n += 1
-        candidate = root / f"{cfg.name}-{stamp}-{n}"
-    return candidate
+        name = f"{cfg.name}-{stamp}-{n}"
+    return run
+
+
+def open_run_dir(location: str) -> RunDir:
+    """An existing run directory (for resume); ValueError naming the problem when it is not one."""
+    from tune_app.results import STUDY
+
+    try:
+        run = _run_dir_at(location, "RUN_DIR")
+    except ConfigError as e:
+        raise ValueError(e.errors[0]) from None
+    if not run.has():
+        raise ValueError(f"{location}: no such run directory")
+    if not run.has(STUDY):
+        raise ValueError(f"{location}: not a tune-app run directory (no {STUDY} inside); pass the folder "
+                         f"`tune-app run` printed as 'run directory'")
+    return run
+
+
+def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
+    """The merged study with local paths made absolute and output_dir pinned, so it reruns from anywhere."""
+    import copy
+
+    raw = copy.deepcopy(cfg.raw)
+    data = raw.get("data") or {}
+    for key in ("source", "validation"):
+        if isinstance(data.get(key), str) and is_local_path(data[key]):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    for name, spec in (raw.get("models") or {}).items():
+        checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
+        if isinstance(checkpoint, str) and not checkpoint.startswith("package:") and is_local_path(checkpoint):
+            absolute = os.path.abspath(os.path.expanduser(checkpoint))
+            if isinstance(spec, str):
+                raw["models"][name] = absolute
+            else:
+                spec["checkpoint"] = absolute
+    raw["output_dir"] = run.storage_path
+    return raw
+
+
+def save_study(cfg: StudyConfig, run: RunDir) -> None:
+    """Write <run_dir>/study.yaml before anything runs: what `tune-app resume` rebuilds the study from."""
+    from tune_app.config import dump
+    from tune_app.results import STUDY
+
+    run.local.mkdir(parents=True, exist_ok=True)
+    (run.local / STUDY).write_text(f"# The merged study of run {run.uri}.\n# Continue it if interrupted:  "
+                                   f"tune-app resume {run.uri}\n" + dump(portable_raw(cfg, run)))
+    run.publish(STUDY)
+
+
+# --------------------------------------------------------------------------------------------- data and Ray
 
 
 @dataclass
@@ -67,28 +204,65 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     return PreparedData(splits, tokenized, model_keys)
 
 
+def _job_env_vars() -> dict[str, str]:
+    """Env vars of the runtime env of the `ray job submit` job this driver runs in ({} outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+
+
+def trial_env_vars() -> dict[str, str]:
+    """What trials need from the driver's environment (W&B mode, HF cache and offline switches).
+
+    Keys the job's own runtime env already sets are left out: they reach the trials anyway, and Ray refuses
+    a ray.init runtime env that repeats a key of the job's ("Failed to merge the Job's runtime env").
+    """
+    job_env = _job_env_vars()
+    env = {k: os.environ[k] for k in WANDB_ENV + FORWARDED_ENV if k in os.environ and k not in job_env}
+    if "TOKENIZERS_PARALLELISM" not in job_env:
+        env["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 def connect_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS); otherwise start a local Ray with this machine's CPUs/GPUs."""
+    """Join the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets for its driver); otherwise
+    start a local Ray with this machine's CPUs/GPUs and no dashboard."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in WANDB_ENV + FORWARDED_ENV if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runtime_env = {"env_vars": trial_env_vars()}
     # Adapter checkpoints are small: Tune's warning about frequent experiment snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
 
 
-def trial_resources(cfg: StudyConfig, gpus_available: float) -> dict[str, dict[str, float]]:
-    """Ray resources of one trial, per model: its cpus, and its GPU share when the cluster has GPUs."""
-    from tune_app.resources import gpu_share
+def warn_if_lost_in_job(cfg: StudyConfig) -> None:
+    """A job's working dir is a temporary copy on the head node: a relative output_dir would end up there."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    return {name: {"cpu": m.cpu, "gpu": gpu_share(m, gpus_available)} for name, m in cfg.models.items()}
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ and "://" not in cfg.output_dir \
+            and not os.path.isabs(os.path.expanduser(cfg.output_dir)):
+        print(f"warning: output_dir {cfg.output_dir!r} is relative, so inside this Ray job it lands in the job's "
+              f"temporary working-dir copy ({os.getcwd()}); pass output_dir=/abs/path or a URI (s3://...) to keep "
+              f"the results", flush=True)
+
+
+def trial_resources(cfg: StudyConfig, gpus_available: float, prepared: PreparedData | None = None,
+                    cpus_available: float | None = None) -> dict[str, dict[str, float]]:
+    """Ray resources of one trial, per model: its cpus, and its GPU share when the cluster has GPUs
+    (`gpu: auto`: packed by memory estimate and cores, see resources.py)."""
+    from tune_app.resources import trial_resources as plan
+
+    longest = {name: int(prepared.tokenized[key].train.lengths.max()) for name, key in prepared.model_keys.items()
+               } if prepared else None
+    return plan(cfg, gpus_available, cpus_available=cpus_available, longest=longest,
+                num_labels=prepared.splits.num_labels if prepared else 2)
 
 
 def build_context(cfg: StudyConfig, prepared: PreparedData, data_refs: dict[str, Any]):
@@ -108,6 +282,34 @@ def build_context(cfg: StudyConfig, prepared: PreparedData, data_refs: dict[str,
     )
 
 
+@dataclass
+class Session:
+    """Everything a fit needs on the driver: the data (tokenized, in the object store) and the trainable."""
+
+    prepared: PreparedData
+    resources: dict[str, dict[str, float]]
+    trainable: Any
+
+
+def start_session(cfg: StudyConfig, address: str | None) -> Session:
+    """Data -> Ray -> object refs -> the trainable. Run start and resume both build the trainable this way."""
+    import ray
+    from ray import tune
+
+    from tune_app.search import MODEL_KEY
+    from tune_app.trial import train_trial
+
+    prepared = prepare_data(cfg)
+    connect_ray(address)
+    data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
+    cluster = ray.cluster_resources()
+    resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
+    ctx = build_context(cfg, prepared, data_refs)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+                                    resources=lambda config: resources[config[MODEL_KEY]])
+    return Session(prepared, resources, trainable)
+
+
 def wandb_callback(cfg: StudyConfig, run_dir: Path):
     """One W&B run per trial (group = study run, job_type = model); None when W&B is disabled (nothing imported)."""
     if cfg.wandb.mode == "disabled":
@@ -117,12 +319,11 @@ def wandb_callback(cfg: StudyConfig, run_dir: Path):
     return TrialWandbCallback(cfg.wandb, run_name=run_dir.name, run_dir=run_dir)
 
 
-def build_tuner(cfg: StudyConfig, run_dir: Path, ctx, resources: dict[str, dict[str, float]]):
+def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
     from ray import tune
 
     from tune_app.progress import ProgressPrinter
     from tune_app.search import MODEL_KEY, PerModelASHA, PerModelSearch
-    from tune_app.trial import train_trial
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
     searcher = PerModelSearch({name: cfg.model_space(name) for name in cfg.models}, samples,
@@ -131,10 +332,8 @@ def build_tuner(cfg: StudyConfig, run_dir: Path, ctx, resources: dict[str, dict[
     scheduler = PerModelASHA(list(cfg.models), metric=cfg.tune.metric, mode=cfg.tune.mode, max_t=cfg.train.epochs,
                              grace_period=cfg.tune.asha.grace_period,
                              reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled)
-    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
-                                    resources=lambda config: resources[config[MODEL_KEY]])
     callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, sum(samples.values()))]
-    if (wb := wandb_callback(cfg, run_dir)) is not None:
+    if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
     return tune.Tuner(
         trainable,
@@ -146,7 +345,9 @@ def build_tuner(cfg: StudyConfig, run_dir: Path, ctx, resources: dict[str, dict[
             trial_dirname_creator=lambda trial: f"{trial.config[MODEL_KEY]}_{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), verbose=0, callbacks=callbacks,
+            name=run.name, storage_path=run.storage_path, verbose=0, callbacks=callbacks,
+            # A trial that raised is retried max_failures times (an OOM is first retried inside the trial with
+            # a smaller micro-batch); after that it counts as FAILED and the study goes on.
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.tune.keep_checkpoints, checkpoint_score_attribute=cfg.tune.metric,
@@ -155,21 +356,131 @@ def build_tuner(cfg: StudyConfig, run_dir: Path, ctx, resources: dict[str, dict[
     )
 
 
+def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
+    splits = session.prepared.splits
+    print(f"study {cfg.name}: {len(cfg.models)} model(s), {planned_trials(cfg)} trials, "
+          f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, "
+          f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
+          f"(if it stops midway, continue with: tune-app resume {run.uri})", flush=True)
+
+
+def planned_trials(cfg: StudyConfig) -> int:
+    return sum(cfg.model_samples(m) for m in cfg.models)
+
+
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Run a whole study; returns the summary written to <run_dir>/summary.json."""
-    import ray
+    run = new_run_dir(cfg)
+    warn_if_lost_in_job(cfg)
+    save_study(cfg, run)
+    session = start_session(cfg, address)
+    _describe(cfg, session, run)
+    grid = build_tuner(cfg, run, session.trainable).fit()
+    return finish_study(cfg, run, grid, session)
 
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def finished_summary(run: RunDir) -> dict[str, Any] | None:
+    """The summary of a study that ran to its end, or None while it is unfinished."""
+    from tune_app.results import SUMMARY
+
+    if not run.has(SUMMARY):
+        return None
+    summary = json.loads(run.read_text(SUMMARY))
+    return summary if summary.get("complete", True) else None
+
+
+def load_run_config(run: RunDir) -> StudyConfig:
+    """The study a run directory was started with (its study.yaml)."""
+    from tune_app import config as config_mod
+    from tune_app.results import STUDY
+
+    run.local.mkdir(parents=True, exist_ok=True)
+    if run.remote:
+        (run.local / STUDY).write_text(run.read_text(STUDY))
+    return config_mod.load(run.local / STUDY)
+
+
+def check_resumable(run: RunDir) -> None:
+    """ValueError when Ray Tune saved no state in the run directory (stopped before the first trial)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(run.uri):
+        raise ValueError(f"{run.uri}: the study stopped before Ray Tune saved any state, so there is nothing to "
+                         f"resume; start it again with: tune-app run {run.uri}/study.yaml")
+
+
+def resume_study(run: RunDir, *, address: str | None = None) -> dict[str, Any]:
+    """Continue an interrupted study: finished trials are kept (failed ones stay failed), unfinished ones go on
+    from their last checkpoint, and the searcher continues from its saved state."""
+    from ray import tune
+
+    cfg = load_run_config(run)
+    session = start_session(cfg, address)
+    print(f"resuming study {cfg.name} in {run.uri}", flush=True)
+    tuner = tune.Tuner.restore(run.uri, trainable=session.trainable, resume_unfinished=True, resume_errored=False)
+    return finish_study(cfg, run, tuner.fit(), session)
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+FINISHED_STATUSES = ("TERMINATED", "ERROR")
+"""Tune statuses of a trial that will not run again: completed, stopped by ASHA, or failed for good."""
+
+
+def trial_id_of(result) -> str:
+    """A Result's trial id, from its folder name `<model>_<trial id>` (trial_dirname_creator above)."""
+    return Path(result.path).name.rsplit("_", 1)[-1]
+
+
+def saved_statuses(run: RunDir) -> dict[str, str]:
+    """Trial id -> status in the experiment state Tune saved last. Tune saves it before stopping what still runs
+    at exit, so a trial cut short by Ctrl-C is RUNNING there (the ResultGrid already says TERMINATED), and a
+    trial that finished before a resume is TERMINATED there (its in-memory result lost the `done` flag)."""
+    from ray.tune import ExperimentAnalysis
+
+    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(run.uri).trials}
+
+
+def prune_checkpoints(cfg: StudyConfig, results: list) -> int:
+    """Keep only the best `keep_checkpoints` adapters of each trial; returns how many checkpoints were deleted.
+
+    While a study runs, Tune also keeps each trial's latest checkpoint (what a resume continues from); once
+    every trial has finished, that one is only disk usage unless it is also among the best.
+    """
+    metric, mode, removed = cfg.tune.metric, cfg.tune.mode, 0
+    for result in results:
+        scored = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
+        # Stable sort: among equal scores the first wins, as in Result.get_best_checkpoint.
+        ranked = sorted(scored, key=lambda cm: cm[1][metric], reverse=(mode == "max"))
+        keep = {c.path for c, _ in ranked[:cfg.tune.keep_checkpoints]}
+        for checkpoint, _ in result.best_checkpoints:
+            if checkpoint.path not in keep:
+                checkpoint.filesystem.delete_dir(checkpoint.path)
+                removed += 1
+    return removed
+
+
+def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[str, Any]:
+    """Write the results of every finished trial (completed, stopped early, failed), once each.
+
+    A fit that ended before every planned trial finished (Ctrl-C) is `complete: false`: its summary lists what
+    finished and `tune-app resume` continues the rest.
+    """
     from tune_app import results
 
-    run_dir = new_run_dir(cfg)
-    prepared = prepare_data(cfg)
-    connect_ray(address)
-    data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
-    resources = trial_resources(cfg, ray.cluster_resources().get("GPU", 0.0))
-    ctx = build_context(cfg, prepared, data_refs)
-    print(f"study {cfg.name}: {len(cfg.models)} model(s), {sum(cfg.model_samples(m) for m in cfg.models)} trials, "
-          f"{len(prepared.splits.train_texts)} train / {len(prepared.splits.val_texts)} validation rows, "
-          f"{len(prepared.tokenized)} tokenization(s); run directory {run_dir}", flush=True)
-    tuner = build_tuner(cfg, run_dir, ctx, resources)
-    grid = tuner.fit()
-    return results.write_results(cfg, run_dir, grid, prepared, resources)
+    statuses = saved_statuses(run)
+    finished = [r for r in grid if statuses.get(trial_id_of(r)) in FINISHED_STATUSES]
+    complete = len(finished) >= planned_trials(cfg)
+    if complete:
+        prune_checkpoints(cfg, finished)
+    extra = {"run_dir": run.uri, "complete": complete, "planned_trials": planned_trials(cfg),
+             "finished_trials": len(finished)}
+    if not complete:
+        extra["resume_command"] = f"tune-app resume {run.uri}"
+    summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra)
+    run.publish(results.SUMMARY, results.TRIALS, results.BEST_CONFIG, "wandb")  # W&B offline runs need a local dir
+    return summary
