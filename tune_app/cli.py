@@ -59,17 +59,45 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
-    from tune_app import results
     from tune_app.study import run_study
 
-    summary = run_study(cfg, address=args.address)
+    return _report(run_study(cfg, address=args.address))
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _report(summary: dict) -> int:
+    """The end-of-run table; an interrupted study (Ctrl-C) also says how to continue it and exits 130."""
+    from tune_app import results
+
     print()
     print(results.format_table(summary))
     best = summary["best"]
     if best:
         print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}")
     print(f"run directory: {summary['run_dir']}")
+    if not summary.get("complete", True):
+        print(f"interrupted: {summary['finished_trials']} of {summary['planned_trials']} trials finished (kept); "
+              f"continue with: {summary['resume_command']}")
+        return EXIT_INTERRUPTED
     return 0
+
+
+def cmd_resume(args) -> int:
+    """Continue an interrupted study in RUN_DIR; a finished one is reported and left as it is."""
+    from tune_app import study
+
+    try:
+        run = study.open_run_dir(args.run_dir)
+        if (done := study.finished_summary(run)) is not None:
+            print(f"{run.uri}: study {done['study']} already finished ({done.get('finished_trials', '?')} trials); "
+                  f"nothing to resume, nothing changed")
+            return 0
+        study.check_resumable(run)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return _report(study.resume_study(run, address=args.address))
 
 
 def _write_report(summary: dict) -> None:
@@ -114,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("resume", help="continue an interrupted study from its run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory `run` printed (local path or URI)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    p.set_defaults(func=cmd_resume)
 
     p = verbs.add_parser("report", help="write report.md and plots comparing the models of a finished run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory `run` printed")
