@@ -188,3 +188,27 @@ def test_ray_job_submit_with_token_auth(tmp_path, tiny_models, tweets_csv):
     (trial_dir,) = run_dir.glob("tiny_*")
     last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
     assert last["micro_batch_size"] == 2 and summary["models"]["tiny"]["best_config"]["batch_size"] == 8
+
+
+def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys):
+    """Inside `ray job submit`, Ray refuses a ray.init runtime env that repeats a key of the job's runtime env:
+    the driver forwards only what the job does not set; a relative output_dir gets a warning."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from tune_app.config import StudyConfig
+    from tune_app.study import trial_env_vars, warn_if_lost_in_job
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    assert {"HF_HUB_OFFLINE", "WANDB_MODE"} <= set(trial_env_vars())
+    warn_if_lost_in_job(StudyConfig(name="x", output_dir="runs"))
+    assert capsys.readouterr().out == ""
+
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}}))
+    forwarded = trial_env_vars()
+    assert "HF_HUB_OFFLINE" not in forwarded and forwarded["WANDB_MODE"] == "offline"
+    warn_if_lost_in_job(StudyConfig(name="x", output_dir="runs"))
+    assert "output_dir 'runs' is relative" in capsys.readouterr().out
+    warn_if_lost_in_job(StudyConfig(name="x", output_dir="s3://bucket/runs"))
+    assert capsys.readouterr().out == ""

@@ -177,3 +177,27 @@ def test_resume_refuses_what_is_not_a_study(tmp_path, capsys):
 
     assert cli.main(["resume", "nosuchscheme://bucket/run"]) == cli.EXIT_BAD_INPUT
     assert "cannot open 'nosuchscheme://bucket/run'" in capsys.readouterr().err
+
+
+def test_study_yaml_reruns_from_another_directory(tmp_path, small_csv, minilm_path, monkeypatch):
+    """study.yaml pins relative paths and output_dir, so `resume` works from any working directory; a file://
+    output_dir is the same local folder as the plain path."""
+    from tune_app import config as config_mod
+    from tune_app.study import load_run_config, new_run_dir, open_run_dir, save_study
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "tweets.csv").write_bytes(small_csv.read_bytes())
+    (project / "study.yaml").write_text(yaml.safe_dump({
+        "name": "portable", "data": {"source": "data/tweets.csv", "text": "text", "label": "target"},
+        "models": {"minilm": {"checkpoint": minilm_path}}, "output_dir": f"file://{tmp_path}/out"}))
+    monkeypatch.chdir(project)
+    cfg = config_mod.load("study.yaml")
+    run = new_run_dir(cfg)
+    assert not run.remote and run.uri == str(run.local) and run.local.parent == tmp_path / "out"
+    save_study(cfg, run)
+
+    monkeypatch.chdir(tmp_path)
+    again = load_run_config(open_run_dir(run.uri))
+    assert again.data.source == str(project / "data" / "tweets.csv")
+    assert again.output_dir == str(tmp_path / "out") and again.models["minilm"].checkpoint == minilm_path
