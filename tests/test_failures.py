@@ -65,6 +65,8 @@ def test_failing_trial_is_reported_and_the_study_completes(tmp_path, tiny_models
     assert "build_model" in traceback and "SafetensorError" in traceback, traceback[-2000:]
     assert traceback.count("Failure # ") == 2, traceback[-2000:]
     assert not rows["good"]["error"]
+    assert summary["failed_trials"] == [{"trial_id": rows["broken"]["trial_id"], "model": "broken",
+                                         "error": rows["broken"]["error"]}]
 
     # The searcher was told: the broken model's Optuna study holds the trial as FAIL, the good one as COMPLETE.
     import optuna

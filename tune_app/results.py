@@ -122,6 +122,8 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
         "models": models,
         "best": ({"model": overall[0], "trial_id": models[overall[0]]["best_trial"], metric: overall[1],
                   "config": models[overall[0]]["best_config"]} if overall else None),
+        # Trials that failed for good (after tune.max_failures retries), each with its traceback file.
+        "failed_trials": [{k: r[k] for k in ("trial_id", "model", "error")} for r in rows if r["status"] == "FAILED"],
         **extra,
     }
 
