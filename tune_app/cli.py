@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from tune_app import config as config_mod
 from tune_app.config import ConfigError, StudyConfig
@@ -61,7 +62,11 @@ def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
     from tune_app.study import run_study
 
-    return _report(run_study(cfg, address=args.address))
+    summary = run_study(cfg, address=args.address)
+    code = _report(summary)
+    _export_best(summary)
+    _write_report(summary)
+    return code
 
 
 EXIT_INTERRUPTED = 130
@@ -98,6 +103,67 @@ def cmd_resume(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     return _report(study.resume_study(run, address=args.address))
+
+
+def _export_best(summary: dict) -> None:
+    """After a finished local run: the overall best as a bundle in RUN_DIR/best. Never fails the run."""
+    if not summary.get("complete", True) or not summary.get("best") or "://" in str(summary["run_dir"]):
+        return
+    try:
+        from tune_app.export import export
+
+        print(f"bundle of the best trial: {export(summary['run_dir'])}")
+    except Exception as e:  # noqa: BLE001 - the study's results are written already; keep them, say what to do
+        print(f"warning: could not export the best trial ({type(e).__name__}: {e}); the study's results are "
+              f"intact in {summary['run_dir']}; retry with: tune-app export {summary['run_dir']}", file=sys.stderr)
+
+
+def cmd_export(args) -> int:
+    """A trial of a finished run (default: the overall best) as a self-contained bundle; 1 if it scores off."""
+    import json
+
+    from tune_app.export import export
+    from tune_app.predict import METRICS_FILE
+
+    out = export(args.run_dir, model=args.model, trial=args.trial, out=args.out, merge=args.merge)
+    print(f"bundle: {out}")
+    return 0 if json.loads((out / METRICS_FILE).read_text())["round_trip_ok"] else 1
+
+
+def cmd_predict(args) -> int:
+    """Classify texts with a bundle: JSON lines on stdout, or a file with --input/--output."""
+    from tune_app import predict
+
+    frame = predict.predict(args.bundle, texts=args.text, input_path=args.input, output_path=args.output,
+                            text_column=args.text_column, threshold=args.threshold)
+    bundle = predict.open_bundle(args.bundle)
+    cut = bundle.threshold if args.threshold is None else args.threshold
+    print(predict.decision_note(bundle, cut), file=sys.stderr)
+    if args.output:
+        print(f"{len(frame)} predictions -> {args.output}", file=sys.stderr)
+    else:
+        print(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip())
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Metrics of a bundle on labelled data (optionally beside the base checkpoint alone): JSON and a table."""
+    import json
+
+    from tune_app import predict
+
+    if args.json_out and Path(args.json_out).exists():
+        raise UsageError(f"--json-out {args.json_out}: already exists; choose another file (nothing is overwritten)")
+    report = predict.evaluate(args.bundle, args.data, label_column=args.label, text_column=args.text_column,
+                              baseline=args.baseline, threshold=args.threshold)
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+        print(predict.format_report(report))
+    else:
+        print(predict.format_report(report), file=sys.stderr)
+        print(text)
+    return 0
 
 
 def _write_report(summary: dict) -> None:
@@ -163,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("keys", help="print every study YAML key with its default and meaning")
     p.set_defaults(func=cmd_keys)
+
+    p = verbs.add_parser("export", help="write a trial of a finished run (default: the best) as a bundle")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory `run` printed")
+    p.add_argument("--model", default=None, help="the best trial of this model (default: the overall best)")
+    p.add_argument("--trial", default=None, metavar="ID", help="this trial (an id from trials.csv)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="bundle folder, new or empty (default: RUN_DIR/best for the overall best)")
+    p.add_argument("--merge", action="store_true", help="also write merged/, a plain transformers model")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("predict", help="classify texts with an exported bundle")
+    p.add_argument("bundle", metavar="BUNDLE", help="a folder `tune-app export` wrote")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeatable)")
+    p.add_argument("--input", default=None, metavar="FILE", help="csv/json/jsonl/parquet file of texts")
+    p.add_argument("--output", default=None, metavar="FILE", help="where predictions go (csv/json/jsonl/parquet)")
+    p.add_argument("--text-column", default=None, help="text column of --input (default: the study's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="binary tasks: P(class 1) cut (default: the bundle's, chosen on the validation split)")
+    p.set_defaults(func=cmd_predict)
+
+    p = verbs.add_parser("evaluate", help="score an exported bundle on labelled data")
+    p.add_argument("bundle", metavar="BUNDLE", help="a folder `tune-app export` wrote")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled csv/json/jsonl/parquet file")
+    p.add_argument("--label", default=None, metavar="COL", help="label column (default: the study's)")
+    p.add_argument("--text-column", default=None, metavar="COL", help="text column (default: the study's)")
+    p.add_argument("--baseline", nargs="?", const="base", default=None, metavar="CHECKPOINT",
+                   help="also score this checkpoint without the adapter (no value: the bundle's base)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="binary tasks: P(class 1) cut (default: the bundle's)")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="write the JSON report here (default: stdout)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
