@@ -102,7 +102,11 @@ def cmd_resume(args) -> int:
         study.check_resumable(run)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return _report(study.resume_study(run, address=args.address))
+    summary = study.resume_study(run, address=args.address)
+    code = _report(summary)
+    _export_best(summary)  # a resumed study ends as a run does: best bundle and report
+    _write_report(summary)
+    return code
 
 
 def _export_best(summary: dict) -> None:
