@@ -85,28 +85,26 @@ class RunDir:
 
 
 def _filesystem(location: str, what: str):
-    """(pyarrow filesystem, path inside it, is_uri) of a local path or URI; a clear ConfigError otherwise."""
+    """(pyarrow filesystem, path inside it) of a local path or URI; a ConfigError naming `what` otherwise."""
     import pyarrow.fs
 
     if "://" not in location:
-        return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve()), False
+        return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        return pyarrow.fs.FileSystem.from_uri(location)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowNotImplementedError, OSError ...
         raise ConfigError([f"{what}: cannot open {location!r} as a pyarrow filesystem ({e}); use a local path or "
                            f"a URI such as file:///abs/path, s3://bucket/prefix, gs://bucket/prefix"]) from None
-    return fs, path, True
 
 
 def _run_dir_at(location: str, what: str) -> RunDir:
-    fs, path, is_uri = _filesystem(location, what)
     import pyarrow.fs
 
+    fs, path = _filesystem(location, what)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):  # a path or a file:// URI: one local folder, no staging
         return RunDir(uri=path, fs=fs, path=path, local=Path(path))
-    uri = location.rstrip("/")
     staging = Path(tempfile.gettempdir()) / "tune_app" / posixpath.basename(path.rstrip("/"))
-    return RunDir(uri=uri, fs=fs, path=path.rstrip("/"), local=staging)
+    return RunDir(uri=location.rstrip("/"), fs=fs, path=path.rstrip("/"), local=staging)
 
 
 def new_run_dir(cfg: StudyConfig) -> RunDir:
@@ -114,9 +112,12 @@ def new_run_dir(cfg: StudyConfig) -> RunDir:
     root = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, n = f"{cfg.name}-{stamp}", 1
-    while (run := _run_dir_at(f"{root.rstrip('/')}/{name}", "output_dir")).has():
-        n += 1
-        name = f"{cfg.name}-{stamp}-{n}"
+    try:
+        while (run := _run_dir_at(f"{root.rstrip('/')}/{name}", "output_dir")).has():
+            n += 1
+            name = f"{cfg.name}-{stamp}-{n}"
+    except OSError as e:  # a bucket that does not exist, missing credentials, no permission ...
+        raise ConfigError([f"output_dir: cannot reach {cfg.output_dir!r} ({e})"]) from None
     return run
 
 
