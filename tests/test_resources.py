@@ -1,0 +1,89 @@
+"""`gpu: auto`: parameter counts from config dims, the memory estimate, and the packing decision."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig, LlamaConfig, RobertaConfig
+
+from tune_app.config import ModelConfig
+from tune_app.resources import (GIB, count_parameters, estimate_trial_memory, gpu_share, lora_parameters,
+                                share_for, trials_per_gpu, weights_dtype)
+
+ROBERTA_LARGE = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1)
+LLAMA_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       intermediate_size=11008)
+
+
+@pytest.fixture(scope="module")
+def minilm_config(minilm_path):
+    return AutoConfig.from_pretrained(minilm_path)
+
+
+@pytest.mark.parametrize("name", ["roberta-large", "llama-7b", "minilm"])
+def test_parameter_count_matches_the_instantiated_model(name, minilm_config):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = {"roberta-large": ROBERTA_LARGE, "llama-7b": LLAMA_7B, "minilm": minilm_config}[name]
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = AutoModelForSequenceClassification.from_config(config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_parameters_grow_with_rank_and_targets():
+    qv = lora_parameters(ROBERTA_LARGE, 8, "attention_qv")
+    # r x (in + out) for q and v in 24 blocks = 8 x 2048 x 2 x 24 = 786,432, plus the 1024x1024 dense + out head.
+    assert qv == 786_432 + 1024 * 1024 + 1024 + 1024 * 2 + 2
+    assert lora_parameters(ROBERTA_LARGE, 16, "attention_qv") > qv
+    assert lora_parameters(ROBERTA_LARGE, 8, "all_linear") > lora_parameters(ROBERTA_LARGE, 8, "attention") > qv
+
+
+def test_memory_estimates_are_plausible(minilm_config):
+    # llama-7b, bf16 weights: 6.6e9 x 2 B = 13.2 GB; batch 8 x 64 tokens of activations is a few GB at most
+    # (we measured a 16.5 GB peak at batch 8 on the tweets on an H100). Must land between 14 and 24 GB.
+    llama = estimate_trial_memory(LLAMA_7B, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                  weights_bytes=2, activation_bytes=2)
+    assert 14 * GIB < llama.total < 24 * GIB
+    # roberta-large fp32: 1.42 GB weights; measured peak 2.8 GB (tweets, batch 8) plus the CUDA context.
+    roberta = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                    weights_bytes=4, activation_bytes=2)
+    assert 2.4 * GIB < roberta.total < 6 * GIB
+    # Activations scale with tokens: 512-token rows need 8x the 64-token activations.
+    long = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=512, lora_rank=8, preset="attention_qv",
+                                 weights_bytes=4, activation_bytes=2)
+    assert long.activations == 8 * roberta.activations
+    # MiniLM: 91 MB of weights; the process overhead dominates (1-2 GB).
+    minilm = estimate_trial_memory(minilm_config, batch_size=16, seq_len=64, lora_rank=8, preset="attention_qv",
+                                   weights_bytes=4, activation_bytes=2)
+    assert 1 * GIB < minilm.total < 2 * GIB
+
+
+def test_packing_respects_memory_and_cores():
+    est = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                weights_bytes=4, activation_bytes=2)
+    assert trials_per_gpu(est, 80 * 10**9, cpus_per_gpu=16, cpus_per_trial=2) == 8  # cores bind first
+    assert trials_per_gpu(est, 80 * 10**9, cpus_per_gpu=64, cpus_per_trial=1) > 8  # memory binds
+    assert trials_per_gpu(est, 2 * 10**9, cpus_per_gpu=16, cpus_per_trial=1) == 1  # too big: a whole GPU
+    assert share_for(3) == 0.3333 and 3 * share_for(3) <= 1 and share_for(1) == 1.0
+    llama = estimate_trial_memory(LLAMA_7B, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                  weights_bytes=2, activation_bytes=2)
+    assert trials_per_gpu(llama, 80 * 10**9, cpus_per_gpu=16, cpus_per_trial=1) in (3, 4)
+
+
+def test_explicit_fractions_are_honoured_and_auto_packs():
+    est = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                weights_bytes=4, activation_bytes=2)
+    assert gpu_share(ModelConfig(checkpoint="x", gpu=0.3), 1, estimate=est) == 0.3
+    assert gpu_share(ModelConfig(checkpoint="x", gpu="auto", cpu=2), 1, estimate=est, cpus_available=16,
+                     gpu_memory=80 * 10**9) == 0.125
+    assert gpu_share(ModelConfig(checkpoint="x", gpu="auto"), 0, estimate=est) == 0.0  # CPU-only cluster
+
+
+def test_weights_dtype_policy():
+    assert weights_dtype("auto", "float32", 355_000_000, on_gpu=True) == "fp32"
+    assert weights_dtype("auto", "float32", 7_000_000_000, on_gpu=True) == "half"  # no 28 GB fp32 copy
+    assert weights_dtype("auto", "bfloat16", 100, on_gpu=True) == "half"
+    assert weights_dtype("auto", "bfloat16", 100, on_gpu=False) == "fp32"
+    assert weights_dtype("auto", "bfloat16", 100, on_gpu=True, precision="fp32") == "fp32"
+    assert weights_dtype("fp16", "float32", 100, on_gpu=False) == "fp16"

@@ -1,0 +1,157 @@
+"""The training loop on CPU with a tiny random-weight BERT: batching, bucketed padding, gradient accumulation,
+learning on a toy task, and resuming from a checkpoint. `fit` runs in-process (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tune_app.data import TokenizedData, TokenizedSplit
+from tune_app.space import HYPERPARAMETERS
+from tune_app.trial import (IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext, batch_loss,
+                            bucket_widths, build_model, collate, fit, length_grouped_batches, padded_width)
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
+"""Deterministic runs; a wider random init so the toy signal is not squashed to noise by a random pooler."""
+
+
+def toy_split(n: int, seed: int) -> TokenizedSplit:
+    """Learnable toy task: the class is the first token (word id 1000 or 2000, where BERT pools from), followed by
+    4-40 random words."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    rows = [[1000 if y else 2000] + rng.integers(3000, 9000, int(rng.integers(4, 40))).tolist() for y in labels]
+    return TokenizedSplit.from_lists([[int(t) for t in r] for r in rows], labels)
+
+
+def make_context(checkpoint: str, epochs: int, n_train: int = 64, n_val: int = 32) -> TrialContext:
+    data = TokenizedData(key="toy", train=toy_split(n_train, 0), val=toy_split(n_val, 1))
+    return TrialContext(models={"m": ModelSpec(checkpoint=checkpoint, data_key="toy")}, data_refs={"toy": data},
+                        label_names=["0", "1"], class_weights=[0.8, 1.3], epochs=epochs, eval_batch_size=16,
+                        max_length=64, compile=False)
+
+
+def make_config(**overrides) -> dict:
+    config = {name: h.default for name, h in HYPERPARAMETERS.items()}
+    config.update(model="m", lora_dropout=0.0, **overrides)
+    return config
+
+
+def run_fit(config, ctx, resume_dir=None):
+    """fit with a report callback that keeps each epoch's metrics and checkpoint files (read inside the call)."""
+    from safetensors.torch import load_file
+
+    epochs = []
+
+    def report(metrics, directory):
+        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
+        epochs.append((metrics, load_file(os.path.join(directory, "adapter_model.safetensors")), state))
+
+    fit(config, ctx, report=report, resume_dir=resume_dir, threads=1)
+    return epochs
+
+
+def test_length_grouped_batches_cover_every_row_once_with_little_padding():
+    lengths = np.random.default_rng(3).integers(1, 200, size=1003)
+    batches = length_grouped_batches(lengths, 16, np.random.default_rng(0))
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1003))
+    assert all(1 <= len(b) <= 16 for b in batches) and sum(len(b) < 16 for b in batches) <= 2
+    # Sorted within chunks of 50 batches: the padded area is far below what random batches would need.
+    grouped = sum(len(b) * lengths[b].max() for b in batches)
+    random_batches = np.array_split(np.random.default_rng(1).permutation(1003), len(batches))
+    assert grouped < 0.7 * sum(len(b) * lengths[b].max() for b in random_batches)
+    # Seeded: the same epoch gives the same batches, another epoch another order.
+    again = length_grouped_batches(lengths, 16, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, length_grouped_batches(
+        lengths, 16, np.random.default_rng(1))))
+
+
+def test_bucketed_padding_gives_few_shapes():
+    assert bucket_widths(512) == (16, 32, 64, 128, 192, 256, 384, 512)
+    assert bucket_widths(100) == (16, 32, 64, 100)
+    widths = bucket_widths(512)
+    assert [padded_width(n, widths) for n in (1, 16, 17, 65, 129, 500)] == [16, 16, 32, 128, 192, 512]
+    assert padded_width(13) == 16 and padded_width(17) == 24  # eager: multiples of 8
+    # Every length 1..512 lands in one of 8 shapes, never shorter than the row.
+    assert len({padded_width(n, widths) for n in range(1, 513)}) == 8
+
+    split = toy_split(5, 0)
+    rows = np.array([0, 3])
+    ids, mask, labels = collate(split, rows, pad_id=0, widths=widths, num_rows=4)
+    assert ids.shape == (4, padded_width(int(split.lengths[rows].max()), widths))
+    assert mask[:2].sum(1).tolist() == split.lengths[rows].tolist()
+    assert labels.tolist()[:2] == split.labels[rows].tolist() and labels.tolist()[2:] == [IGNORE_INDEX] * 2
+    assert torch.equal(ids[2], ids[0]) and torch.equal(ids[3], ids[0])  # filler rows: a real row, no loss
+
+
+def test_gradient_accumulation_equals_full_batch(tiny_models):
+    checkpoint = tiny_models("bert", **NO_DROPOUT)
+    model, _, pad_id = build_model(ModelSpec(checkpoint, "toy"), make_config(lora_rank=4), ["0", "1"])
+    model.eval()  # dropout off; gradients still flow
+    split = toy_split(12, 2)
+    rows = np.arange(12)
+    weight = torch.tensor([0.8, 1.3])
+    total = weight[torch.from_numpy(split.labels)].sum()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    nullcontext = __import__("contextlib").nullcontext
+
+    def grads(parts, num_rows=None):
+        model.zero_grad(set_to_none=True)
+        for part in parts:
+            batch_loss(model, *collate(split, part, pad_id, num_rows=num_rows), weight, total, nullcontext).backward()
+        return [p.grad.clone() for p in trainable]
+
+    full = grads([rows])
+    for split_into, num_rows in ((np.array_split(rows, 3), None), (np.array_split(rows, [5, 9]), 5)):
+        accumulated = grads(split_into, num_rows)  # 4+4+4, and 5+4+3 filled up to 5 rows
+        for a, b in zip(full, accumulated):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in full)
+
+
+def test_loss_decreases_and_accumulation_changes_nothing(tiny_models, monkeypatch):
+    ctx = make_context(tiny_models("bert", **NO_DROPOUT), epochs=4)
+    config = make_config(learning_rate=1e-2, batch_size=8, lora_rank=8, lr_scheduler="constant")
+    epochs = run_fit(config, ctx)
+    losses = [m["train_loss"] for m, _, _ in epochs]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert epochs[-1][0]["accuracy"] >= 0.8, epochs[-1][0]
+    assert epochs[-1][0]["threads"] == 1 and epochs[-1][0]["compiled"] is False
+
+    # The same run with micro-batches of 4 (the OOM path, forced): the same effective batch, the same training.
+    monkeypatch.setenv(OOM_TEST_ENV, "4")
+    accumulated = run_fit(config, make_context(ctx.models["m"].checkpoint, epochs=1))
+    assert accumulated[0][0]["micro_batch_size"] == 4
+    for name, tensor in epochs[0][1].items():
+        torch.testing.assert_close(accumulated[0][1][name], tensor, rtol=1e-3, atol=1e-5)
+
+
+def test_resume_restores_optimizer_and_schedule(tiny_models, tmp_path):
+    checkpoint = tiny_models("bert", **NO_DROPOUT)
+    config = make_config(learning_rate=1e-3, batch_size=16, lr_scheduler="linear", warmup_ratio=0.2)
+    straight = run_fit(config, make_context(checkpoint, epochs=2))
+
+    from safetensors.torch import save_file
+
+    first = run_fit(config, make_context(checkpoint, epochs=1))
+    assert first[0][2]["epoch"] == 1
+    # A 2-epoch trial interrupted after epoch 1: resume it from epoch 1's checkpoint files.
+    resume_dir = str(tmp_path)
+    save_file(straight[0][1], os.path.join(resume_dir, "adapter_model.safetensors"))
+    torch.save(straight[0][2], os.path.join(resume_dir, STATE_FILE))
+    resumed = run_fit(config, make_context(checkpoint, epochs=2), resume_dir=resume_dir)
+
+    assert [m["epoch"] for m, _, _ in resumed] == [2]
+    end, resumed_end = straight[-1][2], resumed[-1][2]
+    assert resumed_end["scheduler"] == end["scheduler"]  # same step count and learning rate
+    assert resumed_end["scheduler"]["last_epoch"] == 2 * 4  # 64 rows / 16 per step x 2 epochs
+    steps = [s["step"] for s in resumed_end["optimizer"]["state"].values()]
+    assert steps and all(float(s) == 8 for s in steps)
+    for name, tensor in straight[-1][1].items():
+        torch.testing.assert_close(resumed[-1][1][name], tensor, rtol=1e-4, atol=1e-6)
+    assert resumed[-1][0]["train_time_s"] > resumed[-1][0]["epoch_time_s"]  # the clock carried over
