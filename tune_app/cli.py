@@ -64,8 +64,7 @@ def cmd_run(args) -> int:
 
     summary = run_study(cfg, address=args.address)
     code = _report(summary)
-    _export_best(summary)
-    _write_report(summary)
+    _after_run(summary)
     return code
 
 
@@ -104,22 +103,30 @@ def cmd_resume(args) -> int:
         raise UsageError(str(e)) from None
     summary = study.resume_study(run, address=args.address)
     code = _report(summary)
-    _export_best(summary)  # a resumed study ends as a run does: best bundle and report
-    _write_report(summary)
+    _after_run(summary)  # a resumed study ends as a run does: best bundle and report
     return code
 
 
-def _export_best(summary: dict) -> None:
-    """After a finished local run: the overall best as a bundle in RUN_DIR/best. Never fails the run."""
-    if not summary.get("complete", True) or not summary.get("best") or "://" in str(summary["run_dir"]):
+def _after_run(summary: dict) -> None:
+    """After a finished local run: the overall best as a bundle in RUN_DIR/best, then report.md and plots.
+    Neither step can fail the run: the study's results are written already; a failure says how to retry."""
+    run_dir = str(summary["run_dir"])
+    if "://" in run_dir:
         return
-    try:
+    steps = []
+    if summary.get("complete", True) and summary.get("best"):
         from tune_app.export import export
 
-        print(f"bundle of the best trial: {export(summary['run_dir'])}")
-    except Exception as e:  # noqa: BLE001 - the study's results are written already; keep them, say what to do
-        print(f"warning: could not export the best trial ({type(e).__name__}: {e}); the study's results are "
-              f"intact in {summary['run_dir']}; retry with: tune-app export {summary['run_dir']}", file=sys.stderr)
+        steps.append(("export the best trial", "export", lambda: f"bundle of the best trial: {export(run_dir)}"))
+    from tune_app.report import write_report
+
+    steps.append(("write the report", "report", lambda: f"report: {write_report(run_dir)}"))
+    for what, verb, step in steps:
+        try:
+            print(step())
+        except Exception as e:  # noqa: BLE001 - keep the results, say what to do
+            print(f"warning: could not {what} ({type(e).__name__}: {e}); the study's results are intact in "
+                  f"{run_dir}; retry with: tune-app {verb} {run_dir}", file=sys.stderr)
 
 
 def cmd_export(args) -> int:
@@ -168,19 +175,6 @@ def cmd_evaluate(args) -> int:
         print(predict.format_report(report), file=sys.stderr)
         print(text)
     return 0
-
-
-def _write_report(summary: dict) -> None:
-    """After a finished local run: report.md and plots in the run directory. Never fails the run."""
-    if "://" in str(summary["run_dir"]):
-        return
-    try:
-        from tune_app.report import write_report
-
-        print(f"report: {write_report(summary['run_dir'])}")
-    except Exception as e:  # noqa: BLE001 - the study's results are written already; keep them, say what to do
-        print(f"warning: could not write the report ({type(e).__name__}: {e}); the study's results are intact in "
-              f"{summary['run_dir']}; retry with: tune-app report {summary['run_dir']}", file=sys.stderr)
 
 
 def cmd_report(args) -> int:
