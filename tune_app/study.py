@@ -221,8 +221,11 @@ def trial_env_vars() -> dict[str, str]:
     """
     job_env = _job_env_vars()
     env = {k: os.environ[k] for k in WANDB_ENV + FORWARDED_ENV if k in os.environ and k not in job_env}
-    if "TOKENIZERS_PARALLELISM" not in job_env:
-        env["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "false")
+    # Quiet defaults the user's own environment overrides: no tokenizer thread pools inside trials, and W&B's
+    # per-run banner ("Tracking run ...", "View this run ...") off, one per trial otherwise.
+    for key, default in (("TOKENIZERS_PARALLELISM", "false"), ("WANDB_SILENT", "true")):
+        if key not in job_env:
+            env[key] = os.environ.get(key, default)
     return env
 
 

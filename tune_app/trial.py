@@ -231,8 +231,12 @@ def quiet_libraries() -> None:
 
     from transformers.utils import logging as hf_logging
 
+    import warnings
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # transformers' own internals warn about their deprecated names (is_gradient_checkpointing) once per trial.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
