@@ -158,15 +158,16 @@ def write_adapter(sel: Selection, out: Path) -> None:
 
 
 def write_tokenizer(sel: Selection, out: Path) -> None:
-    """The base tokenizer with the pad token training used (eos for decoders without one), right padding."""
-    from transformers import AutoTokenizer
+    """The base tokenizer with the pad token and padding side training used (the family's pad policy)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tune_app.families import FAMILIES, prepare_tokenizer
 
     model = sel.cfg.models[sel.model]
-    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
-                                              trust_remote_code=model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    load = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
+    path = resolve_checkpoint(model.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(path, **load)
+    prepare_tokenizer(tokenizer, FAMILIES.get(AutoConfig.from_pretrained(path, **load).model_type))
     tokenizer.save_pretrained(str(out))
 
 

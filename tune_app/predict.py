@@ -344,6 +344,7 @@ def baseline_probs(checkpoint: str, bundle: Bundle, texts: list[str], device: st
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tune_app.families import FAMILIES, prepare_tokenizer
     from tune_app.trial import _autocast_factory, quiet_libraries
 
     quiet_libraries()
@@ -353,12 +354,11 @@ def baseline_probs(checkpoint: str, bundle: Bundle, texts: list[str], device: st
         raise UsageError(f"--baseline: {e}") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     names = bundle.label_names
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(names), ignore_mismatched_sizes=True, output_loading_info=True)
-    model.config.pad_token_id = pad_id
+    model.config.pad_token_id = pad_id = prepare_tokenizer(tokenizer, FAMILIES.get(model.config.model_type))
     renewed = [*info["missing_keys"], *(m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"])]
     fresh = sorted({k.split(".")[0] for k in renewed})
     note = (f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
