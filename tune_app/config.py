@@ -123,7 +123,7 @@ class TrainConfig:
     seed: int = _f(0, (int,), "seed of model init, data order and dropout")
     precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
                         check=_one_of("auto", "bf16", "fp16", "fp32"))
-    compile: str | bool = _f("auto", (bool, str), "torch.compile the model: auto (on GPU) | true | false",
+    compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see benchmarks/) | true (per block) | false",
                              check=lambda v: None if v in (True, False, "auto") else
                              f"must be true, false or 'auto', got {v!r}")
 
