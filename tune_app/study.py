@@ -455,15 +455,20 @@ def prune_checkpoints(cfg: StudyConfig, results: list) -> int:
     While a study runs, Tune also keeps each trial's latest checkpoint (what a resume continues from); once
     every trial has finished, that one is only disk usage unless it is also among the best.
     """
+    import pyarrow.fs
+
     metric, mode, removed = cfg.tune.metric, cfg.tune.mode, 0
     for result in results:
         scored = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
         # Stable sort: among equal scores the first wins, as in Result.get_best_checkpoint.
         ranked = sorted(scored, key=lambda cm: cm[1][metric], reverse=(mode == "max"))
-        keep = {c.path for c, _ in ranked[:cfg.tune.keep_checkpoints]}
-        for checkpoint, _ in result.best_checkpoints:
-            if checkpoint.path not in keep:
-                checkpoint.filesystem.delete_dir(checkpoint.path)
+        keep = {posixpath.normpath(c.path) for c, _ in ranked[:cfg.tune.keep_checkpoints]}
+        # Every checkpoint folder on disk: Tune's best list leaves out the latest one it keeps for resume.
+        entries = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path, allow_not_found=True))
+        for entry in entries:
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_") \
+                    and posixpath.normpath(entry.path) not in keep:
+                result.filesystem.delete_dir(entry.path)
                 removed += 1
     return removed
 
