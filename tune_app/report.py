@@ -166,8 +166,8 @@ def searched_hyperparameters(run: RunData) -> list[str]:
     return names
 
 
-def asha_rungs(run: RunData) -> list[int]:
-    """Epochs after which ASHA compares trials (grace x rf^k below the last epoch), from the run's study.yaml."""
+def study_config(run: RunData):
+    """The run's study.yaml through the config loader (so defaults the YAML left out count), or None."""
     import yaml
 
     from tune_app.config import from_dict
@@ -175,9 +175,24 @@ def asha_rungs(run: RunData) -> list[int]:
     try:
         raw = yaml.safe_load((run.run_dir / "study.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return []
-    # Through the config loader, so that defaults the YAML left out count (problems are irrelevant here).
-    cfg = from_dict(raw, []) if isinstance(raw, dict) else None
+        return None
+    return from_dict(raw, []) if isinstance(raw, dict) else None  # problems are irrelevant to a report
+
+
+def log_scaled(run: RunData, name: str) -> bool | None:
+    """Whether the study searched `name` on a log scale (loguniform) for any model; None without study.yaml."""
+    from tune_app.space import is_distribution
+
+    cfg = study_config(run)
+    if cfg is None or cfg.models is None:
+        return None
+    specs = [cfg.model_space(model).get(name) for model in cfg.models]
+    return any(is_distribution(v) and "loguniform" in v for v in specs)
+
+
+def asha_rungs(run: RunData) -> list[int]:
+    """Epochs after which ASHA compares trials (grace x rf^k below the last epoch), from the run's study.yaml."""
+    cfg = study_config(run)
     if cfg is None or cfg.tune is None or cfg.train is None or not cfg.tune.asha.enabled:
         return []
     grace, factor, epochs = cfg.tune.asha.grace_period, cfg.tune.asha.reduction_factor, cfg.train.epochs
@@ -417,7 +432,8 @@ def plot_cost_front(run: RunData, path: Path) -> None:
 
 
 def plot_hyperparameters(run: RunData, names: list[str], path: Path) -> None:
-    """The metric against each searched hyperparameter (one panel each; log axis for wide positive ranges)."""
+    """The metric against each searched hyperparameter (one panel each; log axis where the study searched on a
+    log scale)."""
     plt = _pyplot()
     colors, metric = _colors(run.models), run.metric
     cols = min(3, len(names))
@@ -439,9 +455,12 @@ def plot_hyperparameters(run: RunData, names: list[str], path: Path) -> None:
             if pairs:
                 ax.scatter(*zip(*pairs), color=colors[model], label=model, alpha=0.8, s=36)
         positive = [n for n in numbers if n is not None and n > 0]
-        if not categorical and positive and min(positive) > 0 and max(positive) / min(positive) >= 10:
+        wide = bool(positive) and max(positive) / min(positive) >= 10  # only when the study's space is unknown
+        if not categorical and positive and len(positive) == len([n for n in numbers if n is not None]) \
+                and (log_scaled(run, name) if log_scaled(run, name) is not None else wide):
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(_null_formatter())  # decade labels only: minor ones overlap
+            if wide:  # decade labels only: minor ones overlap across decades
+                ax.xaxis.set_minor_formatter(_null_formatter())
         ax.set(title=f"{metric} vs {name}", xlabel=name + (" (log scale)" if ax.get_xscale() == "log" else ""),
                ylabel=f"best validation {metric}")
         ax.grid(alpha=0.3)
