@@ -60,9 +60,12 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
-    from tune_app.study import run_study
+    from tune_app.study import disconnect_ray, run_study
 
-    summary = run_study(cfg, address=args.address)
+    try:
+        summary = run_study(cfg, address=args.address)
+    finally:
+        disconnect_ray()
     code = _report(summary)
     _after_run(summary)
     return code
@@ -101,7 +104,10 @@ def cmd_resume(args) -> int:
         study.check_resumable(run)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    summary = study.resume_study(run, address=args.address)
+    try:
+        summary = study.resume_study(run, address=args.address)
+    finally:
+        study.disconnect_ray()
     code = _report(summary)
     _after_run(summary)  # a resumed study ends as a run does: best bundle and report
     return code

@@ -234,16 +234,34 @@ def connect_ray(address: str | None = None) -> None:
     start a local Ray with this machine's CPUs/GPUs and no dashboard."""
     import ray
 
+    global _connected_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": trial_env_vars()}
+    _connected_here = True
     # Adapter checkpoints are small: Tune's warning about frequent experiment snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
+
+
+_connected_here = False
+"""Whether this process called ray.init (rather than finding Ray already initialised by its caller)."""
+
+
+def disconnect_ray() -> None:
+    """Leave Ray once the study is over, if this process joined it: the driver stops listening to worker logs
+    before the cluster reaps the trial workers, so their shutdown noise (SIGTERM tracebacks) never reaches the
+    user's terminal. A caller's own Ray (a notebook, the test session) is left alone."""
+    global _connected_here
+    if _connected_here:
+        import ray
+
+        ray.shutdown()
+        _connected_here = False
 
 
 def warn_if_lost_in_job(cfg: StudyConfig) -> None:
