@@ -34,7 +34,7 @@ def _load(args) -> StudyConfig:
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
-    n = sum(cfg.model_samples(m) for m in cfg.models)
+    n = cfg.planned_trials
     print(f"{args.space}: OK ({len(cfg.models)} model(s), {n} trial(s), metric {cfg.tune.metric} ({cfg.tune.mode}))")
     return 0
 

@@ -172,6 +172,11 @@ class StudyConfig:
         n = self.models[model].num_samples
         return n if n is not None else self.tune.num_samples
 
+    @property
+    def planned_trials(self) -> int:
+        """Trials of the whole study: every model's num_samples."""
+        return sum(self.model_samples(m) for m in self.models)
+
 
 _NESTED = {"data": DataConfig, "train": TrainConfig, "tune": TuneSettings, "wandb": WandbConfig,
            "asha": AshaConfig}

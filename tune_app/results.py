@@ -56,7 +56,7 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         checkpoint = result.get_best_checkpoint(metric, mode) if records else None
         trial_path = Path(result.path)
         row: dict[str, Any] = {
-            "trial_id": (result.metrics or {}).get("trial_id") or trial_path.name.rsplit("_", 1)[-1],
+            "trial_id": trial_id_of(result),
             "model": config.get("model"),
             "status": status,
             **{name: config.get(name) for name in HYPERPARAMETERS},
@@ -77,6 +77,12 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         rows.append({k: _clean(v) for k, v in row.items()})
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     return rows
+
+
+def trial_id_of(result) -> str:
+    """A Result's trial id, from its folder name `<model>_<trial id>` (the study's trial_dirname_creator): there
+    even for a trial that failed before it reported anything."""
+    return Path(result.path).name.rsplit("_", 1)[-1]
 
 
 def _relative(path: str, run_dir: Path) -> str:

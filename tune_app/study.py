@@ -191,11 +191,11 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     tokenized: dict[str, TokenizedData] = {}
     model_keys: dict[str, str] = {}
     for name, model in cfg.models.items():
-        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
-                                                  trust_remote_code=model.trust_remote_code)
+        path = resolve_checkpoint(model.checkpoint)
+        load = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, **load)
         if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
-            family_for(AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
-                                                  trust_remote_code=model.trust_remote_code).model_type)
+            family_for(AutoConfig.from_pretrained(path, **load).model_type)
         key = tokenizer_key(tokenizer, cfg.data.max_length)
         if key not in tokenized:
             tokenized[key] = tokenize(tokenizer, splits, cfg.data.max_length)
@@ -380,14 +380,10 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
 
 def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
     splits = session.prepared.splits
-    print(f"study {cfg.name}: {len(cfg.models)} model(s), {planned_trials(cfg)} trials, "
+    print(f"study {cfg.name}: {len(cfg.models)} model(s), {cfg.planned_trials} trials, "
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
           f"(if it stops midway, continue with: tune-app resume {run.uri})", flush=True)
-
-
-def planned_trials(cfg: StudyConfig) -> int:
-    return sum(cfg.model_samples(m) for m in cfg.models)
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -453,11 +449,6 @@ FINISHED_STATUSES = ("TERMINATED", "ERROR")
 """Tune statuses of a trial that will not run again: completed, stopped by ASHA, or failed for good."""
 
 
-def trial_id_of(result) -> str:
-    """A Result's trial id, from its folder name `<model>_<trial id>` (trial_dirname_creator above)."""
-    return Path(result.path).name.rsplit("_", 1)[-1]
-
-
 def saved_statuses(run: RunDir) -> dict[str, str]:
     """Trial id -> status in the experiment state Tune saved last. Tune saves it before stopping what still runs
     at exit, so a trial cut short by Ctrl-C is RUNNING there (the ResultGrid already says TERMINATED), and a
@@ -500,11 +491,11 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
     from tune_app import results
 
     statuses = saved_statuses(run)
-    finished = [r for r in grid if statuses.get(trial_id_of(r)) in FINISHED_STATUSES]
-    complete = len(finished) >= planned_trials(cfg)
+    finished = [r for r in grid if statuses.get(results.trial_id_of(r)) in FINISHED_STATUSES]
+    complete = len(finished) >= cfg.planned_trials
     if complete:
         prune_checkpoints(cfg, finished)
-    extra = {"run_dir": run.uri, "complete": complete, "planned_trials": planned_trials(cfg),
+    extra = {"run_dir": run.uri, "complete": complete, "planned_trials": cfg.planned_trials,
              "finished_trials": len(finished)}
     if not complete:
         extra["resume_command"] = f"tune-app resume {run.uri}"
