@@ -12,14 +12,14 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from tune_app.data import TokenizedSplit
-from tune_app.families import (Family, align_head, checkpoint_head_labels, family_for, modules_to_save,
+from tune_app.families import (FAMILIES, align_head, checkpoint_head_labels, family_for, modules_to_save,
                                 prepare_tokenizer)
 from tune_app.metrics import classification_metrics
 from tune_app.space import HYPERPARAMETERS, resolve_alpha
@@ -59,7 +59,6 @@ class TrialContext:
     compile: str | bool = "auto"
     max_length: int = 512
     max_oom_retries: int = 3
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -93,7 +92,8 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
 
     load = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(spec.checkpoint, **load)
-    family = family_for(hf_config.model_type) if spec.target_modules is None else _family_or_none(hf_config)
+    # Explicit target_modules also serve model types outside the table (family None: PEFT's default head).
+    family = family_for(hf_config.model_type) if spec.target_modules is None else FAMILIES.get(hf_config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, **load)
     pad_id = prepare_tokenizer(tokenizer, family)  # decoders: pad = eos
     num_labels = len(label_names)
@@ -118,12 +118,6 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
         modules_to_save=modules_to_save(family, loading),
     )
     return get_peft_model(model, lora), family, pad_id
-
-
-def _family_or_none(hf_config) -> Family | None:
-    from tune_app.families import FAMILIES
-
-    return FAMILIES.get(hf_config.model_type)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -228,10 +222,9 @@ def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
 def quiet_libraries() -> None:
     """Keep trial logs to what matters: no per-load weight reports or progress bars from transformers."""
     import logging
+    import warnings
 
     from transformers.utils import logging as hf_logging
-
-    import warnings
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
