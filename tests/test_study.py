@@ -103,6 +103,15 @@ def test_trials_table(study):
 
 
 @pytest.mark.slow
+def test_trials_reuse_one_worker_process(study):
+    """tune.reuse_actors (on by default): trials of equal resources run one after another in the same worker,
+    those ASHA stopped included, so process start and imports are paid once, not per trial."""
+    pids = {json.loads(line)["pid"] for row in study.rows
+            for line in (study.run_dir / f"{row['model']}_{row['trial_id']}" / "result.json").read_text().splitlines()}
+    assert len(pids) == 1, pids
+
+
+@pytest.mark.slow
 def test_asha_stopped_a_trial_early(study):
     stopped = [r for r in study.rows if r["status"] == "STOPPED_EARLY"]
     assert stopped, [(r["trial_id"], r["epochs"]) for r in study.rows]

@@ -35,7 +35,7 @@ def make_context(checkpoint: str, epochs: int, n_train: int = 64, n_val: int = 3
 
 def make_config(**overrides) -> dict:
     config = {name: h.default for name, h in HYPERPARAMETERS.items()}
-    config.update(model="m", lora_dropout=0.0, **overrides)
+    config.update({"model": "m", "lora_dropout": 0.0, **overrides})
     return config
 
 
@@ -154,3 +154,14 @@ def test_resume_restores_optimizer_and_schedule(tiny_models, tmp_path):
     for name, tensor in straight[-1][1].items():
         torch.testing.assert_close(resumed[-1][1][name], tensor, rtol=1e-4, atol=1e-6)
     assert resumed[-1][0]["train_time_s"] > resumed[-1][0]["epoch_time_s"]  # the clock carried over
+
+
+def test_a_trial_repeats_exactly_in_the_same_process(tiny_models):
+    """tune.reuse_actors runs trial after trial in one worker process: nothing of an earlier trial (RNG state,
+    threads, model) may leak into the next, so the same config gives the same adapter, dropout included."""
+    ctx = make_context(tiny_models("bert"), epochs=1)
+    config = make_config(lora_dropout=0.1, learning_rate=1e-2, batch_size=8)
+    first, second = run_fit(config, ctx), run_fit(config, ctx)
+    assert first[0][0]["f1"] == second[0][0]["f1"] and first[0][0]["train_loss"] == second[0][0]["train_loss"]
+    for name, tensor in first[0][1].items():
+        torch.testing.assert_close(second[0][1][name], tensor, rtol=0, atol=0)

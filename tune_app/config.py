@@ -140,6 +140,8 @@ class TuneSettings:
                                     check=_at_least_one)
     max_failures: int = _f(1, (int,), "retries of a trial that raised", check=_non_negative)
     keep_checkpoints: int = _f(1, (int,), "adapter checkpoints kept per trial (the best)", check=_at_least_one)
+    reuse_actors: bool = _f(True, (bool,), "run the next trial in a finished trial's worker process (same resources): "
+                            "no process start or imports per trial")
     asha: AshaConfig = _f(None, (dict,), "ASHA early stopping")
 
 

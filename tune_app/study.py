@@ -364,6 +364,7 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
             metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=sum(samples.values()),
             search_alg=searcher, scheduler=scheduler,
             max_concurrent_trials=cfg.tune.max_concurrent,
+            reuse_actors=cfg.tune.reuse_actors,
             trial_dirname_creator=lambda trial: f"{trial.config[MODEL_KEY]}_{trial.trial_id}",
         ),
         run_config=tune.RunConfig(

@@ -347,7 +347,21 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     checkpoint = tune.get_checkpoint()
     resume_dir = checkpoint.to_directory() if checkpoint else None
-    fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
+    try:
+        fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
+    finally:  # also when ASHA stops the trial (SystemExit in report): the worker may run the next trial
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free the finished trial's model now, and hand its cached GPU blocks back to the trials sharing the GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str, Any], str], None],
