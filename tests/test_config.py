@@ -233,3 +233,13 @@ def test_overrides_are_yaml_typed(study_yaml):
     assert cfg.tune.num_samples == 4 and cfg.data.limit == 100 and cfg.wandb.mode == "disabled"
     assert cfg.space["lora_dropout"] == 0.05
     assert cfg.space["lora_alpha"] == {"choice": [16, 32]}
+
+
+def test_online_wandb_without_a_key_is_refused_before_ray(study_yaml, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    (line,) = error_lines(validate(capsys, study_yaml(), "wandb.mode=online"))
+    assert line.startswith("wandb.mode: online, but this machine has no W&B API key") and "wandb login" in line
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # the user's own key in the environment: accepted, unread
+    assert config.load(study_yaml(), ["wandb.mode=online"]).wandb.mode == "online"

@@ -402,9 +402,23 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
         from tune_app import data
 
         errors.extend(data.check_source(cfg.data))
+    if cfg is not None and check_data:
+        errors.extend(wandb_credentials(cfg.wandb))
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def wandb_credentials(settings: WandbConfig) -> list[str]:
+    """Online W&B needs the user's own API key on the driver's machine (imports wandb only in online mode)."""
+    if settings.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return []
+    import wandb
+
+    if wandb.login(prompt=False):  # a key in ~/.netrc from `wandb login`
+        return []
+    return ["wandb.mode: online, but this machine has no W&B API key: run `wandb login` (or set WANDB_API_KEY), "
+            "or use wandb.mode=offline and upload later with `wandb sync`"]
 
 
 def dump(raw: dict) -> str:
