@@ -211,7 +211,7 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
 
 
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
-          limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True) -> dict:
+          limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled") -> dict:
     """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
     import yaml
 
@@ -226,7 +226,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "space": HPARAMS, "train": {"epochs": epochs},
         "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False},
                  "reuse_actors": reuse_actors},
-        "output_dir": str(workdir / "runs"), "wandb": {"mode": "disabled"},
+        "output_dir": str(workdir / "runs"), "wandb": {"mode": wandb},
     }))
     cfg = config_mod.load(yaml_path)
     session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
@@ -256,7 +256,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     overhead = (wall * slots - train_total) / n - mean("eval_time_s")
     return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall,
                 gpu_share=resources[name]["gpu"], cpus_per_trial=resources[name]["cpu"],
-                reuse_actors=cfg.tune.reuse_actors,
+                reuse_actors=cfg.tune.reuse_actors, wandb=cfg.wandb.mode,
                 samples_per_s=sum(t["samples"] for t in trials) / wall, utilisation=train_total / (wall * slots),
                 overhead_per_trial_s=overhead, setup_per_trial_s=mean("setup_time_s"),
                 compile_per_trial_s=mean("compile_time_s"), eval_per_trial_s=mean("eval_time_s"),
@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="use only N rows of the data in the study")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of reference and trial (default: cores)")
+    ap.add_argument("--wandb", choices=("disabled", "offline"), default="disabled",
+                    help="study's wandb.mode (offline: tune_app's default, one W&B run per trial)")
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="trial's train.compile")
     ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", args.wandb)
     import torch
 
     workdir = Path(args.workdir)
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     r[part] = study(name, folder, args.data, k, args.trials or k, args.epochs,
                                     args.cpus_per_trial or max(1, cores // k), args.max_length, args.limit,
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
-                                    reuse_actors=args.reuse_actors == "on")
+                                    reuse_actors=args.reuse_actors == "on", wandb=args.wandb)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
                 import traceback
 

@@ -252,3 +252,21 @@ def test_searcher_finishes_when_every_model_is_done():
     searcher = PerModelSearch(SPACES, {"a": 1, "b": 1}, metric="f1", mode="max", seed=0)
     assert [searcher.suggest(f"t{i}")["model"] for i in range(2)] == ["a", "b"]
     assert searcher.suggest("t2") == Searcher.FINISHED
+
+
+def test_wandb_callback_pickles_without_its_actor(tmp_path):
+    """Tune pickles callbacks with the experiment (resume restores them): the logging actor's handle stays out,
+    and a restored callback starts a new actor with the same run settings."""
+    import pickle
+
+    from tune_app.config import WandbConfig
+    from tune_app.wandb_logging import TrialWandbCallback, loggable
+
+    callback = TrialWandbCallback(WandbConfig(), run_name="e2e-1", run_dir=tmp_path)
+    callback._runs = lambda: None  # stands in for an actor handle (and cannot be pickled)
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored._runs is None and restored.init_kwargs == callback.init_kwargs
+    assert restored.init_kwargs["group"] == "e2e-1" and restored.init_kwargs["mode"] == "offline"
+    result = {"f1": 0.5, "epoch": 1, "training_iteration": 1, "pid": 7, "done": False, "date": "x",
+              "config": {"lr": 1}, "compiled": False}
+    assert loggable(result) == {"f1": 0.5, "epoch": 1, "training_iteration": 1}
