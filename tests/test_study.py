@@ -116,6 +116,7 @@ def test_asha_stopped_a_trial_early(study):
     stopped = [r for r in study.rows if r["status"] == "STOPPED_EARLY"]
     assert stopped, [(r["trial_id"], r["epochs"]) for r in study.rows]
     assert all(int(r["epochs"]) in (1, 2) for r in stopped)  # the rungs: grace 1 x reduction factor 2^k
+    assert (study.run_dir / results.SCHEDULER_STATE).is_file()  # the rungs, for a resume
 
 
 @pytest.mark.slow
@@ -270,3 +271,33 @@ def test_wandb_callback_pickles_without_its_actor(tmp_path):
     result = {"f1": 0.5, "epoch": 1, "training_iteration": 1, "pid": 7, "done": False, "date": "x",
               "config": {"lr": 1}, "compiled": False}
     assert loggable(result) == {"f1": 0.5, "epoch": 1, "training_iteration": 1}
+
+
+def test_asha_rungs_survive_a_resume(tmp_path):
+    """Tune restores the searcher on resume but hands back the scheduler as it was when the study started:
+    PerModelASHA reads its rungs back from the run directory, so a weak trial after a resume is still stopped."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune_app.search import PerModelASHA
+
+    def scheduler(state_uri=str(tmp_path / "asha_rungs.pkl")):
+        return PerModelASHA(["a", "b"], metric="f1", mode="max", max_t=4, grace_period=1, reduction_factor=2,
+                            state_uri=state_uri)
+
+    def trial(trial_id, model="a"):
+        return SimpleNamespace(trial_id=trial_id, config={"model": model})
+
+    before = scheduler()
+    for trial_id, f1 in (("t1", 0.9), ("t2", 0.8), ("t3", 0.85)):
+        before.on_trial_add(None, t := trial(trial_id))
+        before.on_trial_result(None, t, {"training_iteration": 1, "f1": f1})
+
+    weak = {"training_iteration": 1, "f1": 0.1}
+    resumed, forgetful = scheduler(), scheduler(state_uri=None)
+    for s in (resumed, forgetful):
+        s.on_trial_add(None, trial("t4"))
+    assert resumed.on_trial_result(None, trial("t4"), weak) == TrialScheduler.STOP
+    assert forgetful.on_trial_result(None, trial("t4"), weak) == TrialScheduler.CONTINUE  # empty rungs: no cutoff
+    # Rungs stay per model: model b's first trial has nothing to be compared with.
+    resumed.on_trial_add(None, trial("t5", "b"))
+    assert resumed.on_trial_result(None, trial("t5", "b"), weak) == TrialScheduler.CONTINUE

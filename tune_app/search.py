@@ -96,10 +96,16 @@ class PerModelSearch(Searcher):
 
 
 class PerModelASHA(FIFOScheduler):
-    """One ASHA scheduler per model (rungs at grace x rf^k epochs); without `asha`, a plain FIFO."""
+    """One ASHA scheduler per model (rungs at grace x rf^k epochs); without `asha`, a plain FIFO.
+
+    With `state_uri` (a file in the run directory), the rungs are written there after every decision and read
+    back when a resumed study first uses the scheduler: Tune restores the searcher on resume but rebuilds the
+    scheduler from the Tuner's start, so without this every rung would be empty again and the first trials after
+    a resume could not be stopped early.
+    """
 
     def __init__(self, models: list[str], *, metric: str, mode: str, max_t: int, grace_period: int,
-                 reduction_factor: int, enabled: bool = True):
+                 reduction_factor: int, enabled: bool = True, state_uri: str | None = None):
         super().__init__()
         self._metric, self._mode = metric, mode
         self.enabled = enabled
@@ -108,13 +114,40 @@ class PerModelASHA(FIFOScheduler):
                              grace_period=grace_period, reduction_factor=reduction_factor)
             for m in models
         } if enabled else {}
-        self.stopped: set[str] = set()
+        self.state_uri = state_uri if enabled else None
+        self._state_checked = False
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
 
     def _of(self, trial) -> ASHAScheduler | None:
+        if not self._state_checked:
+            self._state_checked = True
+            self._load_state()
         return self.schedulers.get(trial.config.get(MODEL_KEY))
+
+    def _file(self):
+        from tune_app.study import open_filesystem
+
+        return open_filesystem(self.state_uri, "scheduler state")
+
+    def _load_state(self) -> None:
+        if not self.state_uri:
+            return
+        import pyarrow.fs
+
+        fs, path = self._file()
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return
+        with fs.open_input_stream(path) as f:
+            self.schedulers.update(pickle.loads(f.readall()))
+
+    def _save_state(self) -> None:
+        if not self.state_uri:
+            return
+        fs, path = self._file()
+        with fs.open_output_stream(path) as f:
+            f.write(pickle.dumps(self.schedulers))
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if s := self._of(trial):
@@ -125,30 +158,23 @@ class PerModelASHA(FIFOScheduler):
         if s is None:
             return TrialScheduler.CONTINUE
         action = s.on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get("training_iteration", 0) < s._max_t:
-            self.stopped.add(trial.trial_id)
+        self._save_state()
         return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         s = self._of(trial)
         if s is not None and trial.trial_id in s._trial_info:
             s.on_trial_complete(tune_controller, trial, result)
+            self._save_state()
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         s = self._of(trial)
         if s is not None and trial.trial_id in s._trial_info:
             s.on_trial_remove(tune_controller, trial)
+            self._save_state()
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self.on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
         return "\n".join(f"{m}: {s.debug_string()}" for m, s in self.schedulers.items()) or "FIFO (no ASHA)"
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

@@ -84,7 +84,7 @@ class RunDir:
                                       destination_filesystem=self.fs)
 
 
-def _filesystem(location: str, what: str):
+def open_filesystem(location: str, what: str):
     """(pyarrow filesystem, path inside it) of a local path or URI; a ConfigError naming `what` otherwise."""
     import pyarrow.fs
 
@@ -100,7 +100,7 @@ def _filesystem(location: str, what: str):
 def _run_dir_at(location: str, what: str) -> RunDir:
     import pyarrow.fs
 
-    fs, path = _filesystem(location, what)
+    fs, path = open_filesystem(location, what)
     if isinstance(fs, pyarrow.fs.LocalFileSystem):  # a path or a file:// URI: one local folder, no staging
         return RunDir(uri=path, fs=fs, path=path, local=Path(path))
     staging = Path(tempfile.gettempdir()) / "tune_app" / posixpath.basename(path.rstrip("/"))
@@ -345,6 +345,7 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
     from ray import tune
 
     from tune_app.progress import ProgressPrinter
+    from tune_app.results import SCHEDULER_STATE
     from tune_app.search import MODEL_KEY, PerModelASHA, PerModelSearch
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
@@ -353,7 +354,8 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
                               n_startup_trials=cfg.tune.n_startup_trials)
     scheduler = PerModelASHA(list(cfg.models), metric=cfg.tune.metric, mode=cfg.tune.mode, max_t=cfg.train.epochs,
                              grace_period=cfg.tune.asha.grace_period,
-                             reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled)
+                             reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled,
+                             state_uri=f"{run.uri}/{SCHEDULER_STATE}")
     callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, sum(samples.values()))]
     if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
