@@ -166,6 +166,19 @@ def test_a_trial_repeats_exactly_in_the_same_process(tiny_models):
     assert first[0][0]["f1"] == second[0][0]["f1"] and first[0][0]["train_loss"] == second[0][0]["train_loss"]
     for name, tensor in first[0][1].items():
         torch.testing.assert_close(second[0][1][name], tensor, rtol=0, atol=0)
+    assert live_models() == 0  # what train_trial does after each trial: no model outlives it
+
+
+def live_models() -> int:
+    """PEFT models still alive after `release_memory` (each would hold its weights, on a GPU too)."""
+    import gc
+
+    from peft import PeftModel
+
+    from tune_app.trial import release_memory
+
+    release_memory()
+    return sum(isinstance(o, PeftModel) for o in gc.get_objects())
 
 
 @pytest.mark.slow
@@ -186,3 +199,4 @@ def test_compiled_blocks_train_like_eager(tiny_models):
     assert abs(metrics["train_loss"] - eager[0][0]["train_loss"]) < 1e-3
     for name, tensor in eager[0][1].items():
         torch.testing.assert_close(compiled[0][1][name], tensor, rtol=1e-3, atol=1e-4)
+    assert live_models() == 0  # torch.compile's caches keep no trained model alive for the next trial
