@@ -37,6 +37,11 @@ ARCHS = {
     "roberta-large": ("roberta", dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                                       num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
                                       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1), "float32"),
+    # roberta-large's 24 blocks at a tiny width: a step is mostly framework overhead (Python, dispatch, autograd,
+    # PEFT), as a launch-bound GPU step is; a CPU stand-in for comparing loops and compilation.
+    "roberta-narrow": ("roberta", dict(vocab_size=50265, hidden_size=64, num_hidden_layers=24, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=514, type_vocab_size=1,
+                                       pad_token_id=1), "float32"),
     "llama-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
                                rms_norm_eps=1e-5), "bfloat16"),
