@@ -243,3 +243,14 @@ def test_online_wandb_without_a_key_is_refused_before_ray(study_yaml, capsys, tm
     assert line.startswith("wandb.mode: online, but this machine has no W&B API key") and "wandb login" in line
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # the user's own key in the environment: accepted, unread
     assert config.load(study_yaml(), ["wandb.mode=online"]).wandb.mode == "online"
+
+
+def test_wandb_logging_without_the_package_is_refused_before_ray(study_yaml, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    (line,) = error_lines(validate(capsys, study_yaml(), "wandb.mode=offline"))
+    assert line == ("wandb.mode: offline, but the wandb package is not installed: pip install wandb, or set "
+                    "wandb.mode=disabled")
+    assert config.load(study_yaml(), ["wandb.mode=disabled"]).wandb.mode == "disabled"

@@ -403,14 +403,20 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
 
         errors.extend(data.check_source(cfg.data))
     if cfg is not None and check_data:
-        errors.extend(wandb_credentials(cfg.wandb))
+        errors.extend(wandb_problems(cfg.wandb))
     if errors:
         raise ConfigError(errors)
     return cfg
 
 
-def wandb_credentials(settings: WandbConfig) -> list[str]:
-    """Online W&B needs the user's own API key on the driver's machine (imports wandb only in online mode)."""
+def wandb_problems(settings: WandbConfig) -> list[str]:
+    """W&B logging needs the wandb package on the driver's machine, and online mode the user's own API key
+    (imports wandb only in online mode)."""
+    if settings.mode == "disabled":
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        return [f"wandb.mode: {settings.mode}, but the wandb package is not installed: pip install wandb, or set "
+                f"wandb.mode=disabled"]
     if settings.mode != "online" or os.environ.get("WANDB_API_KEY"):
         return []
     import wandb
