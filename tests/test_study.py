@@ -301,3 +301,20 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     # Rungs stay per model: model b's first trial has nothing to be compared with.
     resumed.on_trial_add(None, trial("t5", "b"))
     assert resumed.on_trial_result(None, trial("t5", "b"), weak) == TrialScheduler.CONTINUE
+
+
+class _BrokenRuns:
+    def close(self):
+        raise RuntimeError("W&B service gone")
+
+
+def test_wandb_trouble_at_the_end_never_fails_the_study(ray_session, tmp_path, capsys):
+    from tune_app.config import WandbConfig
+    from tune_app.wandb_logging import TrialWandbCallback
+
+    callback = TrialWandbCallback(WandbConfig(), run_name="r", run_dir=tmp_path)
+    callback._runs = ray_session.remote(_BrokenRuns).remote()
+    callback.on_experiment_end(trials=[])  # must not raise: the summary is written after this
+    assert callback._runs is None
+    assert capsys.readouterr().out == ("[tune_app] W&B logging did not finish cleanly (RuntimeError: W&B service "
+                                       "gone); the study's results are not affected\n")

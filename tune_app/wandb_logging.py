@@ -115,6 +115,10 @@ class TrialWandbCallback(Callback):
 
         try:
             ray.get(self._runs.close.remote(), timeout=120)
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never cost the study its results
+            cause = getattr(error, "cause", None) or error  # a RayTaskError wraps what the actor raised
+            print(f"[tune_app] W&B logging did not finish cleanly ({type(cause).__name__}: {cause}); the study's "
+                  f"results are not affected", flush=True)
         finally:
             ray.kill(self._runs)
             self._runs = None
