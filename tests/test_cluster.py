@@ -202,6 +202,7 @@ def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     assert {"HF_HUB_OFFLINE", "WANDB_MODE"} <= set(trial_env_vars())
+    assert trial_env_vars()["TUNE_FUNCTION_THREAD_TIMEOUT_S"] == "60"  # a reused worker waits for the last trial
     warn_if_lost_in_job(StudyConfig(name="x", output_dir="runs"))
     assert capsys.readouterr().out == ""
 

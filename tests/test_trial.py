@@ -171,13 +171,17 @@ def test_a_trial_repeats_exactly_in_the_same_process(tiny_models):
 
 def live_models() -> int:
     """PEFT models still alive after `release_memory` (each would hold its weights, on a GPU too)."""
+    from tune_app.trial import release_memory
+
+    release_memory()
+    return count_models()
+
+
+def count_models() -> int:
     import gc
 
     from peft import PeftModel
 
-    from tune_app.trial import release_memory
-
-    release_memory()
     return sum(isinstance(o, PeftModel) for o in gc.get_objects())
 
 
@@ -200,3 +204,26 @@ def test_compiled_blocks_train_like_eager(tiny_models):
     for name, tensor in eager[0][1].items():
         torch.testing.assert_close(compiled[0][1][name], tensor, rtol=1e-3, atol=1e-4)
     assert live_models() == 0  # torch.compile's caches keep no trained model alive for the next trial
+
+
+def test_a_trial_stopped_by_tune_frees_its_model_before_the_next(tiny_models, monkeypatch):
+    """Tune stops a trial by raising SystemExit in tune.report; the model must be freed even then (not only when
+    fit returns), or a reused worker would carry one trial's weights into the next."""
+    import tune_app.trial as trial_mod
+
+    alive_at_release = []
+    release = trial_mod.release_memory
+
+    def counting_release():
+        release()
+        alive_at_release.append(count_models())
+
+    monkeypatch.setattr(trial_mod, "release_memory", counting_release)
+
+    def stopped_by_tune(metrics, directory):
+        raise SystemExit(0)
+
+    ctx, config = make_context(tiny_models("bert"), epochs=2), make_config()
+    with pytest.raises(SystemExit):
+        trial_mod.fit_then_release(lambda: fit(config, ctx, report=stopped_by_tune, threads=1))
+    assert alive_at_release == [0]

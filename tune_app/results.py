@@ -21,9 +21,9 @@ SUMMARY = "summary.json"
 TRIALS = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
 STUDY = "study.yaml"
+"""The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
 SCHEDULER_STATE = "asha_rungs.pkl"
 """ASHA's rungs, saved after every decision: Tune saves the searcher for a resume, but not the scheduler."""
-"""The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
 METRIC_COLUMNS = ("f1", "precision", "recall", "accuracy", "eval_loss")
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
 

@@ -223,7 +223,11 @@ def trial_env_vars() -> dict[str, str]:
     env = {k: os.environ[k] for k in WANDB_ENV + FORWARDED_ENV if k in os.environ and k not in job_env}
     # Quiet defaults the user's own environment overrides: no tokenizer thread pools inside trials, and W&B's
     # per-run banner ("Tracking run ...", "View this run ...") off, one per trial otherwise.
-    for key, default in (("TOKENIZERS_PARALLELISM", "false"), ("WANDB_SILENT", "true")):
+    # TUNE_FUNCTION_THREAD_TIMEOUT_S: with tune.reuse_actors a worker waits this long for its previous trial to
+    # wind down (ASHA stop, model freed) before the next; Ray's 2 s default turns a slow wind-down of a large
+    # model into an ERROR of the NEXT trial.
+    for key, default in (("TOKENIZERS_PARALLELISM", "false"), ("WANDB_SILENT", "true"),
+                         ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")):
         if key not in job_env:
             env[key] = os.environ.get(key, default)
     return env

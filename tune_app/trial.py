@@ -347,10 +347,23 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     checkpoint = tune.get_checkpoint()
     resume_dir = checkpoint.to_directory() if checkpoint else None
+    fit_then_release(lambda: fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus()))
+
+
+def fit_then_release(run: Callable[[], Any]) -> None:
+    """Run a trial, then free its model before the worker (tune.reuse_actors) runs the next trial.
+
+    Tune stops a trial (ASHA; also every trial that reaches max_t under ASHA) by raising SystemExit inside
+    `tune.report`. While that exception is being handled its traceback keeps the trial's frames, and with them the
+    model, alive; memory is therefore released after the `except` block, and the exit raised again."""
+    exit_code = None
     try:
-        fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
-    finally:  # also when ASHA stops the trial (SystemExit in report): the worker may run the next trial
-        release_memory()
+        run()
+    except SystemExit as stop:
+        exit_code = stop.code
+    release_memory()
+    if exit_code is not None:
+        raise SystemExit(exit_code)
 
 
 def release_memory() -> None:

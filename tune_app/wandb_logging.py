@@ -29,7 +29,6 @@ class StudyRuns:
     """The logging actor: trial id -> its open W&B run. Methods run in call order (one caller, one thread)."""
 
     def __init__(self, init_kwargs: dict[str, Any]):
-        os.environ["WANDB_START_METHOD"] = "thread"  # an actor process cannot fork W&B's service the usual way
         import wandb
 
         self._wandb = wandb
