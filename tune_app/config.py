@@ -411,20 +411,28 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
 
 def wandb_problems(settings: WandbConfig) -> list[str]:
     """W&B logging needs the wandb package on the driver's machine, and online mode the user's own API key
-    (imports wandb only in online mode)."""
+    (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes). Nothing is imported and no server is asked."""
     if settings.mode == "disabled":
         return []
     if importlib.util.find_spec("wandb") is None:
         return [f"wandb.mode: {settings.mode}, but the wandb package is not installed: pip install wandb, or set "
                 f"wandb.mode=disabled"]
-    if settings.mode != "online" or os.environ.get("WANDB_API_KEY"):
-        return []
-    import wandb
-
-    if wandb.login(prompt=False):  # a key in ~/.netrc from `wandb login`
+    if settings.mode != "online" or os.environ.get("WANDB_API_KEY") or _wandb_login_saved():
         return []
     return ["wandb.mode: online, but this machine has no W&B API key: run `wandb login` (or set WANDB_API_KEY), "
             "or use wandb.mode=offline and upload later with `wandb sync`"]
+
+
+def _wandb_login_saved() -> bool:
+    """Whether `wandb login` saved a key: an entry for the W&B host in the netrc file ($NETRC or ~/.netrc)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def dump(raw: dict) -> str:
