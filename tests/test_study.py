@@ -301,6 +301,23 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     # Rungs stay per model: model b's first trial has nothing to be compared with.
     resumed.on_trial_add(None, trial("t5", "b"))
     assert resumed.on_trial_result(None, trial("t5", "b"), weak) == TrialScheduler.CONTINUE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asha_rungs.pkl"]  # written whole, then moved in place
+    import pickle
+
+    assert pickle.loads(pickle.dumps(resumed))._fs is None  # what Tune pickles carries no open filesystem
+
+
+def test_unreadable_asha_rungs_never_block_a_resume(tmp_path, capsys):
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune_app.search import PerModelASHA
+
+    (tmp_path / "asha_rungs.pkl").write_bytes(b"truncated")
+    s = PerModelASHA(["a"], metric="f1", mode="max", max_t=4, grace_period=1, reduction_factor=2,
+                     state_uri=str(tmp_path / "asha_rungs.pkl"))
+    s.on_trial_add(None, t := SimpleNamespace(trial_id="t1", config={"model": "a"}))
+    assert s.on_trial_result(None, t, {"training_iteration": 1, "f1": 0.5}) == TrialScheduler.CONTINUE
+    assert "could not read ASHA's rungs" in capsys.readouterr().out
 
 
 class _BrokenRuns:

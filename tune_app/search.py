@@ -116,6 +116,12 @@ class PerModelASHA(FIFOScheduler):
         } if enabled else {}
         self.state_uri = state_uri if enabled else None
         self._state_checked = False
+        self._fs = None  # (pyarrow filesystem, path) of state_uri, opened once
+        self._saved: bytes | None = None  # what the file holds now
+        self._warned = False
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the scheduler into tuner.pkl: no open filesystem
+        return {**self.__dict__, "_fs": None, "_saved": None}
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
@@ -127,27 +133,51 @@ class PerModelASHA(FIFOScheduler):
         return self.schedulers.get(trial.config.get(MODEL_KEY))
 
     def _file(self):
-        from tune_app.study import open_filesystem
+        if self._fs is None:
+            from tune_app.study import open_filesystem
 
-        return open_filesystem(self.state_uri, "scheduler state")
+            self._fs = open_filesystem(self.state_uri, "scheduler state")
+        return self._fs
+
+    def _warn(self, what: str, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"[tune_app] could not {what} ASHA's rungs ({self.state_uri}: {error}); the study goes on, but a "
+                  f"resume starts them empty", flush=True)
 
     def _load_state(self) -> None:
         if not self.state_uri:
             return
         import pyarrow.fs
 
-        fs, path = self._file()
-        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        try:
+            fs, path = self._file()
+            if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+                return
+            with fs.open_input_stream(path) as f:
+                state = pickle.loads(f.readall())
+        except Exception as error:  # noqa: BLE001 - unreadable rungs must not block a resume
+            self._warn("read", error)
             return
-        with fs.open_input_stream(path) as f:
-            self.schedulers.update(pickle.loads(f.readall()))
+        self.schedulers.update(state)
 
     def _save_state(self) -> None:
+        """Write the rungs if they changed (results between rungs change nothing): to a temporary file first, then
+        moved over the old one, so a crash mid-write never leaves a truncated file for the resume to read."""
         if not self.state_uri:
             return
-        fs, path = self._file()
-        with fs.open_output_stream(path) as f:
-            f.write(pickle.dumps(self.schedulers))
+        data = pickle.dumps(self.schedulers)
+        if data == self._saved:
+            return
+        try:
+            fs, path = self._file()
+            with fs.open_output_stream(path + ".tmp") as f:
+                f.write(data)
+            fs.move(path + ".tmp", path)
+        except Exception as error:  # noqa: BLE001 - a storage hiccup must not end the study
+            self._warn("save", error)
+            return
+        self._saved = data
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if s := self._of(trial):
