@@ -113,7 +113,7 @@ class TrialWandbCallback(Callback):
         import ray
 
         try:
-            ray.get(self._runs.close.remote(), timeout=120)
+            ray.get(self._runs.close.remote(), timeout=300)  # online: the last runs finish their uploads
         except Exception as error:  # noqa: BLE001 - W&B trouble must never cost the study its results
             cause = getattr(error, "cause", None) or error  # a RayTaskError wraps what the actor raised
             print(f"[tune_app] W&B logging did not finish cleanly ({type(cause).__name__}: {cause}); the study's "
