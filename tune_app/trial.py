@@ -356,13 +356,13 @@ def fit_then_release(run: Callable[[], Any]) -> None:
     Tune stops a trial (ASHA; also every trial that reaches max_t under ASHA) by raising SystemExit inside
     `tune.report`. While that exception is being handled its traceback keeps the trial's frames, and with them the
     model, alive; memory is therefore released after the `except` block, and the exit raised again."""
-    exit_code = None
+    stopped, exit_code = False, None
     try:
         run()
     except SystemExit as stop:
-        exit_code = stop.code
+        stopped, exit_code = True, stop.code
     release_memory()
-    if exit_code is not None:
+    if stopped:
         raise SystemExit(exit_code)
 
 
