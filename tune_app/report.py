@@ -351,6 +351,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """How every plot ends: laid out, written as a 110 dpi PNG, closed (pyplot keeps figures until closed)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _null_formatter():
     from matplotlib.ticker import NullFormatter
 
@@ -403,9 +410,7 @@ def plot_best_so_far(run: RunData, path: Path) -> None:
     for ax in (by_count, by_time):
         ax.grid(alpha=0.3)
         ax.legend(title="model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_cost_front(run: RunData, path: Path) -> None:
@@ -426,9 +431,7 @@ def plot_cost_front(run: RunData, path: Path) -> None:
            ylabel=f"best validation {run.metric} of the trial")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_hyperparameters(run: RunData, names: list[str], path: Path) -> None:
@@ -468,9 +471,7 @@ def plot_hyperparameters(run: RunData, names: list[str], path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(title="model")
     fig.suptitle(f"Validation {metric} against each searched hyperparameter (one point per trial)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_rungs(run: RunData, path: Path) -> None:
@@ -495,9 +496,7 @@ def plot_rungs(run: RunData, path: Path) -> None:
            ylabel="trials that trained this epoch")
     ax.legend(title="model")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_history(run: RunData, path: Path) -> None:
@@ -520,9 +519,7 @@ def plot_history(run: RunData, path: Path) -> None:
     ax.grid(alpha=0.3)
     if seen:
         ax.legend(title="model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- report
