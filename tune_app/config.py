@@ -270,6 +270,11 @@ def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
 
 
+def is_local_checkpoint(name: str) -> bool:
+    """A model on this machine (a folder, or package:<name>), not a Hub name."""
+    return name.startswith(PACKAGE_PREFIX) or is_local_path(name)
+
+
 def is_hub_name(name: str) -> bool:
     """Has the form of a Hub repository id: `name` or `org/name` (letters, digits, '.', '_', '-')."""
     return bool(_HUB_NAME.match(name))
@@ -281,7 +286,7 @@ def _check_checkpoint(checkpoint: str, path: str, errors: list[str], target_modu
     except FileNotFoundError as e:
         errors.append(f"{path}: {e}")
         return
-    if checkpoint.startswith(PACKAGE_PREFIX) or is_local_path(checkpoint):
+    if is_local_checkpoint(checkpoint):
         if not Path(resolved).is_dir():
             errors.append(f"{path}: local model folder {checkpoint!r} does not exist")
         elif not (Path(resolved) / "config.json").is_file():

@@ -35,7 +35,7 @@ import numpy as np
 
 from tune_app import __version__
 from tune_app.cli import UsageError
-from tune_app.config import PACKAGE_PREFIX, StudyConfig, is_local_path, resolve_checkpoint
+from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
 from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
                               classify, load_classifier, open_bundle, probabilities, score, text_logits)
 from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, best_config_yaml
@@ -142,7 +142,7 @@ def check_out(out: Path) -> None:
 def portable_base(checkpoint: str) -> str:
     """What adapter_config.json names as base: a Hub name as is, a local model as its absolute folder."""
     resolved = resolve_checkpoint(checkpoint)
-    if checkpoint.startswith(PACKAGE_PREFIX) or is_local_path(checkpoint):
+    if is_local_checkpoint(checkpoint):
         return os.path.abspath(resolved)
     return resolved
 
@@ -382,7 +382,7 @@ def model_card(sel: Selection, info: dict[str, Any], labels: dict[str, Any], met
                        f"validation rows:\n\n```python\nfrom transformers import AutoModelForSequenceClassification, "
                        f"AutoTokenizer\nmodel = AutoModelForSequenceClassification.from_pretrained(\"BUNDLE/merged\")\n"
                        f"tokenizer = AutoTokenizer.from_pretrained(\"BUNDLE/merged\")\n```\n")
-    local_base = base["checkpoint"].startswith(PACKAGE_PREFIX) or is_local_path(base["checkpoint"])
+    local_base = is_local_checkpoint(base["checkpoint"])
     base_note = (f"The base is a local model: `adapter_config.json` names its folder on the machine that exported "
                  f"this bundle, so the lines above work there. Elsewhere `tune-app predict/evaluate` find "
                  f"`{base['checkpoint']}` again (bundle.json); with plain peft, load the base from where it is:\n\n"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tune_app.cli import UsageError
-from tune_app.config import PACKAGE_PREFIX, is_local_path, resolve_checkpoint
+from tune_app.config import is_local_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -90,7 +90,7 @@ def base_checkpoint(bundle: Bundle) -> str:
         resolved = resolve_checkpoint(spelled)
     except FileNotFoundError as e:
         raise UsageError(f"{bundle.path}: base model {spelled!r} is not available here: {e}") from None
-    if (spelled.startswith(PACKAGE_PREFIX) or is_local_path(spelled)) and not Path(resolved, "config.json").is_file():
+    if is_local_checkpoint(spelled) and not Path(resolved, "config.json").is_file():
         raise UsageError(f"{bundle.path}: base model folder {spelled!r} does not exist on this machine; copy the "
                          f"base model there, or edit base.checkpoint in {BUNDLE_FILE} to where it is")
     return resolved

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import ConfigError, StudyConfig, is_local_path, resolve_checkpoint
+from tune_app.config import PACKAGE_PREFIX, ConfigError, StudyConfig, is_local_path, resolve_checkpoint
 from tune_app.data import Splits, TokenizedData, load_splits, tokenize, tokenizer_key
 
 log = logging.getLogger("tune_app")
@@ -148,7 +148,7 @@ def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
             data[key] = os.path.abspath(os.path.expanduser(data[key]))
     for name, spec in (raw.get("models") or {}).items():
         checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
-        if isinstance(checkpoint, str) and not checkpoint.startswith("package:") and is_local_path(checkpoint):
+        if isinstance(checkpoint, str) and not checkpoint.startswith(PACKAGE_PREFIX) and is_local_path(checkpoint):
             absolute = os.path.abspath(os.path.expanduser(checkpoint))
             if isinstance(spec, str):
                 raw["models"][name] = absolute
