@@ -241,15 +241,17 @@ def test_online_wandb_without_a_key_is_refused_before_ray(study_yaml, capsys, tm
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     (line,) = error_lines(validate(capsys, study_yaml(), "wandb.mode=online"))
     assert line.startswith("wandb.mode: online, but this machine has no W&B API key") and "wandb login" in line
+    # Loading a run's study for export or a report needs no W&B: only run/validate/resume check it.
+    assert config.load(study_yaml(), ["wandb.mode=online"]).wandb.mode == "online"
     (tmp_path / "netrc").write_text("machine example.com login user password x\n")  # another host's login
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert len(error_lines(validate(capsys, study_yaml(), "wandb.mode=online"))) == 1
     # Accepted: what `wandb login` writes, or the user's own key in the environment (never read or printed).
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
-    assert config.load(study_yaml(), ["wandb.mode=online"]).wandb.mode == "online"
+    assert config.load(study_yaml(), check_wandb=True, overrides=["wandb.mode=online"]).wandb.mode == "online"
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert config.load(study_yaml(), ["wandb.mode=online"]).wandb.mode == "online"
+    assert config.load(study_yaml(), check_wandb=True, overrides=["wandb.mode=online"]).wandb.mode == "online"
 
 
 def test_wandb_logging_without_the_package_is_refused_before_ray(study_yaml, capsys, monkeypatch):
@@ -260,4 +262,4 @@ def test_wandb_logging_without_the_package_is_refused_before_ray(study_yaml, cap
     (line,) = error_lines(validate(capsys, study_yaml(), "wandb.mode=offline"))
     assert line == ("wandb.mode: offline, but the wandb package is not installed: pip install wandb, or set "
                     "wandb.mode=disabled")
-    assert config.load(study_yaml(), ["wandb.mode=disabled"]).wandb.mode == "disabled"
+    assert config.load(study_yaml(), check_wandb=True, overrides=["wandb.mode=disabled"]).wandb.mode == "disabled"

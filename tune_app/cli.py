@@ -29,7 +29,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> StudyConfig:
-    return config_mod.load(args.space, args.overrides)
+    return config_mod.load(args.space, args.overrides, check_wandb=True)
 
 
 def cmd_validate(args) -> int:

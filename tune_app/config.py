@@ -394,8 +394,10 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     return cfg
 
 
-def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True) -> StudyConfig:
-    """Read, merge overrides, validate everything (data files too) and raise one ConfigError listing all problems."""
+def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True,
+         check_wandb: bool = False) -> StudyConfig:
+    """Read, merge overrides, validate everything (data files too; with check_wandb, what W&B logging needs on
+    this machine: only for what runs a study) and raise one ConfigError listing all problems."""
     errors: list[str] = []
     raw = read_yaml(path, errors)
     readable = not errors
@@ -407,7 +409,7 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
         from tune_app import data
 
         errors.extend(data.check_source(cfg.data))
-    if cfg is not None and check_data:
+    if cfg is not None and check_wandb:
         errors.extend(wandb_problems(cfg.wandb))
     if errors:
         raise ConfigError(errors)
