@@ -576,6 +576,6 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Trials", "", f"Searched: {', '.join(searched) or 'nothing (fixed values only)'}. "
               "Epochs = epochs trained (fewer than the maximum: stopped early by ASHA).", "",
               trials_table(run, searched), "", "Fixed in every trial:", "", fixed_values(run, searched), ""]
-    path = out / "report.md"
+    path = out / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -360,14 +360,14 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
                              grace_period=cfg.tune.asha.grace_period,
                              reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled,
                              state_uri=f"{run.uri}/{SCHEDULER_STATE}")
-    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, sum(samples.values()))]
+    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, cfg.planned_trials)]
     if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
     return tune.Tuner(
         trainable,
         param_space={},
         tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=sum(samples.values()),
+            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.planned_trials,
             search_alg=searcher, scheduler=scheduler,
             max_concurrent_trials=cfg.tune.max_concurrent,
             reuse_actors=cfg.tune.reuse_actors,
