@@ -39,12 +39,11 @@ def ray_session():
     """Ray started once for the whole test session, with this machine's CPUs, on loopback."""
     import ray
 
-    if not ray.is_initialized():
+    from tune_app.study import trial_env_vars
+
+    if not ray.is_initialized():  # trials get the environment a real run gives them
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING",
-                 runtime_env={"env_vars": {k: os.environ[k] for k in (
-                     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE", "WANDB_SILENT",
-                     "TOKENIZERS_PARALLELISM") if k in os.environ}})
+                 logging_level="WARNING", runtime_env={"env_vars": trial_env_vars()})
     yield ray
     # Shut down at session end only: every test shares this one Ray.
 
