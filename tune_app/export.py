@@ -36,6 +36,7 @@ import numpy as np
 from tune_app import __version__
 from tune_app.cli import UsageError
 from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
+from tune_app.metrics import weighted_cross_entropy
 from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
                               classify, load_classifier, open_bundle, probabilities, score, text_logits)
 from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, best_config_yaml
@@ -229,20 +230,12 @@ def validation_split(sel: Selection):
     return splits
 
 
-def weighted_loss(logits: np.ndarray, labels: np.ndarray, weights: list[float] | None) -> float:
-    """The validation loss as the trial computes it (trial.evaluate): class-weighted mean cross-entropy."""
-    import torch
-
-    w = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
-    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), weight=w))
-
-
 def validation_metrics(sel: Selection, labels: np.ndarray, logits: np.ndarray, names: list[str],
                        weights: list[float]) -> tuple[dict[str, Any], float | None]:
     """metrics.json: reported vs reproduced, the F1-maximising threshold (binary), per class, confusion matrix."""
     probs = probabilities(logits)
     reproduced = score(labels, probs, names, None)
-    reproduced["eval_loss"] = weighted_loss(logits, labels, weights if sel.cfg.train.weighted_loss else None)
+    reproduced["eval_loss"] = weighted_cross_entropy(logits, labels, weights if sel.cfg.train.weighted_loss else None)
     reported = {m: sel.reported.get(m) for m in ("f1", "precision", "recall", "accuracy", "eval_loss")}
     out: dict[str, Any] = {
         "split": "validation", "rows": int(len(labels)), "epoch": sel.reported.get("epoch"),

@@ -21,7 +21,7 @@ import numpy as np
 from tune_app.data import TokenizedSplit
 from tune_app.families import (FAMILIES, align_head, checkpoint_head_labels, family_for, modules_to_save,
                                 prepare_tokenizer)
-from tune_app.metrics import classification_metrics
+from tune_app.metrics import classification_metrics, weighted_cross_entropy
 from tune_app.space import HYPERPARAMETERS, resolve_alpha
 
 STATE_FILE = "trainer_state.pt"
@@ -206,14 +206,9 @@ def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, d
 def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
              loss_weights: np.ndarray | None) -> dict[str, float]:
     """Validation metrics and the (class-weighted) cross-entropy."""
-    import torch
-
     logits = predict_logits(model, split, pad_id, batch_size, device, autocast)
-    weight = torch.tensor(loss_weights, dtype=torch.float32) if loss_weights is not None else None
-    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(split.labels.copy()),
-                                             weight=weight)
     metrics = classification_metrics(split.labels, logits.argmax(-1), model.config.num_labels)
-    return {**metrics, "eval_loss": float(loss)}
+    return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights)}
 
 
 # --------------------------------------------------------------------------------------------- training
