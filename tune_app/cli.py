@@ -154,8 +154,7 @@ def cmd_predict(args) -> int:
     frame = predict.predict(args.bundle, texts=args.text, input_path=args.input, output_path=args.output,
                             text_column=args.text_column, threshold=args.threshold)
     bundle = predict.open_bundle(args.bundle)
-    cut = bundle.threshold if args.threshold is None else args.threshold
-    print(predict.decision_note(bundle, cut), file=sys.stderr)
+    print(predict.decision_note(bundle, bundle.decision_threshold(args.threshold)), file=sys.stderr)
     if args.output:
         print(f"{len(frame)} predictions -> {args.output}", file=sys.stderr)
     else:

@@ -57,6 +57,10 @@ class Bundle:
         """P(class 1) >= threshold means class 1 (binary tasks); None: the most probable class."""
         return self.manifest.get("decision", {}).get("threshold")
 
+    def decision_threshold(self, override: float | None) -> float | None:
+        """The threshold a prediction uses: --threshold when given, else the bundle's own."""
+        return self.threshold if override is None else override
+
     @property
     def text_column(self) -> str:
         return self.manifest["data"]["text_column"]
@@ -311,7 +315,7 @@ def predict(bundle_path: str, *, texts: list[str] | None = None, input_path: str
             check_output(output_path)
         frame = pd.DataFrame({column: texts})
         rows = texts_of(frame, column, "--text")
-    cut = bundle.threshold if threshold is None else threshold
+    cut = bundle.decision_threshold(threshold)
     clf = load_classifier(bundle, device=device)
     probs = probabilities(classify(clf, rows))
     out = pd.concat([frame.reset_index(drop=True), prediction_frame(bundle, probs, cut)], axis=1)
@@ -380,7 +384,7 @@ def evaluate(bundle_path: str, data_path: str, *, label_column: str | None = Non
     require_column(frame, label_col, data_path, "--label")
     texts = texts_of(frame, text_col, data_path)
     labels = label_ids(frame[label_col].tolist(), bundle, data_path, label_col)
-    cut = bundle.threshold if threshold is None else threshold
+    cut = bundle.decision_threshold(threshold)
 
     clf = load_classifier(bundle, device=device)
     probs = probabilities(classify(clf, texts))
