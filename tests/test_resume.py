@@ -145,6 +145,7 @@ def test_sigkilled_study_resumes_to_completion_without_rerunning_finished_trials
     assert all(r["status"] == "COMPLETED" and int(r["epochs"]) == EPOCHS for r in rows), rows
     trial_dirs = sorted(run_dir.glob("tiny_*"))
     assert len(trial_dirs) == TRIALS_PLANNED
+    assert sum(d.name.endswith(finished_first) for d in trial_dirs) == 1  # the check below does run
     for trial_dir in trial_dirs:
         history = iterations(trial_dir)
         assert history[-1] == EPOCHS and sorted(set(history)) == list(range(1, EPOCHS + 1)), (trial_dir, history)
