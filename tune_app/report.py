@@ -11,13 +11,14 @@ Plots are made with matplotlib's Agg backend (no display needed) and embedded in
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_app.results import SUMMARY, TRIALS
+from tune_app.results import STUDY, SUMMARY, TRIALS
 from tune_app.space import HYPERPARAMETERS
 
 REPORT = "report.md"
@@ -57,6 +58,20 @@ class RunData:
     @property
     def models(self) -> list[str]:
         return list(self.summary.get("models", {}))
+
+    @functools.cached_property
+    def config(self):
+        """The run's study.yaml through the config loader (so defaults the YAML left out count), or None; read
+        once per report, however many plots ask."""
+        import yaml
+
+        from tune_app.config import from_dict
+
+        try:
+            raw = yaml.safe_load((self.run_dir / STUDY).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None
+        return from_dict(raw, []) if isinstance(raw, dict) else None  # problems are irrelevant to a report
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -166,24 +181,11 @@ def searched_hyperparameters(run: RunData) -> list[str]:
     return names
 
 
-def study_config(run: RunData):
-    """The run's study.yaml through the config loader (so defaults the YAML left out count), or None."""
-    import yaml
-
-    from tune_app.config import from_dict
-
-    try:
-        raw = yaml.safe_load((run.run_dir / "study.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return from_dict(raw, []) if isinstance(raw, dict) else None  # problems are irrelevant to a report
-
-
 def log_scaled(run: RunData, name: str) -> bool | None:
     """Whether the study searched `name` on a log scale (loguniform) for any model; None without study.yaml."""
     from tune_app.space import is_distribution
 
-    cfg = study_config(run)
+    cfg = run.config
     if cfg is None or cfg.models is None:
         return None
     specs = [cfg.model_space(model).get(name) for model in cfg.models]
@@ -192,7 +194,7 @@ def log_scaled(run: RunData, name: str) -> bool | None:
 
 def asha_rungs(run: RunData) -> list[int]:
     """Epochs after which ASHA compares trials (grace x rf^k below the last epoch), from the run's study.yaml."""
-    cfg = study_config(run)
+    cfg = run.config
     if cfg is None or cfg.tune is None or cfg.train is None or not cfg.tune.asha.enabled:
         return []
     grace, factor, epochs = cfg.tune.asha.grace_period, cfg.tune.asha.reduction_factor, cfg.train.epochs
