@@ -96,7 +96,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_models):
     split = toy_split(12, 2)
     rows = np.arange(12)
     weight = torch.tensor([0.8, 1.3])
-    total = weight[torch.from_numpy(split.labels)].sum()
+    total = float(weight[torch.from_numpy(split.labels)].sum())
     trainable = [p for p in model.parameters() if p.requires_grad]
     nullcontext = __import__("contextlib").nullcontext
 

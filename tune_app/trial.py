@@ -320,7 +320,7 @@ def _eager():
     return stance("force_eager") if stance else contextlib.nullcontext()
 
 
-def batch_loss(model, ids, mask, labels, loss_weight, total_weight, autocast):
+def batch_loss(model, ids, mask, labels, loss_weight, total_weight: float, autocast):
     """A micro-batch's share of its effective batch's class-weighted mean cross-entropy: the weighted sum of its
     rows' losses over `total_weight`, the summed class weights of the WHOLE effective batch. Micro-batch losses
     therefore add up to the full batch's loss (and gradients), however the batch is split; filler rows
@@ -421,8 +421,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                               num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                               num_training_steps=total_steps)
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
-    loss_weight = torch.tensor(weights if weights is not None else np.ones(len(ctx.label_names), np.float32),
-                               device=device)
+    row_weights = weights if weights is not None else np.ones(len(ctx.label_names), np.float32)
+    loss_weight = torch.tensor(row_weights, device=device)
     max_grad_norm = float(params["max_grad_norm"])
 
     start_epoch, micro_batch, train_seconds = 0, batch_size, 0.0
@@ -444,7 +444,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
         return list(tensors)
 
-    def micro_step(part: np.ndarray, total_weight: torch.Tensor) -> torch.Tensor:
+    def micro_step(part: np.ndarray, total_weight: float) -> torch.Tensor:
         """Forward + backward of one micro-batch (filled up to the micro-batch size when compiled)."""
         if oom_test_limit and len(part) > oom_test_limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} > {oom_test_limit})")
@@ -462,7 +462,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         while True:
             try:
                 optimizer.zero_grad(set_to_none=True)
-                total_weight = loss_weight[torch.from_numpy(data.train.labels[rows]).to(device)].sum()
+                # Summed on the host from the labels there: indexing a device tensor would copy and sync.
+                total_weight = float(row_weights[data.train.labels[rows]].sum())
                 step_loss = torch.zeros((), device=device)
                 for start in range(0, len(rows), micro_batch):
                     step_loss += micro_step(rows[start:start + micro_batch], total_weight)
@@ -503,7 +504,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                 firsts.setdefault(padded_width(int(data.train.lengths[part].max()), widths), part)
         try:
             for part in firsts.values():
-                micro_step(part, torch.tensor(float(len(part)), device=device))
+                micro_step(part, float(len(part)))
         except Exception as error:  # noqa: BLE001 - an OOM here is handled by train_step's retries
             if not _is_oom(error):
                 raise
