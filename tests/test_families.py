@@ -4,6 +4,7 @@ eos; a checkpoint's own classification head is kept, reordered or replaced as it
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from tune_app import config as config_mod
 from tune_app.data import TokenizedSplit
 from tune_app.families import FAMILIES, family_for
 from tune_app.space import HYPERPARAMETERS
-from tune_app.trial import ModelSpec, build_model, collate
+from tune_app.trial import ModelSpec, build_model, collate, mask_preparer
 
 # Written out by hand from each model's named_modules() (transformers 5), independently of the table's regexes:
 # module paths inside one block, per preset. all_linear = attention + mlp.
@@ -144,6 +145,63 @@ def test_family_trains_saves_and_reloads(model_type, tiny_models, tmp_path):
     for name, value in head_after.items():
         torch.testing.assert_close(dict(reloaded.named_parameters())[name], value, rtol=0, atol=0)
     np.testing.assert_allclose(_batch_logits(reloaded, split, range(len(split)), pad_id), logits, atol=1e-5)
+
+
+class HostRead(AssertionError):
+    """A tensor's value was read on the host during a forward/backward (on a GPU: a sync)."""
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Any tensor -> Python value conversion inside raises HostRead: bool(t) behind an `if`, t.item(), float(t)..."""
+    import torch
+
+    def refuse(*_args, **_kwargs):
+        raise HostRead("a tensor's value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, refuse)
+        yield
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_training_forward_never_reads_a_tensor_on_the_host(model_type, tiny_models, monkeypatch):
+    """The mask a training step hands the model (trial.mask_preparer) gives the same logits as the plain 2D mask,
+    and its forward + backward read no tensor value on the host (on a GPU, each read waits for the queue). The 2D mask
+    itself does read (transformers checks for padding), which shows the check can fail."""
+    import torch
+
+    path = tiny_models(model_type)
+    model, family, pad_id = build_model(ModelSpec(path, "k"), params(lora_dropout=0.0), LABELS)
+    model.eval()
+    from transformers import AutoTokenizer
+
+    split = TokenizedSplit.from_lists(AutoTokenizer.from_pretrained(path)(TEXTS)["input_ids"], np.zeros(8, int))
+    ids, mask, _ = collate(split, np.arange(len(split)), pad_id)
+    prepared = mask_preparer(model, family, "fp32")(mask)
+    assert prepared.dim() == (4 if family.prepared_mask else 2)
+    with no_host_reads(monkeypatch):
+        logits = model(input_ids=ids, attention_mask=prepared).logits
+        logits.sum().backward()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-5)
+    if family.prepared_mask:
+        with pytest.raises(HostRead), no_host_reads(monkeypatch):
+            model(input_ids=ids, attention_mask=mask)
+
+
+def test_prepared_mask_leaves_a_sliding_window_to_transformers(tiny_models):
+    """A batch wider than a sliding attention window keeps its 2D mask: the window is transformers' to apply."""
+    import torch
+
+    model, family, _ = build_model(ModelSpec(tiny_models("mistral"), "k"), params(), LABELS)
+    model.config.sliding_window = 16
+    prepare = mask_preparer(model, family, "bf16")
+    narrow, wide = torch.ones(2, 16, dtype=torch.long), torch.ones(2, 24, dtype=torch.long)
+    assert prepare(narrow).shape == (2, 1, 16, 16) and prepare(narrow).dtype == torch.bfloat16
+    assert prepare(wide) is wide
 
 
 def test_lora_space_options_reach_the_lora_config(tiny_models):

@@ -40,6 +40,10 @@ class Family:
     on either side, and right padding keeps position ids of real tokens unchanged."""
     fan_in_fan_out: bool = False
     """Target layers store weights as (in, out) (GPT-2's Conv1D), which LoRA must be told."""
+    prepared_mask: bool = True
+    """The model takes a ready 4D additive attention mask as it is (transformers' masking_utils). Training hands it
+    one (`trial.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at all,
+    a device->host sync in every forward. DeBERTa-v2 builds its own mask from the 2D one, without a sync."""
 
     def target_modules(self, preset: str) -> str:
         """A PEFT target_modules regex (full match) for a preset: attention_qv | attention | all_linear."""
@@ -72,7 +76,7 @@ FAMILIES: dict[str, Family] = {
         decoder=False, layers=r".*encoder\.layer\.\d+",
         attention_qv=("query_proj", "value_proj"),
         attention=("query_proj", "key_proj", "value_proj", "attention.output.dense"),
-        mlp=("intermediate.dense", "output.dense"), head=("pooler", "classifier")),
+        mlp=("intermediate.dense", "output.dense"), head=("pooler", "classifier"), prepared_mask=False),
     # DistilBERT: pre_classifier (fresh) then classifier.
     "distilbert": Family(
         decoder=False, layers=r".*transformer\.layer\.\d+",

@@ -104,6 +104,7 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
         ignore_mismatched_sizes=True, output_loading_info=True, **load)
     # Decoder classifiers find the last real token through pad_token_id: without it, batches > 1 fail.
     model.config.pad_token_id = pad_id
+    model.config.use_cache = False  # a classifier never generates: no KV cache built in every forward
     if note := align_head(model, family, checkpoint_head_labels(hf_config), label_names):
         print(f"[tune_app] {spec.checkpoint}: {note}", flush=True)
 
@@ -182,6 +183,38 @@ def collate(split: TokenizedSplit, rows: np.ndarray, pad_id: int, pad_multiple: 
 
 IGNORE_INDEX = -100
 """Label of filler rows: cross-entropy skips them."""
+
+
+def attention_bias(mask, causal: bool, dtype):
+    """A (batch, width) 0/1 padding mask -> the (batch, 1, query, key) additive bias transformers would build from
+    it: 0 where a query may attend a key, the dtype's minimum elsewhere (padded keys; later keys too when `causal`).
+    Built from device tensors alone, so unlike transformers' own mask building it never syncs with the host."""
+    import torch
+
+    keep = mask[:, None, None, :].bool()
+    if causal:
+        width = mask.shape[-1]
+        keep = keep & torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def mask_preparer(model, family, precision: str) -> Callable:
+    """What a training forward gets as its attention mask: `attention_bias` for families that take a prepared mask
+    (Family.prepared_mask), in the dtype attention computes in; the 2D mask itself for the others, and for batches
+    wider than a sliding attention window (that window is transformers' to apply)."""
+    import torch
+
+    if family is None or not family.prepared_mask:
+        return lambda mask: mask
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, model.get_base_model().dtype)
+    window = getattr(model.config, "sliding_window", None)
+
+    def prepare(mask):
+        if window and mask.shape[-1] > window:
+            return mask
+        return attention_bias(mask, family.decoder, dtype)
+
+    return prepare
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -392,7 +425,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     data = _fetch(ctx.data_refs[spec.data_key])
     t_data = time.perf_counter()
     autocast, precision = _autocast_factory(device, ctx.precision)
-    model, _family, pad_id = build_model(spec, params, ctx.label_names, on_gpu=on_gpu, precision=precision)
+    model, family, pad_id = build_model(spec, params, ctx.label_names, on_gpu=on_gpu, precision=precision)
     model.to(device)
     # Adapters and head train in fp32 even when the frozen base is bf16 (AdamW on bf16 weights loses updates).
     for p in model.parameters():
@@ -436,6 +469,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, micro_batch, train_seconds = state["epoch"], state["micro_batch"], state["train_seconds"]
 
+    prepare_mask = mask_preparer(model, family, precision)
     oom_test_limit = int(os.environ.get(OOM_TEST_ENV, "0"))
     oom_retries = 0
 
@@ -448,9 +482,9 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         """Forward + backward of one micro-batch (filled up to the micro-batch size when compiled)."""
         if oom_test_limit and len(part) > oom_test_limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} > {oom_test_limit})")
-        batch = to_device(collate(data.train, part, pad_id, widths=widths,
-                                  num_rows=micro_batch if use_compile else None))
-        loss = batch_loss(model, *batch, loss_weight, total_weight, autocast)
+        ids, mask, labels = to_device(collate(data.train, part, pad_id, widths=widths,
+                                              num_rows=micro_batch if use_compile else None))
+        loss = batch_loss(model, ids, prepare_mask(mask), labels, loss_weight, total_weight, autocast)
         loss.backward()
         return loss.detach()
 
