@@ -195,20 +195,26 @@ def _free() -> None:
 # --------------------------------------------------------------------------------------------- tune_app
 
 
-def trial(name: str, folder: str, data, class_weights, max_length: int, threads: int, compile_: str) -> dict:
+SWITCH = {"auto": "auto", "on": True, "off": False}
+"""--compile / --cuda-graphs value -> train.compile / train.cuda_graphs."""
+
+
+def trial(name: str, folder: str, data, class_weights, max_length: int, threads: int, compile_: str,
+          cuda_graphs: str) -> dict:
     """One tune_app trial in-process (tune_app.trial.fit, no Ray), one epoch over `data`."""
     from tune_app.space import HYPERPARAMETERS
     from tune_app.trial import ModelSpec, TrialContext, fit
 
     ctx = TrialContext(models={name: ModelSpec(checkpoint=folder, data_key=data.key)}, data_refs={data.key: data},
                        label_names=["0", "1"], class_weights=list(class_weights), epochs=1, max_length=max_length,
-                       compile={"auto": "auto", "on": True, "off": False}[compile_])
+                       compile=SWITCH[compile_], cuda_graphs=SWITCH[cuda_graphs])
     config = {**{k: h.default for k, h in HYPERPARAMETERS.items()}, **HPARAMS, "model": name}
     t0 = time.perf_counter()
     history = fit(config, ctx, report=lambda metrics, directory: None, threads=threads)
     m = history[-1]
     keys = ("train_samples_per_s", "setup_time_s", "model_load_s", "compile_time_s", "compiled_graphs",
-            "eval_time_s", "peak_memory_mb", "autocast", "compiled", "threads", "total_params")
+            "eval_time_s", "peak_memory_mb", "autocast", "compiled", "cuda_graphs", "threads", "total_params",
+            "train_loss", "f1")  # the last two: a faster loop must still train alike (compare --cuda-graphs off)
     result = {k: m[k] for k in keys}
     result.update(samples_per_s=m["train_samples_per_s"], wall_s=time.perf_counter() - t0)
     _free()
@@ -216,7 +222,8 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
 
 
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
-          limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled") -> dict:
+          limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
+          compile_: str = "auto", cuda_graphs: str = "auto") -> dict:
     """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
     import yaml
 
@@ -228,7 +235,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "name": f"bench-{name}",
         "data": {"source": csv, "text": "text", "label": "target", "max_length": max_length, "limit": limit},
         "models": {name: {"checkpoint": folder, "gpu": gpu if gpu == "auto" else float(gpu), "cpu": cpus}},
-        "space": HPARAMS, "train": {"epochs": epochs},
+        "space": HPARAMS,
+        "train": {"epochs": epochs, "compile": SWITCH[compile_], "cuda_graphs": SWITCH[cuda_graphs]},
         "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False},
                  "reuse_actors": reuse_actors},
         "output_dir": str(workdir / "runs"), "wandb": {"mode": wandb},
@@ -251,7 +259,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
                            compile_time_s=float(last["compile_time_s"]), eval_time_s=float(df["eval_time_s"].sum()),
                            samples=int(len(prepared.splits.train_texts) * len(df)),
                            samples_per_s=float(df["train_samples_per_s"].mean()),
-                           compiled_graphs=int(last["compiled_graphs"]), peak_memory_mb=float(last["peak_memory_mb"])))
+                           compiled_graphs=int(last["compiled_graphs"]), cuda_graphs=int(last["cuda_graphs"]),
+                           peak_memory_mb=float(last["peak_memory_mb"])))
     train_total = sum(t["train_time_s"] for t in trials)
     slots = min(k, n_trials)
     n = max(1, len(trials))
@@ -267,6 +276,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
                 compile_per_trial_s=mean("compile_time_s"), eval_per_trial_s=mean("eval_time_s"),
                 other_per_trial_s=overhead - mean("setup_time_s"),
                 per_trial_samples_per_s=mean("samples_per_s"), compiled_graphs=mean("compiled_graphs"),
+                cuda_graphs=mean("cuda_graphs"),
                 peak_memory_mb=max((t["peak_memory_mb"] for t in trials), default=None))
 
 
@@ -288,12 +298,14 @@ def table(results: dict) -> str:
             if part == "reference":
                 note = f"{p['autocast']} autocast, grad checkpointing, {p['steps']} steps, load {p['load_s']:.1f}s"
             elif part == "trial":
-                note = (f"{p['autocast']}, compiled={p['compiled']} ({p['compiled_graphs']} graphs, "
-                        f"{p['compile_time_s']:.1f}s), setup {p['setup_time_s']:.1f}s, threads {p['threads']}")
+                note = (f"{p['autocast']}, compiled={p['compiled']} ({p['compiled_graphs']} graphs), "
+                        f"{p['cuda_graphs']} CUDA graphs, warm-up {p['compile_time_s']:.1f}s, "
+                        f"setup {p['setup_time_s']:.1f}s, threads {p['threads']}")
             else:
                 note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "
-                        f"incl. compile {p['compile_per_trial_s']:.1f}, other {p['other_per_trial_s']:.1f}), "
+                        f"incl. compile/capture {p['compile_per_trial_s']:.1f}, other {p['other_per_trial_s']:.1f}), "
+                        f"{p['cuda_graphs']:.0f} CUDA graphs/trial, "
                         f"eval/trial {p['eval_per_trial_s']:.1f}s, per trial {p['per_trial_samples_per_s']:.0f}/s")
             lines.append(f"| {name} | {part} | {p['samples_per_s']:.1f} | {ratio} | {note} |")
     return "\n".join(lines)
@@ -316,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", choices=("disabled", "offline"), default="disabled",
                     help="study's wandb.mode (offline: tune_app's default, one W&B run per trial)")
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="trial's train.compile")
+    ap.add_argument("--compile", choices=tuple(SWITCH), default="auto", help="trials' train.compile")
+    ap.add_argument("--cuda-graphs", choices=tuple(SWITCH), default="auto", help="trials' train.cuda_graphs")
     ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="disaster tweets csv")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM)")
@@ -353,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                     r[part] = reference(name, folder, data, splits.class_weights, args.steps, args.warmup, threads)
                 elif part == "trial":
                     r[part] = trial(name, folder, bench_data, splits.class_weights, args.max_length, threads,
-                                    args.compile)
+                                    args.compile, args.cuda_graphs)
                 elif part == "study":
                     r[part] = study(name, folder, args.data, k, args.trials or k, args.epochs,
                                     args.cpus_per_trial or max(1, cores // k), args.max_length, args.limit,
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
-                                    reuse_actors=args.reuse_actors == "on", wandb=args.wandb)
+                                    reuse_actors=args.reuse_actors == "on", wandb=args.wandb,
+                                    compile_=args.compile, cuda_graphs=args.cuda_graphs)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
                 import traceback
 

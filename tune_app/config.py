@@ -64,6 +64,10 @@ def _one_of(*allowed):
     return lambda v: None if v in allowed else f"must be one of {list(allowed)}, got {v!r}"
 
 
+def _switch(v):
+    return None if v in (True, False, "auto") else f"must be true, false or 'auto', got {v!r}"
+
+
 def _fraction(v):
     return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v!r}"
 
@@ -124,8 +128,10 @@ class TrainConfig:
     precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
                         check=_one_of("auto", "bf16", "fp16", "fp32"))
     compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see benchmarks/) | true (per block) | false",
-                             check=lambda v: None if v in (True, False, "auto") else
-                             f"must be true, false or 'auto', got {v!r}")
+                             check=_switch)
+    cuda_graphs: str | bool = _f("auto", (bool, str), "replay each padding bucket's forward+backward as one CUDA graph: "
+                                 "auto or true (on GPUs; a model that cannot be captured trains eagerly) | false",
+                                 check=_switch)
 
 
 @dataclass

@@ -304,7 +304,8 @@ def build_context(cfg: StudyConfig, prepared: PreparedData, data_refs: dict[str,
         models=specs, data_refs=data_refs, label_names=prepared.splits.label_names,
         class_weights=prepared.splits.class_weights, epochs=cfg.train.epochs,
         eval_batch_size=cfg.train.eval_batch_size, weighted_loss=cfg.train.weighted_loss, seed=cfg.train.seed,
-        precision=cfg.train.precision, compile=cfg.train.compile, max_length=cfg.data.max_length,
+        precision=cfg.train.precision, compile=cfg.train.compile, cuda_graphs=cfg.train.cuda_graphs,
+        max_length=cfg.data.max_length,
     )
 
 

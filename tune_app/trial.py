@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tune_app.cuda_graphs import CaptureFailed, StepGraphs
 from tune_app.data import TokenizedSplit
 from tune_app.families import (FAMILIES, align_head, checkpoint_head_labels, family_for, modules_to_save,
                                 prepare_tokenizer)
@@ -57,6 +58,7 @@ class TrialContext:
     seed: int = 0
     precision: str = "auto"
     compile: str | bool = "auto"
+    cuda_graphs: str | bool = "auto"
     max_length: int = 512
     max_oom_retries: int = 3
 
@@ -434,11 +436,12 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     # compile: auto stays eager for now: regional compilation measured SLOWER than eager on an H100 (roberta-large
     # 51 vs 80 samples/s; llama-7b recompiled per block, 192 graphs). `train.compile: true` turns it on.
     use_compile = ctx.compile is True
+    use_graphs = on_gpu and ctx.cuda_graphs in (True, "auto")
+    fixed_shapes = use_compile or use_graphs  # padding buckets and filled-up batches: few shapes to build for
     graphs_before = compiled_graphs()
-    widths = None
+    widths = bucket_widths(ctx.max_length) if fixed_shapes else None
     if use_compile:
         compile_blocks(model)
-        widths = bucket_widths(ctx.max_length)
     t_load = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -478,15 +481,36 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
         return list(tensors)
 
-    def micro_step(part: np.ndarray, total_weight: float) -> torch.Tensor:
-        """Forward + backward of one micro-batch (filled up to the micro-batch size when compiled)."""
-        if oom_test_limit and len(part) > oom_test_limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} > {oom_test_limit})")
-        ids, mask, labels = to_device(collate(data.train, part, pad_id, widths=widths,
-                                              num_rows=micro_batch if use_compile else None))
+    def forward_backward(ids, mask, labels, total_weight) -> torch.Tensor:
         loss = batch_loss(model, ids, prepare_mask(mask), labels, loss_weight, total_weight, autocast)
         loss.backward()
         return loss.detach()
+
+    graphs = StepGraphs(forward_backward, trainable) if use_graphs else None
+
+    def clear_grads() -> None:
+        optimizer.zero_grad(set_to_none=graphs is None)  # graphs accumulate into fixed gradient tensors
+
+    def drop_graphs(why: str | None = None) -> None:
+        nonlocal graphs
+        if graphs is not None:
+            graphs.reset()
+            if why:
+                print(f"[tune_app] CUDA graphs off for this trial, training eagerly: {why}", flush=True)
+                graphs = None
+
+    def micro_step(part: np.ndarray, total_weight: float) -> torch.Tensor:
+        """Forward + backward of one micro-batch (filled up to the micro-batch size when shapes are fixed)."""
+        if oom_test_limit and len(part) > oom_test_limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {len(part)} > {oom_test_limit})")
+        batch = to_device(collate(data.train, part, pad_id, widths=widths,
+                                  num_rows=micro_batch if fixed_shapes else None))
+        if graphs is not None:
+            try:
+                return graphs(*batch, total_weight)
+            except CaptureFailed as error:
+                drop_graphs(str(error))
+        return forward_backward(*batch, total_weight)
 
     def train_step(rows: np.ndarray) -> torch.Tensor:
         """One optimizer step on one (effective) batch, in micro-batches; on OOM, halve the micro-batch and
@@ -495,7 +519,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         nonlocal micro_batch, oom_retries
         while True:
             try:
-                optimizer.zero_grad(set_to_none=True)
+                clear_grads()
                 # Summed on the host from the labels there: indexing a device tensor would copy and sync.
                 total_weight = float(row_weights[data.train.labels[rows]].sum())
                 step_loss = torch.zeros((), device=device)
@@ -510,13 +534,15 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                 if not _is_oom(error) or (micro_batch == 1 and checkpointing) or oom_retries >= ctx.max_oom_retries:
                     raise
                 oom_retries += 1
-                optimizer.zero_grad(set_to_none=True)
+                drop_graphs()  # their memory, and that of the micro-batch size they were captured for
+                clear_grads()
                 if micro_batch > 1:
                     micro_batch = max(1, micro_batch // 2)
                     print(f"[tune_app] out of memory: micro-batch -> {micro_batch}, gradient accumulation -> "
                           f"{math.ceil(batch_size / micro_batch)} (effective batch {batch_size} unchanged)",
                           flush=True)
                 else:
+                    drop_graphs("gradient checkpointing (recomputation restores RNG state on the host)")
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     print("[tune_app] out of memory at micro-batch 1: gradient checkpointing on", flush=True)
                 if on_gpu:
@@ -528,8 +554,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         return step_loss
 
     def warm_up(batches: list[np.ndarray]) -> None:
-        """Compile every padding bucket this epoch needs before the clock starts: one forward/backward per
-        bucket, gradients dropped, no optimizer step (so training is unchanged)."""
+        """Compile (or capture) every padding bucket this epoch needs before the clock starts: one
+        forward/backward per bucket, gradients dropped, no optimizer step (so training is unchanged)."""
         model.train()
         firsts: dict[int, np.ndarray] = {}
         for rows in batches:
@@ -542,19 +568,19 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         except Exception as error:  # noqa: BLE001 - an OOM here is handled by train_step's retries
             if not _is_oom(error):
                 raise
-        optimizer.zero_grad(set_to_none=True)
+        clear_grads()
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:
         return length_grouped_batches(data.train.lengths, batch_size, np.random.default_rng([ctx.seed, epoch]))
 
-    if use_compile and start_epoch < ctx.epochs:
+    if fixed_shapes and start_epoch < ctx.epochs:
         warm_up(epoch_batches(start_epoch))
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_ready = time.perf_counter()
     timing = dict(setup_time_s=t_ready - t_start, data_fetch_s=t_data - t_start, model_load_s=t_load - t_data,
-                  compile_time_s=t_ready - t_load if use_compile else 0.0)
+                  compile_time_s=t_ready - t_load if fixed_shapes else 0.0)
     history = []
     for epoch in range(start_epoch, ctx.epochs):
         model.train()
@@ -576,6 +602,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             train_samples_per_s=len(data.train) / epoch_seconds,
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=micro_batch,
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
+            cuda_graphs=len(graphs) if graphs is not None else 0,
             device=device.type, threads=torch.get_num_threads(), peak_memory_mb=_peak_memory_mb(on_gpu),
         )
         with tempfile.TemporaryDirectory() as tmp:
