@@ -83,24 +83,34 @@ def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str], *, on_gpu: bool = False,
-                precision: str = "auto"):
-    """Base checkpoint -> sequence classifier with the right labels and pad token -> PEFT LoRA model.
+@dataclass
+class Base:
+    """A base checkpoint loaded as a sequence classifier (`load_base`)."""
 
-    Returns (peft_model, family, pad_token_id).
-    """
-    from peft import LoraConfig, TaskType, get_peft_model
+    model: Any
+    tokenizer: Any
+    family: Any
+    pad_id: int
+    loading: dict[str, Any]
+    """from_pretrained's loading info: the weights the checkpoint lacked or had in another shape."""
+    head_note: str | None
+    """What became of a checkpoint's own classification head (kept, reordered, replaced); None for a base model."""
+
+
+def load_base(spec: ModelSpec, label_names: list[str], *, on_gpu: bool = False, precision: str = "auto",
+              family_required: bool = False) -> Base:
+    """Base checkpoint -> sequence classifier with the right labels, head rows and pad token, no LoRA yet: what
+    a trial adapts, and what `tune-app evaluate --baseline` scores alone. With `family_required`, a model type
+    outside the family table is an error."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     load = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(spec.checkpoint, **load)
-    # Explicit target_modules also serve model types outside the table (family None: PEFT's default head).
-    family = family_for(hf_config.model_type) if spec.target_modules is None else FAMILIES.get(hf_config.model_type)
+    family = family_for(hf_config.model_type) if family_required else FAMILIES.get(hf_config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, **load)
     pad_id = prepare_tokenizer(tokenizer, family)  # decoders: pad = eos
-    num_labels = len(label_names)
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        spec.checkpoint, num_labels=num_labels,
+        spec.checkpoint, num_labels=len(label_names),
         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
         dtype=_torch_dtype(spec.dtype, hf_config, on_gpu, precision),
         ignore_mismatched_sizes=True, output_loading_info=True, **load)
@@ -109,7 +119,17 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
     model.config.use_cache = False  # a classifier never generates: no KV cache built in every forward
     if note := align_head(model, family, checkpoint_head_labels(hf_config), label_names):
         print(f"[tune_app] {spec.checkpoint}: {note}", flush=True)
+    return Base(model, tokenizer, family, pad_id, loading, note)
 
+
+def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str], *, on_gpu: bool = False,
+                precision: str = "auto"):
+    """`load_base`, then PEFT LoRA with the trial's hyperparameters. Returns (peft_model, family, pad_id)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    # Explicit target_modules also serve model types outside the table (family None: PEFT's default head).
+    base = load_base(spec, label_names, on_gpu=on_gpu, precision=precision, family_required=spec.target_modules is None)
+    family = base.family
     targets: Any = list(spec.target_modules) if spec.target_modules else family.target_modules(
         params["target_modules"])
     lora = LoraConfig(
@@ -118,9 +138,9 @@ def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str],
         bias=params["lora_bias"], use_rslora=bool(params["use_rslora"]), target_modules=targets,
         fan_in_fan_out=bool(family and family.fan_in_fan_out),
         # The fresh classification head trains in full and is saved with the adapter (peft#310, peft#876).
-        modules_to_save=modules_to_save(family, loading),
+        modules_to_save=modules_to_save(family, base.loading),
     )
-    return get_peft_model(model, lora), family, pad_id
+    return get_peft_model(base.model, lora), family, base.pad_id
 
 
 # --------------------------------------------------------------------------------------------- batches
