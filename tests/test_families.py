@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,6 +294,26 @@ def test_checkpoint_head_with_other_labels_is_replaced(sentiment_checkpoint, lab
     out = capsys.readouterr().out
     assert f"replacing the checkpoint's 3-label head (negative, neutral, positive) with a fresh {len(labels)}-label" \
            in out
+
+
+def test_evaluate_baseline_scores_a_checkpoint_head_by_label_name(sentiment_checkpoint):
+    """`evaluate --baseline CHECKPOINT` loads the checkpoint as a trial would: its sentiment head's classes line up
+    with the bundle's labels by name, whatever their order."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tune_app.predict import Bundle, baseline_probs
+
+    order = ["positive", "negative", "neutral"]
+    bundle = Bundle(Path("unused"), {"inference": {"precision": "fp32", "batch_size": 4}, "data": {"max_length": 32}},
+                    {"label_names": order})
+    probs, note = baseline_probs(sentiment_checkpoint, bundle, TEXTS, "cpu")
+    own = AutoModelForSequenceClassification.from_pretrained(sentiment_checkpoint).eval()
+    with torch.no_grad():
+        own_probs = torch.softmax(own(**AutoTokenizer.from_pretrained(sentiment_checkpoint)(
+            TEXTS, padding=True, return_tensors="pt")).logits, -1).numpy()
+    np.testing.assert_allclose(probs, own_probs[:, [SENTIMENT.index(n) for n in order]], atol=1e-5)
+    assert "keeping the checkpoint's trained 3-label head" in note and "rows reordered" in note
 
 
 # ------------------------------------------------------------------------------------------- unknown family

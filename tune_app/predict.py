@@ -117,6 +117,22 @@ class Classifier:
     max_length: int
 
 
+def base_spec(bundle: Bundle):
+    """The trial's ModelSpec of the bundle's base model (checkpoint resolved on this machine)."""
+    from tune_app.trial import ModelSpec
+
+    base = bundle.manifest["base"]
+    return ModelSpec(checkpoint=base_checkpoint(bundle), data_key="", dtype=base.get("dtype", "auto"),
+                     trust_remote_code=bool(base.get("trust_remote_code")), revision=base.get("revision"),
+                     target_modules=tuple(base["target_modules"]) if base.get("target_modules") else None)
+
+
+def _device(device: str | None):
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
     """Base model + LoRA + head exactly as the trial built them, with the bundle's adapter weights loaded."""
     import torch
@@ -124,14 +140,11 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tune_app.trial import ModelSpec, _autocast_factory, build_model, quiet_libraries
+    from tune_app.trial import _autocast_factory, build_model, quiet_libraries
 
     quiet_libraries()
-    base = bundle.manifest["base"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = ModelSpec(checkpoint=base_checkpoint(bundle), data_key="", dtype=base.get("dtype", "auto"),
-                     trust_remote_code=bool(base.get("trust_remote_code")), revision=base.get("revision"),
-                     target_modules=tuple(base["target_modules"]) if base.get("target_modules") else None)
+    dev = _device(device)
+    spec = base_spec(bundle)
     torch.manual_seed(0)  # fresh LoRA init is overwritten below; seeded anyway so nothing varies run to run
     with warnings.catch_warnings():  # transformers' deprecation notes from inside peft: not for users
         warnings.simplefilter("ignore", FutureWarning)
@@ -343,30 +356,33 @@ def label_ids(values: list[Any], bundle: Bundle, path: str, column: str) -> np.n
     return np.array([index[t] for t in text], dtype=np.int64)
 
 
-def baseline_probs(checkpoint: str, bundle: Bundle, texts: list[str], device: str | None) -> tuple[np.ndarray, str]:
-    """The base checkpoint alone (no adapter): probabilities and a note on where its classification head came from."""
+def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
+                   device: str | None) -> tuple[np.ndarray, str]:
+    """A checkpoint alone (no adapter), loaded as a trial loads its base (`trial.load_base`: labels, head rows
+    matched by label name, pad token), the bundle's own base when `checkpoint` is None: probabilities, and a note
+    on where its classification head came from."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tune_app.families import FAMILIES, prepare_tokenizer
-    from tune_app.trial import _autocast_factory, quiet_libraries
+    from tune_app.trial import ModelSpec, _autocast_factory, load_base, quiet_libraries
 
     quiet_libraries()
-    try:
-        path = resolve_checkpoint(checkpoint)
-    except FileNotFoundError as e:
-        raise UsageError(f"--baseline: {e}") from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    names = bundle.label_names
+    if checkpoint is None:
+        spec = base_spec(bundle)
+    else:
+        try:
+            spec = ModelSpec(checkpoint=resolve_checkpoint(checkpoint), data_key="")
+        except FileNotFoundError as e:
+            raise UsageError(f"--baseline: {e}") from None
+    dev = _device(device)
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(names), ignore_mismatched_sizes=True, output_loading_info=True)
-    model.config.pad_token_id = pad_id = prepare_tokenizer(tokenizer, FAMILIES.get(model.config.model_type))
+    base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda")
+    model, tokenizer, pad_id, info = base.model, base.tokenizer, base.pad_id, base.loading
     renewed = [*info["missing_keys"], *(m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"])]
     fresh = sorted({k.split(".")[0] for k in renewed})
-    note = (f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
-            if fresh else "its own trained classification head, classes matched by id")
+    if fresh:
+        note = f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
+    else:  # the checkpoint has a classification head: kept (rows matched by label name) or replaced
+        note = base.head_note or "its own trained classification head"
     autocast, _ = _autocast_factory(dev, bundle.manifest["inference"]["precision"])
     model.to(dev)
     logits = text_logits(model, tokenizer, texts, pad_id=pad_id, max_length=int(bundle.manifest["data"]["max_length"]),
@@ -395,9 +411,10 @@ def evaluate(bundle_path: str, data_path: str, *, label_column: str | None = Non
     if cut is not None and bundle.num_labels == 2:
         report["tuned_argmax"] = score(labels, probs, bundle.label_names, None)
     if baseline is not None:
-        base = bundle.manifest["base"]["checkpoint"] if baseline == "base" else baseline
+        own_base = baseline == "base"
+        base = bundle.manifest["base"]["checkpoint"] if own_base else baseline
         del clf  # free the tuned model before loading the baseline
-        base_probs, note = baseline_probs(base, bundle, texts, device)
+        base_probs, note = baseline_probs(None if own_base else baseline, bundle, texts, device)
         report["baseline"] = {"checkpoint": base, "note": note,
                               **score(labels, base_probs, bundle.label_names, None)}
     return report
