@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoConfig, LlamaConfig, RobertaConfig
 
 from tune_app.config import ModelConfig
-from tune_app.resources import (GIB, count_parameters, estimate_trial_memory, gpu_share, lora_parameters,
-                                share_for, trials_per_gpu, weights_dtype)
+from tune_app.resources import (GIB, auto_estimate, count_parameters, estimate_trial_memory, gpu_share,
+                                lora_parameters, padded_length, share_for, trials_per_gpu, weights_dtype)
 
 ROBERTA_LARGE = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1)
@@ -87,3 +87,18 @@ def test_weights_dtype_policy():
     assert weights_dtype("auto", "bfloat16", 100, on_gpu=False) == "fp32"
     assert weights_dtype("auto", "bfloat16", 100, on_gpu=True, precision="fp32") == "fp32"
     assert weights_dtype("fp16", "float32", 100, on_gpu=False) == "fp16"
+
+
+def test_padded_length_is_the_trials_bucket_of_the_longest_row():
+    assert [padded_length(n, 512) for n in (10, 40, 130, 300, 600)] == [16, 64, 192, 384, 512]
+    assert padded_length(None, 256) == 256  # data not tokenized yet: the cap
+
+
+def test_auto_estimate_follows_train_precision(tmp_path):
+    """train.precision: fp32 means fp32 base weights and activations even for a 7B model: twice the bytes."""
+    LLAMA_7B.save_pretrained(tmp_path)
+    model = ModelConfig(checkpoint=str(tmp_path), gpu="auto")
+    half = auto_estimate(model, {}, 512, 40)
+    full = auto_estimate(model, {}, 512, 40, precision="fp32")
+    assert full.weights == 2 * half.weights and full.activations == 2 * half.activations
+    assert full.trainable == half.trainable  # LoRA, head and AdamW states are fp32 either way

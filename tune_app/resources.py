@@ -151,11 +151,13 @@ def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank
 
 
 def padded_length(longest: int | None, max_length: int) -> int:
-    """The widest padded batch a trial can see: the longest tokenized row rounded up to a power of two (an upper
-    bound of the trial's padding buckets), at most max_length; max_length when the data is not tokenized yet."""
+    """The widest padded batch a trial can see: the padding bucket of the longest tokenized row (trial's own rule;
+    an eager trial pads less), max_length when the data is not tokenized yet."""
+    from tune_app.trial import bucket_widths, padded_width
+
     if not longest:
         return max_length
-    return min(max_length, 2 ** math.ceil(math.log2(max(longest, 16))))
+    return min(max_length, padded_width(longest, bucket_widths(max_length)))
 
 
 def gpu_memory_bytes() -> int:
@@ -185,8 +187,9 @@ def share_for(n_trials: int) -> float:
 
 
 def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | None,
-                  num_labels: int = 2) -> MemoryEstimate:
-    """Memory estimate of the largest trial a model's search space can propose (config.json only)."""
+                  num_labels: int = 2, precision: str = "auto") -> MemoryEstimate:
+    """Memory estimate of the largest trial a model's search space can propose (config.json only), at the
+    study's train.precision: fp32 keeps weights and activations in 4 bytes, autocast computes in 2."""
     from transformers import AutoConfig
 
     from tune_app.config import resolve_checkpoint
@@ -195,12 +198,13 @@ def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | 
                                            trust_remote_code=model.trust_remote_code)
     n_params = count_parameters(hf_config, num_labels)
     ckpt_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-    dtype = weights_dtype(model.dtype, ckpt_dtype, n_params, on_gpu=True)
+    dtype = weights_dtype(model.dtype, ckpt_dtype, n_params, on_gpu=True, precision=precision)
     return estimate_trial_memory(
         hf_config, batch_size=int(_largest(space.get("batch_size", 8))), seq_len=padded_length(longest, max_length),
         lora_rank=int(_largest(space.get("lora_rank", 8))),
         preset=str(_largest(space.get("target_modules", "attention_qv"))),
-        weights_bytes=4 if dtype == "fp32" else 2, activation_bytes=2, num_labels=num_labels)
+        weights_bytes=4 if dtype == "fp32" else 2, activation_bytes=4 if precision == "fp32" else 2,
+        num_labels=num_labels)
 
 
 def gpu_share(model, gpus_available: float, *, estimate: MemoryEstimate | None = None,
@@ -227,7 +231,7 @@ def trial_resources(cfg, gpus_available: float, *, cpus_available: float | None 
         estimate = None
         if m.gpu == "auto" and gpus_available > 0:
             estimate = auto_estimate(m, cfg.model_space(name), cfg.data.max_length, (longest or {}).get(name),
-                                     num_labels)
+                                     num_labels, precision=cfg.train.precision)
         plan[name] = {"cpu": m.cpu, "gpu": gpu_share(m, gpus_available, estimate=estimate,
                                                      cpus_available=cpus_available)}
     return plan
