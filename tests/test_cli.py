@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tune_app.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _python(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS
 
-REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 
 

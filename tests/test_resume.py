@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tune_app import cli
 from tune_app.results import STUDY, SUMMARY, TRIALS
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 class StudyProcess:

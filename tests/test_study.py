@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tune_app import config, results, space
 from tune_app.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 FAKE_API_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # the 40-character form of a W&B key
 
