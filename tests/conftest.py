@@ -73,3 +73,18 @@ def small_csv(tmp_path, tweets_csv) -> Path:
     path = tmp_path / "tweets.csv"
     pd.read_csv(tweets_csv).sample(n=240, random_state=0).to_csv(path, index=False)
     return path
+
+
+def one_model_study(name: str, checkpoint: str, source: Path, output_dir: Path, *, space: dict, epochs: int,
+                    trials: int) -> dict:
+    """A study dict of one model on 200 tweets, trials one at a time, no ASHA, no W&B (the resume tests)."""
+    return {
+        "name": name,
+        "data": {"source": str(source), "text": "text", "label": "target", "limit": 200, "max_length": 64},
+        "models": {"tiny": {"checkpoint": checkpoint}},
+        "space": space,
+        "train": {"epochs": epochs, "batch_size": 16},
+        "tune": {"num_samples": trials, "max_concurrent": 1, "asha": {"enabled": False}},
+        "output_dir": str(output_dir),
+        "wandb": {"mode": "disabled"},
+    }

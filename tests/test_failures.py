@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import one_model_study
 from tests.test_resume import StudyProcess
 from tune_app import config as config_mod
 from tune_app.results import STUDY, SUMMARY, TRIALS
@@ -88,16 +89,8 @@ def test_failing_trial_is_reported_and_the_study_completes(tmp_path, tiny_models
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_keeps_what_finished_and_says_how_to_resume(tmp_path, tiny_models, tweets_csv):
-    study = {
-        "name": "ctrl-c",
-        "data": {"source": str(tweets_csv), "text": "text", "label": "target", "limit": 200, "max_length": 64},
-        "models": {"tiny": {"checkpoint": tiny_models("bert")}},
-        "space": {"lora_rank": {"choice": [2, 4]}},
-        "train": {"epochs": EPOCHS, "batch_size": 16},
-        "tune": {"num_samples": 2, "max_concurrent": 1, "asha": {"enabled": False}},
-        "output_dir": str(tmp_path / "runs"),
-        "wandb": {"mode": "disabled"},
-    }
+    study = one_model_study("ctrl-c", tiny_models("bert"), tweets_csv, tmp_path / "runs",
+                            space={"lora_rank": {"choice": [2, 4]}}, epochs=EPOCHS, trials=2)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     with StudyProcess(["run", str(tmp_path / "study.yaml")]) as proc:
         proc.wait_for(lambda line: " finished |" in line, timeout=240)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, one_model_study
 from tune_app import cli
 from tune_app.results import STUDY, SUMMARY, TRIALS
 
@@ -106,16 +106,9 @@ EPOCHS, TRIALS_PLANNED = 2, 3
 
 @pytest.mark.slow
 def test_sigkilled_study_resumes_to_completion_without_rerunning_finished_trials(tmp_path, tiny_models, tweets_csv):
-    study = {
-        "name": "killed",
-        "data": {"source": str(tweets_csv), "text": "text", "label": "target", "limit": 200, "max_length": 64},
-        "models": {"tiny": {"checkpoint": tiny_models("bert")}},
-        "space": {"lora_rank": {"choice": [2, 4, 8]}, "learning_rate": {"loguniform": [1.0e-4, 1.0e-3]}},
-        "train": {"epochs": EPOCHS, "batch_size": 16},
-        "tune": {"num_samples": TRIALS_PLANNED, "max_concurrent": 1, "asha": {"enabled": False}},
-        "output_dir": str(tmp_path / "runs"),
-        "wandb": {"mode": "disabled"},
-    }
+    space = {"lora_rank": {"choice": [2, 4, 8]}, "learning_rate": {"loguniform": [1.0e-4, 1.0e-3]}}
+    study = one_model_study("killed", tiny_models("bert"), tweets_csv, tmp_path / "runs", space=space,
+                            epochs=EPOCHS, trials=TRIALS_PLANNED)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
 
     # Kill -9 the driver and its Ray cluster once one trial has finished and the next has reported an epoch.
