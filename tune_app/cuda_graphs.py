@@ -13,7 +13,8 @@ What makes the replay train exactly like the eager step:
   (`zero_grad(set_to_none=False)`), never set to None while graphs exist (`reset` first);
 - dropout draws fresh random numbers on every replay (PyTorch advances the graph's RNG offset);
 - nothing in the step reads a tensor on the host (`trial.mask_preparer`; `tests/test_families.py` checks it):
-  such a read cannot be captured, and capture then fails, which `CaptureFailed` reports so the trial goes on eager.
+  such a read cannot be captured. Warm-up runs with host syncs refused, so a shape whose step syncs is found
+  before its capture and trains eagerly; a capture that fails anyway turns graphs off for the trial.
 
 All graphs of a trial share one memory pool: they run one after another on one stream, and each call's loss is
 copied out before the next call, so one graph's temporaries may reuse another's.
@@ -24,32 +25,59 @@ from __future__ import annotations
 from typing import Callable
 
 WARMUP_STEPS = 2
-"""Eager runs of a new shape, on a side stream, before its capture (lazy library initialisation happens there)."""
+"""Eager runs of a new shape on the capture stream before its capture (lazy library initialisation happens there,
+and a host sync raises there, before any capture begins)."""
 
 
 class CaptureFailed(RuntimeError):
-    """A shape's step could not be captured (it syncs, or uses an op graphs cannot hold): train it eagerly."""
+    """A step could not be captured: the trial drops its graphs and trains eagerly from here on."""
+
+
+def _out_of_memory(error: BaseException | None):
+    """The OutOfMemoryError behind an error, if any: a failed capture's own error hides it as its cause/context."""
+    import torch
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class StepGraphs:
     """`step(ids, mask, labels, total_weight)` -> detached loss, with backward done, as CUDA graphs.
 
-    `step` takes the total weight as a 0-dim device tensor. Calling this object with a Python float runs the
-    graph of the batch's shape, capturing it first if the shape is new."""
+    Calling this object runs the graph of the batch's shape, capturing it first if the shape is new. A shape whose
+    warm-up syncs with the host (e.g. a batch wider than a sliding attention window, whose mask transformers builds
+    itself) runs eagerly from then on, with a log line; the other shapes keep their graphs. An out-of-memory error
+    is raised as such (the trial halves its micro-batch); any other capture failure raises CaptureFailed."""
 
     def __init__(self, step: Callable, params: list):
         self.step = step
         self.params = params
         self.graphs: dict[tuple, tuple] = {}
+        self.eager_shapes: set[tuple] = set()
         self.pool = None
+        self.stream = None
+        """One stream for every warm-up and capture: a shared pool asks for it, and libraries' per-stream
+        workspaces are then made once, during the first warm-up, outside any graph."""
 
     def __len__(self) -> int:
         return len(self.graphs)
 
     def __call__(self, ids, mask, labels, total_weight: float):
         key = (tuple(ids.shape), tuple(mask.shape), tuple(labels.shape))
+        if key in self.eager_shapes:
+            return self.step(ids, mask, labels, total_weight)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(ids, mask, labels, total_weight)
+            try:
+                self.graphs[key] = self._capture(ids, mask, labels, total_weight)
+            except _SyncInStep as error:
+                self.eager_shapes.add(key)
+                print(f"[tune_app] CUDA graphs: batches of shape {key[0]} train eagerly: {error}", flush=True)
+                return self.step(ids, mask, labels, total_weight)
         graph, inputs, loss = self.graphs[key]
         for static, value in zip(inputs, (ids, mask, labels)):
             static.copy_(value, non_blocking=True)
@@ -60,6 +88,7 @@ class StepGraphs:
     def reset(self) -> None:
         """Drop every graph and its memory (before gradients are freed, or after an out-of-memory error)."""
         self.graphs.clear()
+        self.eager_shapes.clear()
         self.pool = None
 
     def _capture(self, ids, mask, labels, total_weight: float) -> tuple:
@@ -70,23 +99,49 @@ class StepGraphs:
                 p.grad = torch.zeros_like(p)
         kept = [p.grad.clone() for p in self.params]  # the current step's gradients: warm-up adds to them
         inputs = (ids.clone(), mask.clone(), labels.clone(), torch.full((), total_weight, device=ids.device))
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        caller = torch.cuda.current_stream()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            self.stream.wait_stream(caller)
+            self._warm_up(inputs)
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
-                loss = self.step(*inputs)
-        except torch.OutOfMemoryError:
-            raise  # the trial's own handling: a smaller micro-batch
-        except Exception as error:  # noqa: BLE001 - anything else means this step cannot be a graph
-            raise CaptureFailed(f"{type(error).__name__}: {error}") from error
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    loss = self.step(*inputs)
+            except Exception as error:  # noqa: BLE001 - sorted below: out of memory, or not capturable
+                if (oom := _out_of_memory(error)) is not None:
+                    raise oom from None
+                raise CaptureFailed(f"{type(error).__name__}: {error}") from error
         finally:
+            torch.cuda.set_stream(caller)  # a failed capture leaves the capture stream current
+            caller.wait_stream(self.stream)  # warm-up's gradient writes land before they are restored
             for p, grad in zip(self.params, kept):
                 p.grad.copy_(grad)
         return graph, inputs, loss
+
+    def _warm_up(self, inputs: tuple) -> None:
+        """Eager steps on the capture stream with host syncs refused: a step that syncs would break its capture
+        (and, on some torch versions, the allocator's bookkeeping with it), so it is found here instead."""
+        import torch
+
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(self.stream):
+                for _ in range(WARMUP_STEPS):
+                    self.step(*inputs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            if "synchroniz" not in str(error):
+                raise  # a real error of the step: eager training raises it too
+            raise _SyncInStep(str(error).splitlines()[0]) from error
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+class _SyncInStep(Exception):
+    """A shape's step reads a device value on the host: it cannot be captured, but trains eagerly."""

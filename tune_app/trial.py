@@ -424,6 +424,9 @@ def release_memory() -> None:
 
     gc.collect()
     if torch.cuda.is_available():
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:  # per-stream cuBLAS workspaces, e.g. of a trial's CUDA-graph stream
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 
@@ -623,7 +626,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=micro_batch,
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
             cuda_graphs=len(graphs) if graphs is not None else 0,
-            device=device.type, threads=torch.get_num_threads(), peak_memory_mb=_peak_memory_mb(on_gpu),
+            device=device.type, threads=torch.get_num_threads(), peak_memory_mb=_peak_memory_mb(on_gpu, graphs=bool(graphs)),
         )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
@@ -637,11 +640,13 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     return history
 
 
-def _peak_memory_mb(on_gpu: bool) -> float:
+def _peak_memory_mb(on_gpu: bool, graphs: bool = False) -> float:
+    """Peak memory the trial held: allocated GPU memory; with CUDA graphs the memory reserved, since a graph's
+    pool counts as free once captured and replays never ask the allocator; on CPU the process's peak RSS."""
     if on_gpu:
         import torch
 
-        return torch.cuda.max_memory_allocated() / 2**20
+        return (torch.cuda.max_memory_reserved() if graphs else torch.cuda.max_memory_allocated()) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
