@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from transformers import AutoConfig, LlamaConfig, RobertaConfig
 
 from tune_app.config import ModelConfig
-from tune_app.resources import (GIB, auto_estimate, count_parameters, estimate_trial_memory, gpu_share,
-                                lora_parameters, padded_length, share_for, trials_per_gpu, weights_dtype)
+from tune_app.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, count_parameters, estimate_trial_memory,
+                                gpu_memory_bytes, gpu_share, lora_parameters, padded_length, share_for,
+                                trials_per_gpu, weights_dtype)
 
 ROBERTA_LARGE = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1)
@@ -102,3 +105,22 @@ def test_auto_estimate_follows_train_precision(tmp_path):
     full = auto_estimate(model, {}, 512, 40, precision="fp32")
     assert full.weights == 2 * half.weights and full.activations == 2 * half.activations
     assert full.trainable == half.trainable  # LoRA, head and AdamW states are fp32 either way
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("echo 81559; echo 81559", 81559 * 2**20),  # an H100 80GB, as nvidia-smi lists it (MiB per GPU)
+    ("echo 'NVIDIA-SMI has failed' >&2; exit 9", None),  # broken driver: torch's GPU, else the 80 GB default
+])
+def test_gpu_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch, script, expected):
+    import torch
+
+    if expected is None:
+        expected = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 10**9
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\n{script}\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv(GPU_MEMORY_ENV, raising=False)
+    assert gpu_memory_bytes() == expected
+    monkeypatch.setenv(GPU_MEMORY_ENV, "40")
+    assert gpu_memory_bytes() == 40 * 10**9  # the setting wins

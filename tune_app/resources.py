@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,9 +163,17 @@ def padded_length(longest: int | None, max_length: int) -> int:
 
 
 def gpu_memory_bytes() -> int:
-    """Total memory of one GPU: TUNE_APP_GPU_MEMORY_GB, else the driver's first visible GPU, else 80 GB."""
+    """Total memory of one GPU: TUNE_APP_GPU_MEMORY_GB, else the first GPU nvidia-smi lists (a subprocess, so the
+    driver opens no CUDA context of its own on a GPU its trials share), else torch's first visible GPU, else 80 GB."""
     if os.environ.get(GPU_MEMORY_ENV):
         return int(float(os.environ[GPU_MEMORY_ENV]) * 1e9)
+    if smi := shutil.which("nvidia-smi"):
+        try:
+            listed = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, timeout=20, check=True).stdout.split()
+            return int(float(listed[0]) * 2**20)  # MiB
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass  # a broken driver install: ask torch
     try:
         import torch
 
