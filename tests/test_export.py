@@ -135,7 +135,12 @@ def test_trial_export_with_merge_predicts_like_the_adapter(run, tmp_path, capsys
         adapter = AutoPeftModelForSequenceClassification.from_pretrained(out).eval()(**enc).logits
         merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()(**enc).logits
     assert torch.allclose(adapter, merged, atol=1e-4)
-    assert json.loads((out / "bundle.json").read_text())["trial_id"] == trial
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["trial_id"] == trial
+    # Its best_config.yaml retrains this trial, and says so: the best's, or another trial's at its epoch.
+    header = (out / "best_config.yaml").read_text().splitlines()[0]
+    assert header.startswith("# Best of" if manifest["best_of_run"] else "# Trial of"), header
+    assert f"trial {trial}" in header and f"(epoch {manifest['epoch']})" in header
 
 
 def test_moved_bundle_loads_with_plain_peft_and_predicts(run, tmp_path, monkeypatch, capsys):

@@ -39,7 +39,7 @@ from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
 from tune_app.metrics import weighted_cross_entropy
 from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
                               classify, load_classifier, open_bundle, probabilities, score, text_logits)
-from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, best_config_yaml
+from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, retrain_yaml
 from tune_app.space import HYPERPARAMETERS
 
 DEFAULT_OUT = "best"
@@ -204,16 +204,14 @@ def labels_json(sel: Selection) -> dict[str, Any]:
 
 
 def bundle_best_config(sel: Selection) -> str:
-    """results.best_config_yaml for this trial, minus the run machine's output folder."""
+    """results.retrain_yaml for this trial, minus the run machine's output folder."""
     raw = copy.deepcopy(sel.cfg.raw)
     raw.pop("output_dir", None)  # study.yaml pins it to the run's folder; a retrain goes to ./runs
-    cfg = dataclasses.replace(sel.cfg, raw=raw)
     metric = sel.cfg.tune.metric
-    fake = {"run_dir": sel.run_dir.name, "metric": metric,
-            "best": {"model": sel.model, "trial_id": sel.trial_id, metric: sel.reported[metric],
-                     "config": {k: v for k, v in sel.params.items() if v is not None}}}
-    text = best_config_yaml(cfg, fake)
-    return text if sel.is_best else text.replace("# Best of study run", "# Trial of study run", 1)
+    header = (f"# {'Best' if sel.is_best else 'Trial'} of study run {sel.run_dir.name}: model {sel.model}, "
+              f"trial {sel.trial_id}, {metric} = {sel.reported[metric]:.4f} (epoch {sel.reported.get('epoch')}).\n")
+    return retrain_yaml(dataclasses.replace(sel.cfg, raw=raw), sel.model,
+                        {k: v for k, v in sel.params.items() if v is not None}, header)
 
 
 # --------------------------------------------------------------------------------------------- scoring

@@ -136,24 +136,28 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
     }
 
 
-def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:
-    """A complete study YAML with the winner's values fixed: `tune-app run best_config.yaml` retrains it once."""
-    best = summary["best"]
-    if best is None:
-        return None
+def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str) -> str:
+    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed."""
     raw = copy.deepcopy(cfg.raw)
-    model_raw = raw["models"][best["model"]]
+    model_raw = raw["models"][model]
     model_raw = {"checkpoint": model_raw} if isinstance(model_raw, str) else dict(model_raw)
     model_raw.pop("space", None)
     model_raw.pop("num_samples", None)
     raw["name"] = f"{cfg.name}-best"
-    raw["models"] = {best["model"]: model_raw}
-    raw["space"] = dict(best["config"])
+    raw["models"] = {model: model_raw}
+    raw["space"] = dict(params)
     raw.setdefault("tune", {})["num_samples"] = 1
-    header = (f"# Best of study run {summary['run_dir']}: model {best['model']}, trial {best['trial_id']}, "
-              f"{summary['metric']} = {best[summary['metric']]:.4f} (best epoch of any trial).\n"
-              f"# Retrain it:  tune-app run {BEST_CONFIG}\n")
-    return header + dump(raw)
+    return header + f"# Retrain it:  tune-app run {BEST_CONFIG}\n" + dump(raw)
+
+
+def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:
+    """The study's winner as `retrain_yaml`: `tune-app run best_config.yaml` retrains it once."""
+    best = summary["best"]
+    if best is None:
+        return None
+    return retrain_yaml(cfg, best["model"], best["config"], (
+        f"# Best of study run {summary['run_dir']}: model {best['model']}, trial {best['trial_id']}, "
+        f"{summary['metric']} = {best[summary['metric']]:.4f} (best epoch of any trial).\n"))
 
 
 def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources,
