@@ -200,12 +200,13 @@ SWITCH = {"auto": "auto", "on": True, "off": False}
 
 
 def trial(name: str, folder: str, data, class_weights, max_length: int, threads: int, compile_: str,
-          cuda_graphs: str) -> dict:
+          cuda_graphs: str, dtype: str = "auto") -> dict:
     """One tune_app trial in-process (tune_app.trial.fit, no Ray), one epoch over `data`."""
     from tune_app.space import HYPERPARAMETERS
     from tune_app.trial import ModelSpec, TrialContext, fit
 
-    ctx = TrialContext(models={name: ModelSpec(checkpoint=folder, data_key=data.key)}, data_refs={data.key: data},
+    ctx = TrialContext(models={name: ModelSpec(checkpoint=folder, data_key=data.key, dtype=dtype)},
+                       data_refs={data.key: data},
                        label_names=["0", "1"], class_weights=list(class_weights), epochs=1, max_length=max_length,
                        compile=SWITCH[compile_], cuda_graphs=SWITCH[cuda_graphs])
     config = {**{k: h.default for k, h in HYPERPARAMETERS.items()}, **HPARAMS, "model": name}
@@ -223,7 +224,7 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
 
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
           limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
-          compile_: str = "auto", cuda_graphs: str = "auto") -> dict:
+          compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto") -> dict:
     """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
     import yaml
 
@@ -234,7 +235,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     yaml_path.write_text(yaml.safe_dump({
         "name": f"bench-{name}",
         "data": {"source": csv, "text": "text", "label": "target", "max_length": max_length, "limit": limit},
-        "models": {name: {"checkpoint": folder, "gpu": gpu if gpu == "auto" else float(gpu), "cpu": cpus}},
+        "models": {name: {"checkpoint": folder, "gpu": gpu if gpu == "auto" else float(gpu), "cpu": cpus,
+                          "dtype": dtype}},
         "space": HPARAMS,
         "train": {"epochs": epochs, "compile": SWITCH[compile_], "cuda_graphs": SWITCH[cuda_graphs]},
         "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False},
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
     ap.add_argument("--compile", choices=tuple(SWITCH), default="auto", help="trials' train.compile")
     ap.add_argument("--cuda-graphs", choices=tuple(SWITCH), default="auto", help="trials' train.cuda_graphs")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="trials' models.<m>.dtype: frozen base weights (auto: half from 1B parameters on GPU)")
     ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="disaster tweets csv")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM)")
@@ -366,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
                     r[part] = reference(name, folder, data, splits.class_weights, args.steps, args.warmup, threads)
                 elif part == "trial":
                     r[part] = trial(name, folder, bench_data, splits.class_weights, args.max_length, threads,
-                                    args.compile, args.cuda_graphs)
+                                    args.compile, args.cuda_graphs, args.dtype)
                 elif part == "study":
                     r[part] = study(name, folder, args.data, k, args.trials or k, args.epochs,
                                     args.cpus_per_trial or max(1, cores // k), args.max_length, args.limit,
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
                                     reuse_actors=args.reuse_actors == "on", wandb=args.wandb,
-                                    compile_=args.compile, cuda_graphs=args.cuda_graphs)
+                                    compile_=args.compile, cuda_graphs=args.cuda_graphs, dtype=args.dtype)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
                 import traceback
 
