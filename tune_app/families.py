@@ -216,13 +216,19 @@ def align_head(model: Any, family: Family | None, checkpoint_labels: list[str] |
             f"with a fresh {len(label_names)}-label head ({', '.join(label_names)}): the labels differ")
 
 
+def fresh_weights(loading_info: dict[str, Any]) -> list[str]:
+    """Weight names from_pretrained initialised fresh (output_loading_info): missing from the checkpoint, or there
+    in another shape (mismatched keys come as (name, saved shape, model shape))."""
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading_info.get("mismatched_keys", ())]
+    return list(loading_info.get("missing_keys", ())) + mismatched
+
+
 def modules_to_save(family: Family | None, loading_info: dict[str, Any]) -> list[str]:
     """Head modules plus every module whose weights the checkpoint lacked or had in another shape (freshly
     initialised, e.g. a pooler missing from an MLM-only BERT): all of them train in full and are saved with the
     adapter, so a reloaded adapter scores the same. `loading_info` is from_pretrained's output_loading_info."""
     names = list(family.head) if family else ["classifier", "score"]
-    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in loading_info.get("mismatched_keys", ())]
-    for key in list(loading_info.get("missing_keys", ())) + mismatched:
+    for key in fresh_weights(loading_info):
         module = key.rsplit(".", 1)[0]
         if not any(_inside(module, h) for h in names):
             names.append(module)

@@ -363,6 +363,7 @@ def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
     on where its classification head came from."""
     import torch
 
+    from tune_app.families import fresh_weights
     from tune_app.trial import ModelSpec, _autocast_factory, load_base, quiet_libraries
 
     quiet_libraries()
@@ -376,9 +377,8 @@ def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
     dev = _device(device)
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
     base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda")
-    model, tokenizer, pad_id, info = base.model, base.tokenizer, base.pad_id, base.loading
-    renewed = [*info["missing_keys"], *(m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"])]
-    fresh = sorted({k.split(".")[0] for k in renewed})
+    model, tokenizer, pad_id = base.model, base.tokenizer, base.pad_id
+    fresh = sorted({k.split(".")[0] for k in fresh_weights(base.loading)})
     if fresh:
         note = f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
     else:  # the checkpoint has a classification head: kept (rows matched by label name) or replaced
