@@ -314,6 +314,8 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tune_app.config import WEIGHT_DTYPES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="minilm", help=f"comma list of {', '.join(ARCHS)}")
     ap.add_argument("--parts", default="reference,trial,study", help="comma list: reference, trial, study")
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
     ap.add_argument("--compile", choices=tuple(SWITCH), default="auto", help="trials' train.compile")
     ap.add_argument("--cuda-graphs", choices=tuple(SWITCH), default="auto", help="trials' train.cuda_graphs")
-    ap.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    ap.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
                     help="trials' models.<m>.dtype: frozen base weights (auto: half from 1B parameters on GPU)")
     ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="disaster tweets csv")

@@ -64,6 +64,10 @@ def _one_of(*allowed):
     return lambda v: None if v in allowed else f"must be one of {list(allowed)}, got {v!r}"
 
 
+WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp32")
+"""models.<m>.dtype: the frozen base weights' dtype (auto: resources.weights_dtype decides)."""
+
+
 def _switch(v):
     return None if v in (True, False, "auto") else f"must be true, false or 'auto', got {v!r}"
 
@@ -113,7 +117,7 @@ class ModelConfig:
     space: dict = _f({}, (dict,), "search-space overrides for this model only")
     target_modules: list | None = _f(None, (list,), "explicit LoRA target module names (overrides the family preset)")
     dtype: str = _f("auto", (str,), "weights dtype: auto | bf16 | fp16 | fp32",
-                    check=_one_of("auto", "bf16", "fp16", "fp32"))
+                    check=_one_of(*WEIGHT_DTYPES))
     trust_remote_code: bool = _f(False, (bool,), "allow model code from the Hub (only for checkpoints you trust)")
     revision: str | None = _f(None, (str,), "Hub revision (branch, tag or commit)")
 
@@ -127,11 +131,11 @@ class TrainConfig:
     seed: int = _f(0, (int,), "seed of model init, data order and dropout")
     precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
                         check=_one_of("auto", "bf16", "fp16", "fp32"))
-    compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see benchmarks/) | true (per block) | false",
-                             check=_switch)
-    cuda_graphs: str | bool = _f("auto", (bool, str), "replay each padding bucket's forward+backward as one CUDA graph: "
-                                 "auto or true (on GPUs; a model that cannot be captured trains eagerly) | false",
-                                 check=_switch)
+    compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see "
+                             "benchmarks/) | true (per block) | false", check=_switch)
+    cuda_graphs: str | bool = _f("auto", (bool, str), "replay each padding bucket's forward+backward as one CUDA "
+                                 "graph: auto or true (on GPUs; a model that cannot be captured trains eagerly) | "
+                                 "false", check=_switch)
 
 
 @dataclass
