@@ -515,6 +515,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         optimizer.zero_grad(set_to_none=graphs is None)  # graphs accumulate into fixed gradient tensors
 
     def drop_graphs(why: str | None = None) -> None:
+        """Free the captured graphs (they are captured again at the next shapes); with `why`, graphs stay off
+        for the rest of the trial, and the log says why."""
         nonlocal graphs
         if graphs is not None:
             graphs.reset()
@@ -625,8 +627,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             train_samples_per_s=len(data.train) / epoch_seconds,
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=micro_batch,
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
-            cuda_graphs=len(graphs) if graphs is not None else 0,
-            device=device.type, threads=torch.get_num_threads(), peak_memory_mb=_peak_memory_mb(on_gpu, graphs=bool(graphs)),
+            cuda_graphs=len(graphs or ()), device=device.type, threads=torch.get_num_threads(),
+            peak_memory_mb=_peak_memory_mb(on_gpu, graphs=bool(graphs)),
         )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
