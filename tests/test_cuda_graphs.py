@@ -65,6 +65,21 @@ def test_gradients_zeroed_in_place_between_steps_keep_the_graphs_valid():
         torch.testing.assert_close(g, f)
 
 
+@gpu
+def test_a_trainable_parameter_the_step_never_reaches_keeps_no_gradient_and_no_weight_decay():
+    layer = torch.nn.Linear(4, 2).cuda()
+    unused = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    graphs = StepGraphs(_linear_step(layer), [*layer.parameters(), unused])
+    optimizer = torch.optim.AdamW([*layer.parameters(), unused], lr=0.1, weight_decay=0.5)
+    for batch in _batches([4, 4, 6]):
+        optimizer.zero_grad(set_to_none=False)
+        graphs(*batch, 3.0)
+        optimizer.step()
+    assert len(graphs) == 2 and layer.weight.grad is not None
+    assert unused.grad is None  # a zero gradient instead would make AdamW decay it
+    torch.testing.assert_close(unused.detach(), torch.ones(3, device="cuda"))
+
+
 def test_an_out_of_memory_error_behind_a_capture_failure_is_found():
     oom = torch.OutOfMemoryError("CUDA out of memory")
     try:

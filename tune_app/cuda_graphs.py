@@ -9,8 +9,9 @@ What makes the replay train exactly like the eager step:
 - every batch of one shape is copied into that shape's fixed input tensors (the padding buckets and the filler
   rows of `trial.collate` keep shapes few: one graph per bucket);
 - the summed class weight of the effective batch is an input too, so a graph serves every step;
-- gradients live in fixed tensors: created once, accumulated into in place by every replay, zeroed in place
-  (`zero_grad(set_to_none=False)`), never set to None while graphs exist (`reset` first);
+- gradients live in fixed tensors: created by the first warm-up that reaches their parameter, accumulated into
+  in place by every replay, zeroed in place (`zero_grad(set_to_none=False)`), never set to None while graphs
+  exist (`reset` first); a trainable parameter the step never reaches keeps no gradient, as in eager training;
 - dropout draws fresh random numbers on every replay (PyTorch advances the graph's RNG offset);
 - nothing in the step reads a tensor on the host (`trial.mask_preparer`; `tests/test_families.py` checks it):
   such a read cannot be captured. Warm-up runs with host syncs refused, so a shape whose step syncs is found
@@ -94,10 +95,11 @@ class StepGraphs:
     def _capture(self, ids, mask, labels, total_weight: float) -> tuple:
         import torch
 
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        kept = [p.grad.clone() for p in self.params]  # the current step's gradients: warm-up adds to them
+        # The current step's gradients, which the warm-up adds to. A parameter without one yet gets it from the
+        # warm-up's backward, and the graph then accumulates into that tensor; one the step never reaches keeps
+        # None, so AdamW skips it (no weight decay) as it does in eager training.
+        kept = [(p, p.grad.clone()) for p in self.params if p.grad is not None]
+        fresh = [p for p in self.params if p.grad is None]
         inputs = (ids.clone(), mask.clone(), labels.clone(), torch.full((), total_weight, device=ids.device))
         if self.stream is None:
             self.stream = torch.cuda.Stream()
@@ -118,8 +120,11 @@ class StepGraphs:
         finally:
             torch.cuda.set_stream(caller)  # a failed capture leaves the capture stream current
             caller.wait_stream(self.stream)  # warm-up's gradient writes land before they are restored
-            for p, grad in zip(self.params, kept):
+            for p, grad in kept:
                 p.grad.copy_(grad)
+            for p in fresh:
+                if p.grad is not None:
+                    p.grad.zero_()
         return graph, inputs, loss
 
     def _warm_up(self, inputs: tuple) -> None:
