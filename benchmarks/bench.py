@@ -222,6 +222,24 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
     return result
 
 
+def trial_clock():
+    """A Tune callback noting when each trial starts (its actor is ready) and ends, on the benchmark's clock."""
+    from ray.tune import Callback
+
+    class TrialClock(Callback):
+        def __init__(self):
+            self.started: dict[str, float] = {}
+            self.done: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.perf_counter()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done[trial.trial_id] = time.perf_counter()
+
+    return TrialClock()
+
+
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
           limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
           compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto") -> dict:
@@ -246,10 +264,12 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     cfg = config_mod.load(yaml_path)
     session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
     prepared, resources = session.prepared, session.resources
-    tuner = study_mod.build_tuner(cfg, study_mod.new_run_dir(cfg), session.trainable)
+    clock = trial_clock()
+    tuner = study_mod.build_tuner(cfg, study_mod.new_run_dir(cfg), session.trainable, callbacks=(clock,))
     t0 = time.perf_counter()
     grid = tuner.fit()
-    wall = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    wall = t_end - t0
     trials = []
     for result in grid:
         if result.error or result.metrics_dataframe is None:
@@ -257,7 +277,10 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
             continue
         df = result.metrics_dataframe
         last = df.iloc[-1]
+        trial_id = last["trial_id"]
         trials.append(dict(train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
+                           imports_s=float(last["imports_s"]), in_trial_s=clock.done[trial_id] - clock.started[trial_id],
+                           done=clock.done[trial_id],
                            compile_time_s=float(last["compile_time_s"]), eval_time_s=float(df["eval_time_s"].sum()),
                            samples=int(len(prepared.splits.train_texts) * len(df)),
                            samples_per_s=float(df["train_samples_per_s"].mean()),
@@ -267,16 +290,22 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     slots = min(k, n_trials)
     n = max(1, len(trials))
     mean = lambda key: sum(t[key] for t in trials) / n  # noqa: E731
-    # Slot time that is neither training nor evaluation, per trial: process start, imports, scheduling, data
-    # fetch, model load, compilation, checkpoints. Evaluation is work that grows with the validation split.
+    # Slot time that is neither training nor evaluation, per trial. Evaluation is work that grows with the
+    # validation split. The overhead splits into: the trial's setup (imports in a fresh worker, data fetch, model
+    # load, compilation or capture); the rest of its time in Tune (checkpoints, reports, teardown); time between
+    # trials (actor start, scheduling); and the tail, slots idle at the end while the last trials finish.
     overhead = (wall * slots - train_total) / n - mean("eval_time_s")
+    in_trial_rest = mean("in_trial_s") - mean("setup_time_s") - mean("train_time_s") - mean("eval_time_s")
+    tail = sum(t_end - t["done"] for t in sorted(trials, key=lambda t: t["done"])[-slots:]) / n
+    between = overhead - mean("setup_time_s") - in_trial_rest - tail
     return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall,
                 gpu_share=resources[name]["gpu"], cpus_per_trial=resources[name]["cpu"],
                 reuse_actors=cfg.tune.reuse_actors, wandb=cfg.wandb.mode,
                 samples_per_s=sum(t["samples"] for t in trials) / wall, utilisation=train_total / (wall * slots),
                 overhead_per_trial_s=overhead, setup_per_trial_s=mean("setup_time_s"),
-                compile_per_trial_s=mean("compile_time_s"), eval_per_trial_s=mean("eval_time_s"),
-                other_per_trial_s=overhead - mean("setup_time_s"),
+                imports_per_trial_s=mean("imports_s"), compile_per_trial_s=mean("compile_time_s"),
+                checkpoints_per_trial_s=in_trial_rest, between_trials_per_trial_s=between, tail_per_trial_s=tail,
+                eval_per_trial_s=mean("eval_time_s"),
                 per_trial_samples_per_s=mean("samples_per_s"), compiled_graphs=mean("compiled_graphs"),
                 cuda_graphs=mean("cuda_graphs"),
                 peak_memory_mb=max((t["peak_memory_mb"] for t in trials), default=None))
@@ -306,7 +335,9 @@ def table(results: dict) -> str:
             else:
                 note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "
-                        f"incl. compile/capture {p['compile_per_trial_s']:.1f}, other {p['other_per_trial_s']:.1f}), "
+                        f"incl. imports {p['imports_per_trial_s']:.1f} and compile/capture "
+                        f"{p['compile_per_trial_s']:.1f}, checkpoints/reports {p['checkpoints_per_trial_s']:.1f}, "
+                        f"between trials {p['between_trials_per_trial_s']:.1f}, tail {p['tail_per_trial_s']:.1f}), "
                         f"{p['cuda_graphs']:.0f} CUDA graphs/trial, "
                         f"eval/trial {p['eval_per_trial_s']:.1f}s, per trial {p['per_trial_samples_per_s']:.0f}/s")
             lines.append(f"| {name} | {part} | {p['samples_per_s']:.1f} | {ratio} | {note} |")

@@ -346,7 +346,8 @@ def wandb_callback(cfg: StudyConfig, run_dir: Path):
     return TrialWandbCallback(cfg.wandb, run_name=run_dir.name, run_dir=run_dir)
 
 
-def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
+def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ()):
+    """The Tuner of a study; `callbacks`: further Tune callbacks (the benchmark's trial clock)."""
     from ray import tune
 
     from tune_app.progress import ProgressPrinter
@@ -361,7 +362,7 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable):
                              grace_period=cfg.tune.asha.grace_period,
                              reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled,
                              state_uri=f"{run.uri}/{SCHEDULER_STATE}")
-    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, cfg.planned_trials)]
+    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, cfg.planned_trials), *callbacks]
     if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
     return tune.Tuner(
