@@ -26,6 +26,8 @@ from tune_app.data import Splits, TokenizedData, load_splits, tokenize, tokenize
 
 log = logging.getLogger("tune_app")
 
+CHECKPOINT_PREFIX = "checkpoint_"
+"""Ray Tune's name for a trial's checkpoint folders (checkpoint_000000, ...)."""
 WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR")
 FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TUNE_APP_TEST_OOM_ABOVE")
 
@@ -72,16 +74,57 @@ class RunDir:
         with self.fs.open_input_stream(posixpath.join(self.path, name)) as f:
             return f.readall().decode("utf-8")
 
+    def download(self) -> None:
+        """A fresh copy of a remote run's results and trial histories in `local`, for export and report; the
+        checkpoints and W&B's offline runs stay remote (`fetch` the one checkpoint an export needs). No-op for a
+        local run directory."""
+        if not self.remote:
+            return
+        import shutil
+
+        shutil.rmtree(self.local, ignore_errors=True)  # our staging folder: never a stale file in the copy
+        for name in self._files(""):
+            parts = name.split("/")
+            if parts[0] != "wandb" and not any(part.startswith(CHECKPOINT_PREFIX) for part in parts):
+                self._download(name)
+
+    def fetch(self, name: str) -> None:
+        """Download one file or folder of a remote run (`name` relative to it) into `local`; no-op when local."""
+        if self.remote:
+            for file in self._files(name):
+                self._download(file)
+
+    def _files(self, name: str) -> list[str]:
+        """The files at or under `name` in the run directory, relative to it."""
+        import pyarrow.fs
+
+        path = posixpath.join(self.path, name) if name else self.path
+        info = self.fs.get_file_info(path)
+        infos = [info] if info.type == pyarrow.fs.FileType.File else \
+            self.fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+        return [posixpath.relpath(i.path, self.path) for i in infos if i.type == pyarrow.fs.FileType.File]
+
+    def _download(self, name: str) -> None:
+        import pyarrow.fs
+
+        (self.local / name).parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(posixpath.join(self.path, name), str(self.local / name), source_filesystem=self.fs)
+
     def publish(self, *names: str) -> None:
         """Upload our files and folders from the local staging folder (no-op for a local run directory)."""
         if not self.remote:
             return
         import pyarrow.fs
 
+        made = set()
         for name in names:
-            if (self.local / name).exists():
-                pyarrow.fs.copy_files(str(self.local / name), posixpath.join(self.path, name),
-                                      destination_filesystem=self.fs)
+            top = self.local / name
+            for file in ([top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file())):
+                target = posixpath.join(self.path, file.relative_to(self.local).as_posix())
+                if (folder := posixpath.dirname(target)) not in made:  # object stores take it as a no-op marker
+                    self.fs.create_dir(folder, recursive=True)
+                    made.add(folder)
+                pyarrow.fs.copy_files(str(file), target, destination_filesystem=self.fs)
 
 
 def open_filesystem(location: str, what: str):
@@ -118,6 +161,21 @@ def new_run_dir(cfg: StudyConfig) -> RunDir:
             name = f"{cfg.name}-{stamp}-{n}"
     except OSError as e:  # a bucket that does not exist, missing credentials, no permission ...
         raise ConfigError([f"output_dir: cannot reach {cfg.output_dir!r} ({e})"]) from None
+    return run
+
+
+def open_results(location: str | Path) -> RunDir:
+    """A run directory to export from or report on, local or remote (`download` brings a remote one's results
+    here); ValueError naming the problem when there is nothing at `location`."""
+    try:
+        run = _run_dir_at(str(location), "RUN_DIR")
+        found = run.has()
+    except ConfigError as e:
+        raise ValueError(e.errors[0]) from None
+    except OSError as e:  # a bucket that does not exist, missing credentials, no permission ...
+        raise ValueError(f"{location}: cannot reach it ({e})") from None
+    if not found:
+        raise ValueError(f"{location}: no such run directory (pass the directory `tune-app run` printed)")
     return run
 
 
