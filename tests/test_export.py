@@ -240,3 +240,48 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys):
     assert taken.read_text() == "mine\n"
     assert sorted(p.name for p in (run["dir"] / "best").iterdir()) == before
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_in_cloud_storage_exports_and_reports_into_itself(run, tmp_path, monkeypatch, capsys):
+    """A run whose output_dir was s3:// or gs://: export downloads its results and the one checkpoint it needs,
+    and uploads the bundle into the run directory; report likewise. The cloud is a folder behind a pyarrow
+    filesystem that is not a LocalFileSystem, as S3FileSystem is not."""
+    import pyarrow.fs
+
+    from tune_app import study
+
+    cloud = tmp_path / "cloud"
+    name = run["dir"].name
+    shutil.copytree(run["dir"], cloud / "bucket" / "runs" / name,
+                    ignore=lambda folder, names: [n for n in names if n in ("best", "report.md") or n.endswith(".png")])
+    real_open = study.open_filesystem
+
+    def open_filesystem(location, what):
+        if location.startswith("mock-s3://"):
+            return pyarrow.fs.SubTreeFileSystem(str(cloud), pyarrow.fs.LocalFileSystem()), location[10:]
+        return real_open(location, what)
+
+    monkeypatch.setattr(study, "open_filesystem", open_filesystem)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))  # the staging copy lands under tmp_path
+    uri = f"mock-s3://bucket/runs/{name}"
+    remote = cloud / "bucket" / "runs" / name
+
+    assert cli.main(["export", uri]) == 0
+    assert f"uploaded to {uri}/best" in capsys.readouterr().out
+    manifest = json.loads((remote / "best" / "bundle.json").read_text())
+    assert (manifest["model"], manifest["trial_id"]) == (run["summary"]["best"]["model"],
+                                                         run["summary"]["best"]["trial_id"])
+    assert _metrics(remote / "best")["round_trip_ok"]
+    staging = study.open_results(uri).local
+    assert len(list(staging.glob("*/checkpoint_*"))) == 1  # only the exported checkpoint came down
+
+    before = sorted(p.name for p in (remote / "best").iterdir())
+    assert cli.main(["export", uri]) == 2
+    assert f"{uri}/best: already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in (remote / "best").iterdir()) == before
+
+    assert cli.main(["report", uri]) == 0
+    assert "## Models compared" in (remote / "report.md").read_text()
+    assert list(remote.glob("*.png"))  # the plots went up with it
+    assert cli.main(["report", f"mock-s3://bucket/runs/{name}-nope"]) == 2
+    assert "no such run directory" in capsys.readouterr().err

@@ -114,13 +114,17 @@ def cmd_resume(args) -> int:
 
 
 def _after_run(summary: dict) -> None:
-    """After a finished local run: the overall best as a bundle in RUN_DIR/best, then report.md and plots.
-    Neither step can fail the run: the study's results are written already; a failure says how to retry."""
+    """After a finished run: the overall best as a bundle in RUN_DIR/best, then report.md and plots. Neither step
+    can fail the run: the study's results are written already; a failure says how to retry. A remote run (s3://,
+    gs://, ...) gets its report only: the export loads the base model and scores the validation split, work for
+    the machine that will use the bundle (`tune-app export RUN_DIR` there), not for a cluster's head node."""
     run_dir = str(summary["run_dir"])
-    if "://" in run_dir:
-        return
+    remote = "://" in run_dir
+    finished = summary.get("complete", True) and summary.get("best")
     steps = []
-    if summary.get("complete", True) and summary.get("best"):
+    if finished and remote:
+        print(f"export the best trial with: tune-app export {run_dir}")
+    elif finished:
         from tune_app.export import export
 
         steps.append(("export the best trial", "export", lambda: f"bundle of the best trial: {export(run_dir)}"))

@@ -1,6 +1,7 @@
 """Export one trial of a finished run as a self-contained bundle, and prove it scores what the trial reported.
 
-    RUN_DIR/summary.json + trials.csv + study.yaml -> the trial's best checkpoint
+    RUN_DIR (local, or remote: downloaded, bundle uploaded back) /summary.json + trials.csv + study.yaml
+    -> the trial's best checkpoint
     -> bundle: adapter (+ classification head) with a portable base path, tokenizer with its pad token,
        labels.json, bundle.json, best_config.yaml, metrics.json, README.md (model card), merged/ (--merge)
     -> the bundle is loaded back (predict.load_classifier) and scored on the study's validation split:
@@ -54,6 +55,9 @@ class Selection:
     """The trial to export and everything known about it before any model is loaded."""
 
     run_dir: Path
+    """The run directory on this machine: the folder itself, or the downloaded copy of a remote run."""
+    run: Any
+    """Where the run lives (study.RunDir: local or remote)."""
     cfg: StudyConfig
     summary: dict[str, Any]
     model: str
@@ -86,11 +90,15 @@ def _trial_rows(run_dir: Path) -> list[dict[str, str]]:
 def select(run_dir: str | Path, *, model: str | None = None, trial: str | None = None) -> Selection:
     """The overall best trial, the best of `model`, or trial `trial`; UsageError naming what is missing."""
     from tune_app import config as config_mod
+    from tune_app.study import open_results
     from tune_app.trial import METRICS_FILE as CHECKPOINT_METRICS
 
-    root = Path(run_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise UsageError(f"{run_dir}: no such run directory")
+    try:
+        run = open_results(run_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    run.download()  # a remote run: its results here, checkpoints left remote
+    root = run.local
     if not (root / SUMMARY).is_file():
         raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a finished tune-app run (an interrupted one: "
                          f"tune-app resume {run_dir})")
@@ -115,6 +123,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
         raise UsageError(f"{run_dir}: {'trial ' + trial if trial else 'no trial'}"
                          f"{' of ' + model if model else ''} has no checkpoint to export (failed before its first "
                          f"epoch?)")
+    run.fetch(row["checkpoint"])
     checkpoint = root / row["checkpoint"]
     missing = [n for n in (*ADAPTER_FILES, CHECKPOINT_METRICS) if not (checkpoint / n).is_file()]
     if missing:
@@ -123,7 +132,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
         raise UsageError(f"{run_dir}: no {STUDY} inside (made by an older tune-app); export needs the study "
                          f"the run was started with")
     cfg = config_mod.load(root / STUDY)  # ConfigError (exit 2) when its data or base model has moved
-    return Selection(root, cfg, summary, model, trial, checkpoint, _read_json(checkpoint / CHECKPOINT_METRICS),
+    return Selection(root, run, cfg, summary, model, trial, checkpoint, _read_json(checkpoint / CHECKPOINT_METRICS),
                      is_best=(model, trial) == (best.get("model"), best.get("trial_id")))
 
 
@@ -278,6 +287,10 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     """Write the bundle of one trial; returns its folder. All input checks happen before any file is written."""
     sel = select(run_dir, model=model, trial=trial)
     target = Path(out).expanduser().resolve() if out is not None else default_out(sel)
+    upload = sel.run.remote and out is None  # a remote run's bundle goes into the run directory, as a local one's
+    if upload and sel.run.has(target.name):
+        raise UsageError(f"{sel.run.uri}/{target.name}: already exists; nothing is overwritten: pass --out FOLDER "
+                         f"to export to this machine, or remove it")
     check_out(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -292,6 +305,9 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    if upload:
+        sel.run.publish(target.name)
+        echo(f"uploaded to {sel.run.uri}/{target.name} (local copy: {target})")
     return target
 
 

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tune_app.results import STUDY, SUMMARY, TRIALS
 from tune_app.space import HYPERPARAMETERS
@@ -112,18 +112,20 @@ def _trial_dirs(run_dir: Path, trial_ids: list[str]) -> dict[str, Path]:
     return found
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Read summary.json, trials.csv and every trial's history; ReportError when the run has no results."""
+def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
+    """Read summary.json, trials.csv and every trial's history; ReportError when the run has no results.
+    `shown`: the run directory as messages name it (a remote run's URI; default: run_dir)."""
     import pandas as pd
 
     run_dir = Path(run_dir).expanduser()
+    shown = shown or str(run_dir)
     if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: no such run directory (pass the directory `tune-app run` printed)")
+        raise ReportError(f"{shown}: no such run directory (pass the directory `tune-app run` printed)")
     if not (run_dir / SUMMARY).is_file():
         started = any(run_dir.glob("experiment_state-*.json"))  # Ray Tune's state: a study began here
         raise ReportError(
-            f"{run_dir}: no {SUMMARY} here, so there are no study results to report on yet" +
-            (f"; the study did not finish: continue it with `tune-app resume {run_dir}`, then report" if started
+            f"{shown}: no {SUMMARY} here, so there are no study results to report on yet" +
+            (f"; the study did not finish: continue it with `tune-app resume {shown}`, then report" if started
              else "; pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)"))
     try:
         summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
@@ -527,9 +529,17 @@ def plot_history(run: RunData, path: Path) -> None:
 # --------------------------------------------------------------------------------------------- report
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write report.md and the plots into the run directory; returns report.md's path."""
-    run = load_run(run_dir)
+def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Path:
+    """Write report.md and the plots into the run directory; returns report.md's path. A remote run's results
+    are downloaded first and the report uploaded into it; the path returned is then the local copy."""
+    from tune_app.study import open_results
+
+    try:
+        where = open_results(run_dir)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    where.download()
+    run = load_run(where.local, shown=where.uri)
     out = run.run_dir
     searched = searched_hyperparameters(run)
     has_trials = len(run.trials) > 0
@@ -580,4 +590,7 @@ def write_report(run_dir: str | Path) -> Path:
               trials_table(run, searched), "", "Fixed in every trial:", "", fixed_values(run, searched), ""]
     path = out / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
+    if where.remote:
+        where.publish(REPORT, *PLOTS.values())
+        echo(f"uploaded {REPORT} and its plots to {where.uri} (local copy: {out})")
     return path
