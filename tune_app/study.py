@@ -119,6 +119,8 @@ class RunDir:
         made = set()
         for name in names:
             top = self.local / name
+            if not top.exists():
+                continue
             for file in ([top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file())):
                 target = posixpath.join(self.path, file.relative_to(self.local).as_posix())
                 if (folder := posixpath.dirname(target)) not in made:  # object stores take it as a no-op marker
