@@ -66,6 +66,13 @@ class TrialContext:
 # --------------------------------------------------------------------------------------------- model
 
 
+def _dtype(name: str):
+    """torch dtype of a precision name: bf16, fp16 or fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto"):
     """torch dtype of the frozen base weights (policy: resources.weights_dtype)."""
     import torch
@@ -80,7 +87,7 @@ def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto
     name = weights_dtype(name, checkpoint_dtype, n_params, on_gpu=on_gpu, precision=precision)
     if name == "half":
         name = "bf16" if precision != "fp16" and torch.cuda.is_bf16_supported() else "fp16"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return _dtype(name)
 
 
 @dataclass
@@ -224,11 +231,9 @@ def mask_preparer(model, family, precision: str) -> Callable:
     """What a training forward gets as its attention mask: `attention_bias` for families that take a prepared mask
     (Family.prepared_mask), in the dtype attention computes in; the 2D mask itself for the others, and for batches
     wider than a sliding attention window (that window is transformers' to apply)."""
-    import torch
-
     if family is None or not family.prepared_mask:
         return lambda mask: mask
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, model.get_base_model().dtype)
+    dtype = _dtype(precision) if precision in ("bf16", "fp16") else model.get_base_model().dtype
     window = getattr(model.config, "sliding_window", None)
 
     def prepare(mask):
@@ -299,7 +304,7 @@ def _autocast_factory(device, precision: str):
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            dtype = _dtype(precision)
             return lambda: torch.autocast("cuda", dtype=dtype), precision
         return contextlib.nullcontext, "fp32"
     if precision == "bf16":
