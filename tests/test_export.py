@@ -274,6 +274,7 @@ def test_a_run_in_cloud_storage_exports_and_reports_into_itself(run, tmp_path, m
     assert _metrics(remote / "best")["round_trip_ok"]
     staging = study.open_results(uri).local
     assert len(list(staging.glob("*/checkpoint_*"))) == 1  # only the exported checkpoint came down
+    assert not list(staging.glob("*/progress.csv"))  # and no trial history: the report's, not the export's
 
     before = sorted(p.name for p in (remote / "best").iterdir())
     assert cli.main(["export", uri]) == 2

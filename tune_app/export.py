@@ -97,7 +97,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
         run = open_results(run_dir)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    run.download()  # a remote run: its results here, checkpoints left remote
+    run.download(histories=False)  # a remote run: its results here; of its checkpoints, the one exported below
     root = run.local
     if not (root / SUMMARY).is_file():
         raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a finished tune-app run (an interrupted one: "

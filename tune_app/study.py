@@ -28,6 +28,8 @@ log = logging.getLogger("tune_app")
 
 CHECKPOINT_PREFIX = "checkpoint_"
 """Ray Tune's name for a trial's checkpoint folders (checkpoint_000000, ...)."""
+WANDB_DIR = "wandb"
+"""Where W&B writes a study's offline runs inside the run directory (wandb.init(dir=RUN_DIR) makes RUN_DIR/wandb)."""
 WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR")
 FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TUNE_APP_TEST_OOM_ABOVE")
 
@@ -74,10 +76,10 @@ class RunDir:
         with self.fs.open_input_stream(posixpath.join(self.path, name)) as f:
             return f.readall().decode("utf-8")
 
-    def download(self) -> None:
-        """A fresh copy of a remote run's results and trial histories in `local`, for export and report; the
-        checkpoints and W&B's offline runs stay remote (`fetch` the one checkpoint an export needs). No-op for a
-        local run directory."""
+    def download(self, *, histories: bool = True) -> None:
+        """A fresh copy of a remote run's results in `local`: the files at its top (summary, trials, study) and,
+        with `histories`, every trial's history (for the report). Checkpoints and W&B's offline runs stay remote
+        (`fetch` the one checkpoint an export needs). No-op for a local run directory."""
         if not self.remote:
             return
         import shutil
@@ -85,7 +87,8 @@ class RunDir:
         shutil.rmtree(self.local, ignore_errors=True)  # our staging folder: never a stale file in the copy
         for name in self._files(""):
             parts = name.split("/")
-            if parts[0] != "wandb" and not any(part.startswith(CHECKPOINT_PREFIX) for part in parts):
+            if len(parts) == 1 or (histories and parts[0] != WANDB_DIR
+                                   and not any(part.startswith(CHECKPOINT_PREFIX) for part in parts)):
                 self._download(name)
 
     def fetch(self, name: str) -> None:
@@ -569,5 +572,5 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
     if not complete:
         extra["resume_command"] = f"tune-app resume {run.uri}"
     summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra)
-    run.publish(results.SUMMARY, results.TRIALS, results.BEST_CONFIG, "wandb")  # W&B offline runs need a local dir
+    run.publish(results.SUMMARY, results.TRIALS, results.BEST_CONFIG, WANDB_DIR)  # W&B offline runs need a local dir
     return summary
