@@ -279,8 +279,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         last = df.iloc[-1]
         trial_id = last["trial_id"]
         trials.append(dict(train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
-                           imports_s=float(last["imports_s"]), in_trial_s=clock.done[trial_id] - clock.started[trial_id],
-                           done=clock.done[trial_id],
+                           imports_s=float(last["imports_s"]), done=clock.done[trial_id],
+                           in_trial_s=clock.done[trial_id] - clock.started[trial_id],
                            compile_time_s=float(last["compile_time_s"]), eval_time_s=float(df["eval_time_s"].sum()),
                            samples=int(len(prepared.splits.train_texts) * len(df)),
                            samples_per_s=float(df["train_samples_per_s"].mean()),
