@@ -185,9 +185,9 @@ def reference(name: str, folder: str, data, class_weights, steps: int, warmup: i
 def _free() -> None:
     import torch
 
-    from tune_app.trial import release_memory
+    from tune_app import base_cache
 
-    release_memory()
+    base_cache.clear()  # every part and model starts cold: nothing kept from the one before
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -279,7 +279,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         last = df.iloc[-1]
         trial_id = last["trial_id"]
         trials.append(dict(train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
-                           imports_s=float(last["imports_s"]), done=clock.done[trial_id],
+                           imports_s=float(last["imports_s"]), model_load_s=float(last["model_load_s"]),
+                           base_reused=bool(last["base_reused"]), done=clock.done[trial_id],
                            in_trial_s=clock.done[trial_id] - clock.started[trial_id],
                            compile_time_s=float(last["compile_time_s"]), eval_time_s=float(df["eval_time_s"].sum()),
                            samples=int(len(prepared.splits.train_texts) * len(df)),
@@ -303,7 +304,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
                 reuse_actors=cfg.tune.reuse_actors, wandb=cfg.wandb.mode,
                 samples_per_s=sum(t["samples"] for t in trials) / wall, utilisation=train_total / (wall * slots),
                 overhead_per_trial_s=overhead, setup_per_trial_s=mean("setup_time_s"),
-                imports_per_trial_s=mean("imports_s"), compile_per_trial_s=mean("compile_time_s"),
+                imports_per_trial_s=mean("imports_s"), model_load_per_trial_s=mean("model_load_s"),
+                bases_reused=sum(t["base_reused"] for t in trials), compile_per_trial_s=mean("compile_time_s"),
                 checkpoints_per_trial_s=in_trial_rest, between_trials_per_trial_s=between, tail_per_trial_s=tail,
                 eval_per_trial_s=mean("eval_time_s"),
                 per_trial_samples_per_s=mean("samples_per_s"), compiled_graphs=mean("compiled_graphs"),
@@ -335,7 +337,8 @@ def table(results: dict) -> str:
             else:
                 note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "
-                        f"incl. imports {p['imports_per_trial_s']:.1f} and compile/capture "
+                        f"incl. imports {p['imports_per_trial_s']:.1f}, model load {p['model_load_per_trial_s']:.1f} "
+                        f"({p['bases_reused']} of {p['trials']} reused) and compile/capture "
                         f"{p['compile_per_trial_s']:.1f}, checkpoints/reports {p['checkpoints_per_trial_s']:.1f}, "
                         f"between trials {p['between_trials_per_trial_s']:.1f}, tail {p['tail_per_trial_s']:.1f}), "
                         f"{p['cuda_graphs']:.0f} CUDA graphs/trial, "

@@ -3,32 +3,36 @@ learning on a toy task, and resuming from a checkpoint. `fit` runs in-process (n
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from tune_app import base_cache
 from tune_app.data import TokenizedData, TokenizedSplit
 from tune_app.space import HYPERPARAMETERS
 from tune_app.trial import (IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext, batch_loss,
-                            bucket_widths, build_model, collate, fit, length_grouped_batches, padded_width)
+                            bucket_widths, build_model, collate, fit, length_grouped_batches, padded_width,
+                            trial_base)
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
 """Deterministic runs; a wider random init so the toy signal is not squashed to noise by a random pooler."""
 
 
-def toy_split(n: int, seed: int) -> TokenizedSplit:
+def toy_split(n: int, seed: int, vocab: int = 10_000) -> TokenizedSplit:
     """Learnable toy task: the class is the first token (word id 1000 or 2000, where BERT pools from), followed by
-    4-40 random words."""
+    4-40 random words (3000-8999); ids scaled down for a smaller vocabulary."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    rows = [[1000 if y else 2000] + rng.integers(3000, 9000, int(rng.integers(4, 40))).tolist() for y in labels]
+    rows = [[vocab // 10 if y else vocab // 5] + rng.integers(vocab * 3 // 10, vocab * 9 // 10,
+                                                              int(rng.integers(4, 40))).tolist() for y in labels]
     return TokenizedSplit.from_lists([[int(t) for t in r] for r in rows], labels)
 
 
-def make_context(checkpoint: str, epochs: int, n_train: int = 64, n_val: int = 32) -> TrialContext:
-    data = TokenizedData(key="toy", train=toy_split(n_train, 0), val=toy_split(n_val, 1))
+def make_context(checkpoint: str, epochs: int, n_train: int = 64, n_val: int = 32, vocab: int = 10_000) -> TrialContext:
+    data = TokenizedData(key="toy", train=toy_split(n_train, 0, vocab), val=toy_split(n_val, 1, vocab))
     return TrialContext(models={"m": ModelSpec(checkpoint=checkpoint, data_key="toy")}, data_refs={"toy": data},
                         label_names=["0", "1"], class_weights=[0.8, 1.3], epochs=epochs, eval_batch_size=16,
                         max_length=64, compile=False)
@@ -156,16 +160,64 @@ def test_resume_restores_optimizer_and_schedule(tiny_models, tmp_path):
     assert resumed[-1][0]["train_time_s"] > resumed[-1][0]["epoch_time_s"]  # the clock carried over
 
 
-def test_a_trial_repeats_exactly_in_the_same_process(tiny_models):
+@pytest.mark.parametrize("lora_bias", ["none", "all"])
+def test_a_trial_repeats_exactly_in_the_same_process(tiny_models, lora_bias):
     """tune.reuse_actors runs trial after trial in one worker process: nothing of an earlier trial (RNG state,
-    threads, model) may leak into the next, so the same config gives the same adapter, dropout included."""
+    threads, trained weights) may leak into the next, so the same config gives the same adapter, dropout included.
+    The second trial reuses the base the first loaded (`base_cache`); with lora_bias all, the base's biases it
+    trained are back to their loaded values."""
+    base_cache.clear()
     ctx = make_context(tiny_models("bert"), epochs=1)
-    config = make_config(lora_dropout=0.1, learning_rate=1e-2, batch_size=8)
+    config = make_config(lora_dropout=0.1, learning_rate=1e-2, batch_size=8, lora_bias=lora_bias)
     first, second = run_fit(config, ctx), run_fit(config, ctx)
+    assert (first[0][0]["base_reused"], second[0][0]["base_reused"]) == (False, True)
     assert first[0][0]["f1"] == second[0][0]["f1"] and first[0][0]["train_loss"] == second[0][0]["train_loss"]
+    assert any("intermediate.dense.bias" in name for name in first[0][1]) == (lora_bias == "all")
     for name, tensor in first[0][1].items():
         torch.testing.assert_close(second[0][1][name], tensor, rtol=0, atol=0)
-    assert live_models() == 0  # what train_trial does after each trial: no model outlives it
+    assert live_models() == 0  # what train_trial does after each trial: no PEFT model outlives it
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "llama"])
+def test_a_kept_base_is_the_base_as_loaded(tiny_models, model_type):
+    """What a worker keeps after a trial is the base a fresh load gives: same modules, same weights (the trained
+    head copy and LoRA layers gone, the trained biases restored, in their dtype), nothing left trainable. All
+    linear layers adapted, so RoBERTa's head holds LoRA layers inside its trained copy too."""
+    from transformers import AutoConfig
+
+    base_cache.clear()
+    checkpoint = tiny_models(model_type)
+    ctx = make_context(checkpoint, epochs=1, vocab=AutoConfig.from_pretrained(checkpoint).vocab_size)
+    run_fit(make_config(learning_rate=1e-2, lora_bias="all", target_modules="all_linear"), ctx)
+    kept = base_cache.take((ctx.models["m"], ("0", "1"), False, "fp32", 0), lambda: pytest.fail("not kept"))
+    torch.manual_seed(ctx.seed)  # as fit seeds before its load: the same fresh head, then the same random state
+    fresh = trial_base(ctx.models["m"], ctx.label_names)
+    torch.testing.assert_close(kept.random_state[0], torch.get_rng_state(), rtol=0, atol=0)
+    assert kept.reused and {n: type(m) for n, m in kept.base.model.named_modules()} == {
+        n: type(m) for n, m in fresh.model.named_modules()}
+    kept_state, fresh_state = kept.base.model.state_dict(), fresh.model.state_dict()
+    assert kept_state.keys() == fresh_state.keys()
+    for name, tensor in fresh_state.items():
+        torch.testing.assert_close(kept_state[name], tensor, rtol=0, atol=0, msg=name)
+    assert not any(p.requires_grad for p in kept.base.model.parameters())
+    assert "peft_config" not in kept.base.model.__dict__
+    base_cache.clear()
+
+
+def test_a_worker_keeps_one_base_and_none_after_a_failed_trial(tiny_models, monkeypatch):
+    """A trial of another model replaces the kept base (one in memory at a time); a trial that fails keeps none
+    (its base may be half-changed), and the next trial loads afresh."""
+    base_cache.clear()
+    bert, roberta = make_context(tiny_models("bert"), epochs=1), make_context(tiny_models("roberta"), epochs=1)
+    run_fit(make_config(), bert)
+    assert run_fit(make_config(), roberta)[0][0]["base_reused"] is False
+    assert run_fit(make_config(), roberta)[0][0]["base_reused"] is True
+    monkeypatch.setenv(OOM_TEST_ENV, "1")  # every step fails, beyond the retries
+    with pytest.raises(torch.OutOfMemoryError):
+        run_fit(make_config(batch_size=8), dataclasses.replace(roberta, max_oom_retries=0))
+    monkeypatch.delenv(OOM_TEST_ENV)
+    assert run_fit(make_config(), roberta)[0][0]["base_reused"] is False
+    base_cache.clear()
 
 
 def live_models() -> int:
@@ -227,8 +279,8 @@ def test_cuda_graphs_train_like_eager(tiny_models, monkeypatch):
 
 
 def test_a_trial_stopped_by_tune_frees_its_model_before_the_next(tiny_models, monkeypatch):
-    """Tune stops a trial by raising SystemExit in tune.report; the model must be freed even then (not only when
-    fit returns), or a reused worker would carry one trial's weights into the next."""
+    """Tune stops a trial by raising SystemExit in tune.report; the trial's model must be freed even then (not only
+    when fit returns), or a reused worker would carry one trial's weights into the next."""
     import tune_app.trial as trial_mod
 
     alive_at_release = []
@@ -246,4 +298,6 @@ def test_a_trial_stopped_by_tune_frees_its_model_before_the_next(tiny_models, mo
     ctx, config = make_context(tiny_models("bert"), epochs=2), make_config()
     with pytest.raises(SystemExit):
         trial_mod.fit_then_release(lambda: fit(config, ctx, report=stopped_by_tune, threads=1))
-    assert alive_at_release == [0]
+    assert alive_at_release[-1] == 0
+    # The stopped trial's base is kept all the same: the worker's next trial reuses it.
+    assert run_fit(config, ctx)[0][0]["base_reused"] is True

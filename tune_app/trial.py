@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tune_app import base_cache
 from tune_app.cuda_graphs import CaptureFailed, StepGraphs
 from tune_app.data import TokenizedSplit
 from tune_app.families import (FAMILIES, align_head, checkpoint_head_labels, family_for, modules_to_save,
@@ -129,13 +130,19 @@ def load_base(spec: ModelSpec, label_names: list[str], *, on_gpu: bool = False, 
     return Base(model, tokenizer, family, pad_id, loading, note)
 
 
+def trial_base(spec: ModelSpec, label_names: list[str], *, on_gpu: bool = False, precision: str = "auto") -> Base:
+    """The base a trial adapts. Explicit target_modules also serve model types outside the family table (family
+    None: PEFT's default head); without them the table must know the model type."""
+    return load_base(spec, label_names, on_gpu=on_gpu, precision=precision, family_required=spec.target_modules is None)
+
+
 def build_model(spec: ModelSpec, params: dict[str, Any], label_names: list[str], *, on_gpu: bool = False,
-                precision: str = "auto"):
-    """`load_base`, then PEFT LoRA with the trial's hyperparameters. Returns (peft_model, family, pad_id)."""
+                precision: str = "auto", base: Base | None = None):
+    """PEFT LoRA with the trial's hyperparameters on `base` (by default `trial_base`, loaded here). Returns
+    (peft_model, family, pad_id)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    # Explicit target_modules also serve model types outside the table (family None: PEFT's default head).
-    base = load_base(spec, label_names, on_gpu=on_gpu, precision=precision, family_required=spec.target_modules is None)
+    base = base or trial_base(spec, label_names, on_gpu=on_gpu, precision=precision)
     family = base.family
     targets: Any = list(spec.target_modules) if spec.target_modules else family.target_modules(
         params["target_modules"])
@@ -287,6 +294,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on in a transformers model."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)  # the latter: < 5
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -458,7 +471,11 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     data = _fetch(ctx.data_refs[spec.data_key])
     t_data = time.perf_counter()
     autocast, precision = _autocast_factory(device, ctx.precision)
-    model, family, pad_id = build_model(spec, params, ctx.label_names, on_gpu=on_gpu, precision=precision)
+    # A worker's later trials of the same model reuse the base its last trial loaded (tune.reuse_actors).
+    lease = base_cache.take((spec, tuple(ctx.label_names), on_gpu, precision, ctx.seed), lambda: trial_base(
+        spec, ctx.label_names, on_gpu=on_gpu, precision=precision))
+    model, family, pad_id = build_model(spec, params, ctx.label_names, base=lease.base)
+    lease.adapted(model)
     model.to(device)
     # Adapters and head train in fp32 even when the frozen base is bf16 (AdamW on bf16 weights loses updates).
     for p in model.parameters():
@@ -560,10 +577,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                     step_loss += micro_step(rows[start:start + micro_batch], total_weight)
                 break
             except Exception as error:  # noqa: BLE001 - only OOM is retried here
-                base = model.get_base_model()
-                checkpointing = getattr(base, "is_activation_checkpointing", None)
-                if checkpointing is None:  # transformers < 5
-                    checkpointing = getattr(base, "is_gradient_checkpointing", False)
+                checkpointing = activation_checkpointing(model.get_base_model())
                 if not _is_oom(error) or (micro_batch == 1 and checkpointing) or oom_retries >= ctx.max_oom_retries:
                     raise
                 oom_retries += 1
@@ -613,7 +627,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         torch.cuda.reset_peak_memory_stats()
     t_ready = time.perf_counter()
     timing = dict(setup_time_s=t_ready - t_start, imports_s=t_imports - t_start, data_fetch_s=t_data - t_imports,
-                  model_load_s=t_load - t_data,
+                  model_load_s=t_load - t_data, base_reused=lease.reused,
                   compile_time_s=t_ready - t_load if fixed_shapes else 0.0)
     history = []
     for epoch in range(start_epoch, ctx.epochs):
@@ -646,8 +660,13 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                        os.path.join(tmp, STATE_FILE))
             Path(tmp, METRICS_FILE).write_text(json.dumps({**metrics, "config": params, "model": config["model"]},
                                                           indent=2, default=str))
-            report(metrics, tmp)
+            try:
+                report(metrics, tmp)
+            except SystemExit:  # Tune stops a trial inside its report (ASHA, max_t): the base is reusable all the same
+                lease.give_back()
+                raise
         history.append(metrics)
+    lease.give_back()
     return history
 
 

@@ -1,0 +1,130 @@
+"""One loaded base model kept in a trial worker between its trials (`tune.reuse_actors`).
+
+A worker that ran a trial of a model keeps that model's base (weights on the device, tokenizer) when the trial ends,
+stripped of the trial's LoRA layers and trained head copy, so its next trial of the same model skips the load:
+from_pretrained and the move to the GPU, seconds to tens of seconds for a 7B model. The next trial starts as a fresh
+load would: the same weights, every base parameter the adapter trained (lora_bias) restored, and the CPU and CUDA
+random states as they were right after that first load, so LoRA's init and dropout draw what they would have
+drawn. A trial repeats exactly whichever worker runs it (tests/test_trial.py).
+
+At most one base is kept: a trial of another model drops it before loading its own. A trial that fails, or one
+whose base was changed in ways stripping does not undo (compiled blocks, gradient checkpointing turned on after an
+OOM), gives nothing back, and the next trial loads afresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+_kept: Lease | None = None
+"""The base this process keeps for its next trial."""
+
+
+@dataclass
+class Lease:
+    """A base lent to one trial: `base.model` is what the trial adapts; `give_back` strips and keeps it."""
+
+    key: Hashable
+    base: Any
+    """What the loader returned; its `model` attribute is the transformers model."""
+    random_state: tuple
+    reused: bool = False
+    _trained: list = field(default_factory=list)
+    """(parameter, its data before training) of the base parameters the adapter trains."""
+    _own: set = field(default_factory=set)
+    """ids of the base's own parameters (PEFT adds its layers inside the base)."""
+
+    def __post_init__(self):
+        self._own = {id(p) for p in self.base.model.parameters()}
+
+    def adapted(self, peft_model) -> None:
+        """Note which base parameters the trial's adapter trains (biases under lora_bias all / lora_only), with their
+        values, dtype included, before the trial casts and trains them. Call right after get_peft_model."""
+        self._trained = [(p, p.data.clone()) for p in peft_model.parameters() if p.requires_grad and id(p) in self._own]
+
+    def give_back(self) -> bool:
+        """The trial is over: strip the adapter from the base and keep it for the next trial. Returns whether it is
+        kept (not when the trial compiled blocks or turned on gradient checkpointing)."""
+        global _kept
+        model = self.base.model
+        if not reusable(model):
+            return False
+        strip_adapter(model)
+        for parameter, data in self._trained:
+            parameter.data = data
+        self._trained = []
+        _kept = self
+        return True
+
+
+def take(key: Hashable, load: Callable[[], Any]) -> Lease:
+    """The base for `key`: the one this worker kept from its last trial if that was `key` (random state set to what
+    it was after that load), else `load()`ed afresh once anything kept has been dropped. Call it right after
+    seeding, as the load would be."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None and kept.key == key:
+        _set_random_state(kept.random_state)
+        kept.reused = True
+        return kept
+    del kept
+    _release()
+    base = load()
+    return Lease(key, base, _random_state())
+
+
+def clear() -> None:
+    """Drop the kept base (the benchmark, between models it times from a cold start)."""
+    global _kept
+    _kept = None
+    _release()
+
+
+def reusable(model) -> bool:
+    """Whether stripping the adapter gives back the base as loaded: not after regional compilation (the blocks stay
+    compiled for the trial's modules) or gradient checkpointing (turned on by an OOM retry)."""
+    from tune_app.trial import activation_checkpointing
+
+    if activation_checkpointing(model):
+        return False
+    return not any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def strip_adapter(model) -> None:
+    """Undo get_peft_model on its base `model`, in place: each head wrapper (modules_to_save) back to the module it
+    wrapped, untouched by training; each LoRA layer back to the layer it wrapped; every parameter frozen; the
+    peft_config PEFT attached removed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    # Wrappers first: a wrapped head can hold LoRA layers of its own (a target name that matches inside it).
+    for kind, inner in ((ModulesToSaveWrapper, lambda m: m.original_module),
+                        (BaseTunerLayer, lambda m: m.get_base_layer())):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, kind):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, inner(module))
+    model.requires_grad_(False)
+    model.__dict__.pop("peft_config", None)
+
+
+def _random_state() -> tuple:
+    import torch
+
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_random_state(state: tuple) -> None:
+    import torch
+
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _release() -> None:
+    from tune_app.trial import release_memory
+
+    release_memory()
