@@ -63,7 +63,7 @@ def test_failing_trial_is_reported_and_the_study_completes(tmp_path, tiny_models
     assert rows["broken"]["status"] == "FAILED" and rows["good"]["status"] == "COMPLETED"
     traceback = (run_dir / rows["broken"]["error"]).read_text()
     # The whole stack down to the weights loader, once per attempt: the first try and max_failures (1) retry.
-    assert "build_model" in traceback and "SafetensorError" in traceback, traceback[-2000:]
+    assert "load_base" in traceback and "SafetensorError" in traceback, traceback[-2000:]
     assert traceback.count("Failure # ") == 2, traceback[-2000:]
     assert not rows["good"]["error"]
     assert summary["failed_trials"] == [{"trial_id": rows["broken"]["trial_id"], "model": "broken",
