@@ -3,6 +3,7 @@ learning on a toy task, and resuming from a checkpoint. `fit` runs in-process (n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -14,8 +15,8 @@ from tune_app import base_cache
 from tune_app.data import TokenizedData, TokenizedSplit
 from tune_app.space import HYPERPARAMETERS
 from tune_app.trial import (IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext, batch_loss,
-                            bucket_widths, build_model, collate, fit, length_grouped_batches, padded_width,
-                            trial_base)
+                            bucket_widths, build_model, collate, fit, inference_batches, length_grouped_batches,
+                            padded_width, predict_logits, trial_base)
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
 """Deterministic runs; a wider random init so the toy signal is not squashed to noise by a random pooler."""
@@ -93,6 +94,33 @@ def test_bucketed_padding_gives_few_shapes():
     assert torch.equal(ids[2], ids[0]) and torch.equal(ids[3], ids[0])  # filler rows: a real row, no loss
 
 
+def test_inference_batches_hold_the_tokens_of_the_widest():
+    """Longest rows first; each batch holds at most the padded tokens of `batch_size` rows of the longest, so the
+    widest batch has batch_size rows and short rows go many to a batch."""
+    lengths = np.random.default_rng(4).integers(1, 120, size=500)
+    lengths[7] = 300
+    batches = inference_batches(lengths, 16)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    assert batches[0][0] == 7 and len(batches[0]) == 16
+    budget = 16 * padded_width(300)
+    assert all(len(b) * padded_width(int(lengths[b].max())) <= budget for b in batches)
+    assert len(batches) < 500 / 16 / 2  # fixed 16-row batches would need 32
+    assert inference_batches(np.array([], dtype=np.int64), 16) == []
+
+
+def test_evaluation_out_of_memory_halves_its_batches(tiny_models, monkeypatch, capsys):
+    """A trial whose evaluation runs out of memory retries with half the batch, down to what fits, and scores
+    every row as before, in row order."""
+    model, _, pad_id = build_model(ModelSpec(tiny_models("bert"), "k"), make_config(), ["0", "1"])
+    split = toy_split(70, 2)
+    args = (model, split, pad_id, 64, torch.device("cpu"), contextlib.nullcontext)
+    whole = predict_logits(*args)
+    monkeypatch.setenv(OOM_TEST_ENV, "10")
+    halved = predict_logits(*args)
+    assert "out of memory in evaluation: batches of 8 rows" in capsys.readouterr().out
+    np.testing.assert_allclose(halved, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_accumulation_equals_full_batch(tiny_models):
     checkpoint = tiny_models("bert", **NO_DROPOUT)
     model, _, pad_id = build_model(ModelSpec(checkpoint, "toy"), make_config(lora_rank=4), ["0", "1"])
@@ -131,6 +159,7 @@ def test_loss_decreases_and_accumulation_changes_nothing(tiny_models, monkeypatc
     monkeypatch.setenv(OOM_TEST_ENV, "4")
     accumulated = run_fit(config, make_context(ctx.models["m"].checkpoint, epochs=1))
     assert accumulated[0][0]["micro_batch_size"] == 4
+    assert abs(accumulated[0][0]["eval_loss"] - epochs[0][0]["eval_loss"]) < 1e-4  # evaluated in batches of 4
     for name, tensor in epochs[0][1].items():
         torch.testing.assert_close(accumulated[0][1][name], tensor, rtol=1e-3, atol=1e-5)
 

@@ -29,7 +29,7 @@ from tune_app.space import HYPERPARAMETERS, resolve_alpha
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 OOM_TEST_ENV = "TUNE_APP_TEST_OOM_ABOVE"
-"""Fault injection for tests only: raise a CUDA-style OOM when a micro-batch exceeds this many rows."""
+"""Fault injection for tests only: raise a CUDA-style OOM when a (micro-)batch exceeds this many rows."""
 
 
 @dataclass(frozen=True)
@@ -254,20 +254,48 @@ def mask_preparer(model, family, precision: str) -> Callable:
 # --------------------------------------------------------------------------------------------- evaluation
 
 
+def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Rows longest first, in batches of at most the tokens of `batch_size` rows of the longest: the widest batch has
+    `batch_size` rows and narrower ones more, so memory peaks where fixed-size batches peak, while short rows take
+    fewer forwards (fewer kernel launches on a GPU)."""
+    order = np.argsort(-lengths, kind="stable")
+    if not len(order):
+        return []
+    budget = batch_size * padded_width(int(lengths[order[0]]))
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, budget // padded_width(int(lengths[order[start]])))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
 def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast) -> np.ndarray:
-    """Logits for every row of a split (in row order), longest rows first so batches pad little."""
+    """Logits for every row of a split (in row order), in `inference_batches`. Out of memory, the batches halve
+    (a trial whose training fit only after its micro-batch halved must not fail in evaluation)."""
     import torch
 
-    order = np.argsort(-split.lengths, kind="stable")
     out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    oom_test_limit = int(os.environ.get(OOM_TEST_ENV, "0"))
     model.eval()
     with torch.inference_mode(), autocast():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask, _ = collate(split, rows, pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out[rows] = logits.float().cpu().numpy()
-    return out
+        while True:
+            try:
+                for rows in inference_batches(split.lengths, batch_size):
+                    if oom_test_limit and len(rows) > oom_test_limit:
+                        raise torch.OutOfMemoryError(f"CUDA out of memory (test: batch {len(rows)} > {oom_test_limit})")
+                    ids, mask, _ = collate(split, rows, pad_id)
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    out[rows] = logits.float().cpu().numpy()
+                return out
+            except Exception as error:  # noqa: BLE001 - only OOM is retried
+                if not _is_oom(error) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                print(f"[tune_app] out of memory in evaluation: batches of {batch_size} rows of the longest",
+                      flush=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
 
 def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
