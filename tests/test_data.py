@@ -67,6 +67,40 @@ def test_labels_map_to_0_K_minus_1(tmp_path, raw, names):
         assert names[label] == str(by_text[text])
 
 
+def test_a_validation_file_must_hold_the_training_labels(tmp_path):
+    """A validation file labelled otherwise than the source ('no'/'yes' against 0/1) is refused by validation
+    and by the load, instead of training a model with classes nothing trains."""
+    cfg = DataConfig(source=_write(tmp_path, [0, 1] * 10), validation=_write(tmp_path, ["no", "yes"] * 3, "v.csv"))
+    errors = data.check_source(cfg)
+    assert len(errors) == 1 and errors[0].startswith("data.validation: labels ['no', 'yes']"), errors
+    assert "labels there: [0, 1]" in errors[0]
+    with pytest.raises(data.DataError, match="write the labels alike"):
+        data.load_splits(cfg)
+    same = DataConfig(source=cfg.source, validation=_write(tmp_path, [1, 0, 1], "w.csv"))
+    assert data.check_source(same) == [] and data.load_splits(same).label_names == ["0", "1"]
+
+
+def test_a_validation_split_name_is_a_split_of_the_hub_source(tmp_path, monkeypatch):
+    """data.validation: test with a Hub source loads that dataset's 'test' split (the Hub is mocked: offline here);
+    with a local source a split name cannot work, and validation says so."""
+    import datasets
+
+    frames = {"train": pd.DataFrame({"text": list("abcdef"), "label": [0, 1] * 3}),
+              "test": pd.DataFrame({"text": ["x", "y"], "label": [1, 0]})}
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_pandas(frames[split])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    splits = data.load_splits(DataConfig(source="org/tweets", validation="test"))
+    assert calls == [("org/tweets", "train"), ("org/tweets", "test")]
+    assert splits.val_texts == ["x", "y"] and len(splits.train_texts) == 6
+    errors = data.check_source(DataConfig(source=_write(tmp_path, [0, 1] * 5), validation="test"))
+    assert len(errors) == 1 and "split names select a split of a Hub dataset" in errors[0], errors
+
+
 def test_label_mapping_orders_numbers_and_strings():
     assert data.label_mapping([4, 0, 2, 0]) == [0, 2, 4]
     assert data.label_mapping(["b", "a"]) == ["a", "b"]

@@ -99,7 +99,8 @@ class DataConfig:
     source: str = _f(None, (str,), "a Hub dataset name, or a local .csv/.json/.jsonl/.parquet path", required=True)
     text: str = _f("text", (str,), "text column")
     label: str = _f("label", (str,), "label column")
-    validation: str | None = _f(None, (str,), "validation split name (Hub) or local file; null: split off val_size")
+    validation: str | None = _f(None, (str,), "local file, or a split of the Hub data.source (e.g. test); "
+                                "null: split off val_size")
     val_size: float = _f(0.2, (float,), "held-out fraction when there is no validation split", check=_fraction)
     split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle")
     limit: int | None = _f(None, (int,), "use only N rows (seeded shuffle first): smoke runs", check=_at_least_one)

@@ -106,10 +106,15 @@ def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str
 def check_source(data: "DataConfig") -> list[str]:
     """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
     errors: list[str] = []
+    if data.validation is not None and not is_local_source(data.validation) and is_local_source(data.source):
+        return [f"data.validation: {data.validation!r} is neither an existing local file nor usable as a split name: "
+                f"split names select a split of a Hub dataset, and data.source is a local file; pass a validation "
+                f"file, or null to split off val_size"]
+    frames = {}
     for key, value in (("source", data.source), ("validation", data.validation)):
         if value is None:
             continue
-        if not is_local_source(value):  # a Hub dataset: offline, only its form can be checked
+        if not is_local_source(value):  # a Hub dataset or split: offline, only its form can be checked
             if key == "source" and not is_hub_name(value):
                 errors.append(f"data.source: {value!r} is neither an existing local file nor a Hub dataset name "
                               f"like 'org/name'")
@@ -128,8 +133,23 @@ def check_source(data: "DataConfig") -> list[str]:
         except Exception as e:  # noqa: BLE001 - any parse failure is a user-facing data problem
             errors.append(f"data.{key}: cannot read {value!r}: {e}")
             continue
-        errors.extend(_check_frame(df, data, repr(value), apply_limit=key == "source"))
+        found = _check_frame(df, data, repr(value), apply_limit=key == "source")
+        errors.extend(found)
+        if not found:
+            frames[key] = limit_rows(df, data.limit, data.split_seed) if key == "source" else df
+    if len(frames) == 2:
+        errors.extend(_check_validation_labels(frames["source"][data.label], frames["validation"][data.label], data))
     return errors
+
+
+def _check_validation_labels(train: "pd.Series", val: "pd.Series", data: "DataConfig") -> list[str]:
+    """A validation split may only hold labels the training data has (each is a class the model learns)."""
+    known = set(train.dropna().tolist())
+    unseen = label_mapping(list(set(val.dropna().tolist()) - known))
+    if not unseen:
+        return []
+    return [f"data.validation: labels {unseen} of {data.validation!r} are not in data.source's training rows "
+            f"(labels there: {label_mapping(list(known))}); write the labels alike in both files"]
 
 
 @dataclass
@@ -183,10 +203,13 @@ def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Spl
     df = _as_frame(data.source, None, data)
     df = limit_rows(df[[data.text, data.label]], data.limit, data.split_seed)
     full = datasets.Dataset.from_pandas(df, preserve_index=False)
-    if data.validation is not None:
+    if data.validation is not None:  # a local file, else a split of the Hub source
         train = full
-        val = datasets.Dataset.from_pandas(_as_frame(data.validation, data.validation, data)[[data.text, data.label]],
-                                           preserve_index=False)
+        val_frame = (read_local(data.validation) if is_local_source(data.validation)
+                     else _as_frame(data.source, data.validation, data))
+        if not label_order and (errors := _check_validation_labels(df[data.label], val_frame[data.label], data)):
+            raise DataError(errors[0])
+        val = datasets.Dataset.from_pandas(val_frame[[data.text, data.label]], preserve_index=False)
     else:
         parts = full.train_test_split(test_size=data.val_size, seed=data.split_seed)
         train, val = parts["train"], parts["test"]
