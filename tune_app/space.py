@@ -33,11 +33,18 @@ class Hyperparameter:
     doc: str
     """One line for `show` and the README."""
 
+    @property
+    def integer(self) -> bool:
+        """Takes integers only (a check made by `_number(integer=True)`)."""
+        return getattr(self.check, "integer", False)
+
 
 def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
             high_open: bool = False, integer: bool = False) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         kind = "an integer" if integer else "a number"
+        if isinstance(value, str) and _float_text(value):
+            return f"must be {kind}, got the text {value!r} (YAML reads 1e-5 as text: write 1.0e-5)"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {kind}, got {value!r}"
         if integer and not float(value).is_integer():
@@ -50,7 +57,16 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
             return f"must be {'<' if high_open else '<='} {high}, got {value!r}"
         return None
 
+    check.integer = integer
     return check
+
+
+def _float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
@@ -100,6 +116,9 @@ def check_value(name: str, value: Any) -> list[str]:
             return [f"choice value {v!r}: {why}" for v in args if (why := hp.check(v))]
         if not isinstance(args, list) or len(args) != 2:
             return [f"{kind} needs a list [low, high], got {args!r}"]
+        if hp.integer and kind != "int":
+            return [f"{name} takes integers, and {kind} draws fractions: use {{int: [low, high]}} (both ends "
+                    f"included) or {{choice: [...]}}"]
         low, high = args
         bad = [f"{kind} bound {v!r}: {why}" for v in (low, high) if (why := hp.check(v))]
         if bad:
