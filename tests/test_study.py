@@ -197,6 +197,28 @@ def test_best_config_retrains_one_trial(study, retrain):
     assert summary["models"][winner["model"]]["best_config"] == winner["config"]
 
 
+def test_best_config_reads_the_same_files_from_anywhere(tmp_path, small_csv, tiny_models, monkeypatch):
+    """A study written with paths relative to where it ran gives a best_config.yaml with absolute paths, which
+    validates from any other folder."""
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(small_csv, work / "tweets.csv")
+    monkeypatch.chdir(work)
+    (work / "study.yaml").write_text(yaml.safe_dump({
+        "name": "rel", "data": {"source": "./tweets.csv", "text": "text", "label": "target"},
+        "models": {"m": {"checkpoint": os.path.relpath(tiny_models("bert"), work)}},
+        "space": {"lora_rank": {"choice": [2, 4]}}}))
+    cfg = config.load("study.yaml")
+    text = results.retrain_yaml(cfg, "m", {"lora_rank": 4}, "# header\n")
+    (elsewhere / "best_config.yaml").write_text(text)
+    monkeypatch.chdir(elsewhere)
+    again = config.load(elsewhere / "best_config.yaml")  # raises ConfigError on a path it cannot find
+    assert again.data.source == str(work / "tweets.csv")
+    assert again.models["m"].checkpoint == tiny_models("bert")
+
+
 @pytest.mark.slow
 def test_a_second_run_never_overwrites_the_first(study, retrain):
     assert len(retrain.runs) == 2 and all(r.name.startswith("e2e-") for r in retrain.runs)

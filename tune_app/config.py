@@ -286,6 +286,27 @@ def is_local_checkpoint(name: str) -> bool:
     return name.startswith(PACKAGE_PREFIX) or is_local_path(name)
 
 
+def absolute_paths(raw: dict) -> dict:
+    """A copy of a study dict whose local data files and checkpoint folders are absolute paths (a YAML written
+    for later, such as study.yaml or best_config.yaml, then reads the same files from any working directory)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    data = raw.get("data") or {}
+    for key in ("source", "validation"):
+        if isinstance(data.get(key), str) and is_local_path(data[key]):
+            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    for name, spec in (raw.get("models") or {}).items():
+        checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
+        if isinstance(checkpoint, str) and not checkpoint.startswith(PACKAGE_PREFIX) and is_local_path(checkpoint):
+            absolute = os.path.abspath(os.path.expanduser(checkpoint))
+            if isinstance(spec, str):
+                raw["models"][name] = absolute
+            else:
+                spec["checkpoint"] = absolute
+    return raw
+
+
 def is_hub_name(name: str) -> bool:
     """Has the form of a Hub repository id: `name` or `org/name` (letters, digits, '.', '_', '-')."""
     return bool(_HUB_NAME.match(name))

@@ -7,14 +7,13 @@ checkpoint keeps).
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import StudyConfig, dump
+from tune_app.config import StudyConfig, absolute_paths, dump
 from tune_app.space import HYPERPARAMETERS
 
 SUMMARY = "summary.json"
@@ -137,8 +136,9 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
 
 
 def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str) -> str:
-    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed."""
-    raw = copy.deepcopy(cfg.raw)
+    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed, local
+    paths absolute (it is run from wherever the user is)."""
+    raw = absolute_paths(cfg.raw)
     model_raw = raw["models"][model]
     model_raw = {"checkpoint": model_raw} if isinstance(model_raw, str) else dict(model_raw)
     model_raw.pop("space", None)

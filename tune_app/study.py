@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import PACKAGE_PREFIX, ConfigError, StudyConfig, is_local_path, resolve_checkpoint
+from tune_app.config import ConfigError, StudyConfig, absolute_paths, resolve_checkpoint
 from tune_app.data import Splits, TokenizedData, load_splits, tokenize, tokenizer_key
 
 log = logging.getLogger("tune_app")
@@ -202,21 +202,7 @@ def open_run_dir(location: str) -> RunDir:
 
 def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
     """The merged study with local paths made absolute and output_dir pinned, so it reruns from anywhere."""
-    import copy
-
-    raw = copy.deepcopy(cfg.raw)
-    data = raw.get("data") or {}
-    for key in ("source", "validation"):
-        if isinstance(data.get(key), str) and is_local_path(data[key]):
-            data[key] = os.path.abspath(os.path.expanduser(data[key]))
-    for name, spec in (raw.get("models") or {}).items():
-        checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
-        if isinstance(checkpoint, str) and not checkpoint.startswith(PACKAGE_PREFIX) and is_local_path(checkpoint):
-            absolute = os.path.abspath(os.path.expanduser(checkpoint))
-            if isinstance(spec, str):
-                raw["models"][name] = absolute
-            else:
-                spec["checkpoint"] = absolute
+    raw = absolute_paths(cfg.raw)
     raw["output_dir"] = run.storage_path
     return raw
 
