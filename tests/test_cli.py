@@ -101,6 +101,20 @@ def test_run_with_bad_input_stops_before_ray_and_writes_nothing(bad, study, tmp_
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_run_with_a_hub_model_that_cannot_load_stops_before_ray_and_writes_nothing(study, tmp_path):
+    """A Hub name that validate accepts (its form is right) but that this offline machine has never downloaded:
+    exit 2 naming the checkpoint and the fix, before Ray, with no run directory left behind."""
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: the Hub is out of reach, as here
+    done = _python("-c", RUN_BEFORE_RAY, "run", str(study), "models.minilm.checkpoint=tune-app-tests/never-downloaded",
+                   cwd=tmp_path)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 2 and report["ray"] is False, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "models.minilm.checkpoint: cannot load 'tune-app-tests/never-downloaded'" in done.stderr, done.stderr
+    assert "hf download tune-app-tests/never-downloaded" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_show_prints_the_merged_study_and_each_models_space(study, capsys):
     assert main(["show", str(study), "tune.num_samples=4", "space.lora_dropout=0.1",
                  "models.minilm.space.lora_rank=16"]) == 0

@@ -242,9 +242,16 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     for name, model in cfg.models.items():
         path = resolve_checkpoint(model.checkpoint)
         load = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, **load)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **load)
+            hf_config = AutoConfig.from_pretrained(path, **load)
+        except (OSError, ValueError) as e:  # not in the HF cache and no Hub (offline), a private repo, a bad folder
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError([f"models.{name}.checkpoint: cannot load {model.checkpoint!r}: {reason} Download it "
+                               f"once where the Hub is reachable (hf download {model.checkpoint}), or set the "
+                               f"checkpoint to a local folder"]) from e
         if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
-            family_for(AutoConfig.from_pretrained(path, **load).model_type)
+            family_for(hf_config.model_type)
         key = tokenizer_key(tokenizer, cfg.data.max_length)
         if key not in tokenized:
             tokenized[key] = tokenize(tokenizer, splits, cfg.data.max_length)
@@ -367,15 +374,16 @@ class Session:
     trainable: Any
 
 
-def start_session(cfg: StudyConfig, address: str | None) -> Session:
-    """Data -> Ray -> object refs -> the trainable. Run start and resume both build the trainable this way."""
+def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData | None = None) -> Session:
+    """Data (`prepare_data` unless given) -> Ray -> object refs -> the trainable. Run start and resume both build
+    the trainable this way."""
     import ray
     from ray import tune
 
     from tune_app.search import MODEL_KEY
     from tune_app.trial import train_trial
 
-    prepared = prepare_data(cfg)
+    prepared = prepared or prepare_data(cfg)
     connect_ray(address)
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
@@ -446,10 +454,11 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Run a whole study; returns the summary written to <run_dir>/summary.json."""
+    prepared = prepare_data(cfg)  # a checkpoint that cannot load stops the study here: nothing written yet
     run = new_run_dir(cfg)
     warn_if_lost_in_job(cfg)
     save_study(cfg, run)
-    session = start_session(cfg, address)
+    session = start_session(cfg, address, prepared)
     _describe(cfg, session, run)
     grid = build_tuner(cfg, run, session.trainable).fit()
     return finish_study(cfg, run, grid, session)
