@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tune_app import config
 from tune_app.cli import EXIT_BAD_INPUT, main
 
@@ -108,6 +109,11 @@ OVERRIDE_CASES = {
     "override value not YAML": (["space.lora_rank={choice: [4"], ["override 'space.lora_rank={choice: [4'",
                                                                   "not valid YAML"]),
     "override through a scalar": (["name.x=1"], ["override name.x: name is 't', not a mapping"]),
+    "name with a path in it": (["name=../../escape"], ["name: '../../escape' names the run directories",
+                                                       "starting with a letter or digit"]),
+    "name with a folder in it": (["name=a/b"], ["name: 'a/b' names the run directories"]),
+    "output_dir a file": ([f"output_dir={REPO / 'pyproject.toml'}"], [f"output_dir: '{REPO / 'pyproject.toml'}' is "
+                                                                     "a file, not a folder"]),
 }
 
 

