@@ -9,10 +9,11 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from tune_app import cli
 from tune_app.report import PLOTS, REPORT, pareto_front, write_report
-from tune_app.results import SUMMARY, TRIALS
+from tune_app.results import STUDY, SUMMARY, TRIALS
 from tune_app.space import HYPERPARAMETERS
 
 
@@ -145,6 +146,27 @@ def test_cost_front_and_trials_tables_match_trials_csv(run_dir):
         assert (row["status"], number(row["epochs"])) == (t["status"], t["epochs"])
         assert {"learning_rate", "lora_rank"} <= set(row)  # the searched hyperparameters are columns
     assert per_trial["b0000003"]["best f1"] == "-"  # a failed trial has no metric, and says so
+
+
+def test_a_searched_hyperparameter_is_searched_even_when_every_trial_drew_the_same(run_dir):
+    """lora_dropout searched over a choice that happened to give every trial 0.05: the report says it was searched,
+    and does not list it among the values fixed in every trial; nor lora_alpha where lora_alpha_ratio set it."""
+    (run_dir / STUDY).write_text(yaml.safe_dump({
+        "name": "blog", "data": {"source": "tweets.csv"},
+        "models": {"roberta": "roberta-large", "mistral": "mistralai/Mistral-7B-v0.1"},
+        "space": {"lora_dropout": {"choice": [0.05, 0.1]}, "learning_rate": {"loguniform": [1.0e-5, 3.0e-4]},
+                  "lora_rank": {"choice": [4, 8, 16, 32]}}}))
+    trials = pd.read_csv(run_dir / TRIALS, dtype={"trial_id": str})
+    trials.loc[trials["model"] == "roberta", "lora_alpha_ratio"] = 2.0  # roberta's alpha: 2 x rank, not 16
+    trials.to_csv(run_dir / TRIALS, index=False)
+    text = write_report(run_dir).read_text()
+    searched = next(line for line in text.splitlines() if line.startswith("Searched: "))
+    assert searched.startswith("Searched: lora_rank, lora_dropout, learning_rate."), searched
+    fixed = dict(line[2:].split(": ", 1) for line in text.split("Fixed in every trial:")[1].split("\n")
+                 if line.startswith("- "))
+    assert "lora_dropout" not in fixed["roberta"] + fixed["mistral"]
+    assert "lora_alpha_ratio=2" in fixed["roberta"] and "lora_alpha=" not in fixed["roberta"]
+    assert "lora_alpha=16" in fixed["mistral"] and "lora_alpha_ratio" not in fixed["mistral"]
 
 
 def test_pareto_front_for_both_modes():

@@ -172,13 +172,21 @@ def memory_kind(run: RunData) -> str:
 
 
 def searched_hyperparameters(run: RunData) -> list[str]:
-    """Hyperparameters whose value differs between trials of at least one model (what the search varied)."""
+    """Hyperparameters the study searched for at least one model (a distribution in study.yaml, even when every
+    trial drew the same value), and any whose value differs between trials of a model (all of them, without
+    study.yaml)."""
+    from tune_app.space import is_distribution
+
+    cfg = run.config
+    in_space = set()
+    if cfg is not None and cfg.models is not None:
+        in_space = {name for model in cfg.models for name, v in cfg.model_space(model).items() if is_distribution(v)}
     names = []
     for name in HYPERPARAMETERS:
         if name not in run.trials:
             continue
         per_model = run.trials.groupby("model")[name].apply(lambda s: s.astype(str).nunique())
-        if (per_model > 1).any():
+        if name in in_space or (per_model > 1).any():
             names.append(name)
     return names
 
@@ -331,14 +339,16 @@ def trials_table(run: RunData, searched: list[str]) -> str:
 
 
 def fixed_values(run: RunData, searched: list[str]) -> str:
-    """Hyperparameters every trial of a model shared, one line per model."""
+    """Hyperparameters every trial of a model shared, one line per model (lora_alpha left out where
+    lora_alpha_ratio replaced it)."""
     lines = []
     for model in run.models:
         mine = run.trials[run.trials["model"] == model]
         if not len(mine):
             continue
+        unused = {"lora_alpha"} if "lora_alpha_ratio" in mine and mine["lora_alpha_ratio"].notna().any() else set()
         fixed = [f"{h}={_value(mine[h].iloc[0])}" for h in HYPERPARAMETERS
-                 if h in mine and h not in searched and mine[h].notna().any()]
+                 if h in mine and h not in {*searched, *unused} and mine[h].notna().any()]
         lines.append(f"- {model}: " + ", ".join(fixed))
     return "\n".join(lines)
 
