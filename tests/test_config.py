@@ -168,9 +168,10 @@ def test_empty_data_after_limit(study_yaml, capsys, tmp_path):
 
 
 def test_empty_text_values(study_yaml, capsys, tmp_path):
-    path = _csv(tmp_path, "blank.csv", [("a", 1), (None, 0)] * 5)
+    path = _csv(tmp_path, "blank.csv", [("a", 1), (None, 0)] * 4 + [("  ", 1), ("\t", 0)])
     err = validate(capsys, study_yaml(), f"data.source={path}")
-    assert "data.text: column 'text'" in err and "has 5 empty value(s)" in err
+    # Missing, and only spaces (which predict refuses too): 4 + 2.
+    assert "data.text: column 'text'" in err and "has 6 empty value(s) (missing or only spaces)" in err
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -82,10 +82,11 @@ def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_li
     if n_classes < 2:
         errors.append(f"data.label: column {data.label!r} in {where} has a single class "
                       f"({df[data.label].dropna().unique().tolist()}); classification needs at least two")
-    n_empty = int(df[data.text].isna().sum())
+    texts = df[data.text]
+    n_empty = int((texts.isna() | texts.map(lambda t: isinstance(t, str) and not t.strip())).sum())
     if n_empty:
-        errors.append(f"data.text: column {data.text!r} in {where} has {n_empty} empty value(s); "
-                      f"drop or fill them")
+        errors.append(f"data.text: column {data.text!r} in {where} has {n_empty} empty value(s) (missing or only "
+                      f"spaces); drop or fill them")
     if apply_limit and data.validation is None and n_classes >= 2:
         errors.extend(_check_split_sizes(len(df), n_classes, data, where))
     return errors

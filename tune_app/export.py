@@ -100,8 +100,11 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     run.download(histories=False)  # a remote run: its results here; of its checkpoints, the one exported below
     root = run.local
     if not (root / SUMMARY).is_file():
-        raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a finished tune-app run (an interrupted one: "
-                         f"tune-app resume {run_dir})")
+        if (root / STUDY).is_file():
+            raise UsageError(f"{run_dir}: no {SUMMARY} inside: the run has not finished; continue it with "
+                             f"tune-app resume {run_dir}")
+        raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a tune-app run directory; pass the folder "
+                         f"`tune-app run` printed as 'run directory'")
     summary = _read_json(root / SUMMARY)
     rows = _trial_rows(root) if (root / TRIALS).is_file() else []
     best = summary.get("best") or {}
@@ -141,7 +144,9 @@ def default_out(sel: Selection) -> Path:
 
 
 def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; a bundle is a folder: choose a new or empty folder")
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: already exists and is not empty; nothing is overwritten: choose another "
                          f"folder or remove it")
 
