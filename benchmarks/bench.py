@@ -18,6 +18,7 @@ once under --workdir; MiniLM uses the packaged real weights when installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -218,6 +219,10 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
             "train_loss", "f1")  # the last two: a faster loop must still train alike (compare --cuda-graphs off)
     result = {k: m[k] for k in keys}
     result.update(samples_per_s=m["train_samples_per_s"], wall_s=time.perf_counter() - t0)
+    # What a reused worker's next trial of this model pays instead of the load: one step, its base kept.
+    again = fit(config, dataclasses.replace(ctx, data_refs={data.key: subset(data, 8, 8)}),
+                report=lambda metrics, directory: None, threads=threads)[-1]
+    result.update(model_load_reused_s=again["model_load_s"], base_reused=again["base_reused"])
     _free()
     return result
 
@@ -333,7 +338,8 @@ def table(results: dict) -> str:
             elif part == "trial":
                 note = (f"{p['autocast']}, compiled={p['compiled']} ({p['compiled_graphs']} graphs), "
                         f"{p['cuda_graphs']} CUDA graphs, warm-up {p['compile_time_s']:.1f}s, "
-                        f"setup {p['setup_time_s']:.1f}s, threads {p['threads']}")
+                        f"setup {p['setup_time_s']:.1f}s (model load {p['model_load_s']:.2f}s, reused base "
+                        f"{p['model_load_reused_s']:.2f}s), threads {p['threads']}")
             else:
                 note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "

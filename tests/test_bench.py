@@ -32,7 +32,9 @@ def test_bench_measures_reference_trial_and_study(ray_session, tweets_csv, tmp_p
     reference, trial, study = result["reference"], result["trial"], result["study"]
     assert reference["samples_per_s"] > 0 and trial["samples_per_s"] > 0
     assert trial["cuda_graphs"] == 0 and 0.0 <= trial["f1"] <= 1.0  # CPU: no graphs; the epoch trained and scored
+    assert trial["base_reused"] is True and 0.0 <= trial["model_load_reused_s"] <= trial["model_load_s"]
     assert study["trials"] == 3 and study["failed"] == 0
+    assert study["bases_reused"] == 1  # 2 workers, 3 trials: the third runs in a worker that kept its base
     assert 0.0 < study["utilisation"] <= 1.0
     parts = ("setup_per_trial_s", "checkpoints_per_trial_s", "between_trials_per_trial_s", "tail_per_trial_s")
     assert study["setup_per_trial_s"] >= study["imports_per_trial_s"] >= 0.0
