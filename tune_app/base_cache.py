@@ -40,19 +40,25 @@ class Lease:
 
     def adapted(self, peft_model) -> None:
         """Note which base parameters the trial's adapter trains (biases under lora_bias all / lora_only), with their
-        values, dtype included, before the trial casts and trains them. Call right after get_peft_model."""
+        values, dtype and device included, before the trial casts and trains them. Call once the adapted model is
+        on its device."""
         self._trained = [(p, p.data.clone()) for p in peft_model.parameters() if p.requires_grad and id(p) in self._own]
 
     def give_back(self) -> bool:
         """The trial is over: strip the adapter from the base and keep it for the next trial. Returns whether it is
-        kept (not when the trial compiled blocks or turned on gradient checkpointing)."""
+        kept (not when the trial compiled blocks or turned on gradient checkpointing). Never raises: it runs while
+        Tune's stop (SystemExit) is on its way out, and a base it cannot strip is simply not kept."""
         global _kept
         model = self.base.model
         if not reusable(model):
             return False
-        strip_adapter(model)
-        for parameter, data in self._trained:
-            parameter.data = data
+        try:
+            strip_adapter(model)
+            for parameter, data in self._trained:
+                parameter.data = data
+        except Exception as error:  # noqa: BLE001 - the next trial loads afresh instead
+            print(f"[tune_app] base model not kept for the next trial: {type(error).__name__}: {error}", flush=True)
+            return False
         self._trained = []
         _kept = self
         return True
@@ -93,8 +99,8 @@ def reusable(model) -> bool:
 
 def strip_adapter(model) -> None:
     """Undo get_peft_model on its base `model`, in place: each head wrapper (modules_to_save) back to the module it
-    wrapped, untouched by training; each LoRA layer back to the layer it wrapped; every parameter frozen; the
-    peft_config PEFT attached removed."""
+    wrapped, untouched by training; each LoRA layer back to the layer it wrapped; every parameter frozen, without a
+    gradient; the peft_config PEFT attached removed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -105,7 +111,9 @@ def strip_adapter(model) -> None:
             if isinstance(module, kind):
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, inner(module))
-    model.requires_grad_(False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        parameter.grad = None  # a trained bias's gradient: a fresh load has none
     model.__dict__.pop("peft_config", None)
 
 
