@@ -103,9 +103,12 @@ def test_inference_batches_hold_the_tokens_of_the_widest():
     assert sorted(np.concatenate(batches).tolist()) == list(range(500))
     assert batches[0][0] == 7 and len(batches[0]) == 16
     budget = 16 * padded_width(300)
-    assert all(len(b) * padded_width(int(lengths[b].max())) <= budget for b in batches)
+    assert all(len(b) * padded_width(int(lengths[b].max())) <= budget and len(b) <= 4 * 16 for b in batches)
     assert len(batches) < 500 / 16 / 2  # fixed 16-row batches would need 32
     assert inference_batches(np.array([], dtype=np.int64), 16) == []
+    # Rows are capped at 4 x batch_size however short; an empty row (length 0) is a row like any other.
+    short = inference_batches(np.array([300] + [5] * 200 + [0]), 16)
+    assert [len(b) for b in short] == [16, 64, 64, 58]  # the first holds the 300-token row, padded to its width
 
 
 def test_evaluation_out_of_memory_halves_its_batches(tiny_models, monkeypatch, capsys):
@@ -114,11 +117,16 @@ def test_evaluation_out_of_memory_halves_its_batches(tiny_models, monkeypatch, c
     model, _, pad_id = build_model(ModelSpec(tiny_models("bert"), "k"), make_config(), ["0", "1"])
     split = toy_split(70, 2)
     args = (model, split, pad_id, 64, torch.device("cpu"), contextlib.nullcontext)
-    whole = predict_logits(*args)
+    whole, size = predict_logits(*args)
+    assert size == 64
     monkeypatch.setenv(OOM_TEST_ENV, "10")
-    halved = predict_logits(*args)
-    assert "out of memory in evaluation: batches of 8 rows" in capsys.readouterr().out
+    halved, fitted = predict_logits(*args)
+    assert "out of memory in evaluation: batches of 8 rows" in capsys.readouterr().out and fitted == 8
     np.testing.assert_allclose(halved, whole, rtol=1e-4, atol=1e-5)
+    # The size that fit fits next time: the next evaluation (next epoch) does not run out of memory again.
+    again, same = predict_logits(*args[:3], fitted, *args[4:])
+    assert same == fitted and "out of memory" not in capsys.readouterr().out
+    np.testing.assert_allclose(again, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_models):
@@ -228,7 +236,7 @@ def test_a_kept_base_is_the_base_as_loaded(tiny_models, model_type):
     assert kept_state.keys() == fresh_state.keys()
     for name, tensor in fresh_state.items():
         torch.testing.assert_close(kept_state[name], tensor, rtol=0, atol=0, msg=name)
-    assert not any(p.requires_grad for p in kept.base.model.parameters())
+    assert not any(p.requires_grad or p.grad is not None for p in kept.base.model.parameters())
     assert "peft_config" not in kept.base.model.__dict__
     base_cache.clear()
 

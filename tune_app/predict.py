@@ -170,7 +170,7 @@ def text_logits(model, tokenizer, texts: list[str], *, pad_id: int, max_length: 
     from tune_app.trial import predict_logits
 
     split = TokenizedSplit.from_lists(encode(tokenizer, texts, max_length), np.zeros(len(texts), dtype=np.int64))
-    return predict_logits(model, split, pad_id, batch_size, device, autocast)
+    return predict_logits(model, split, pad_id, batch_size, device, autocast)[0]
 
 
 def classify(clf: Classifier, texts: list[str]) -> np.ndarray:

@@ -29,7 +29,8 @@ from tune_app.space import HYPERPARAMETERS, resolve_alpha
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 OOM_TEST_ENV = "TUNE_APP_TEST_OOM_ABOVE"
-"""Fault injection for tests only: raise a CUDA-style OOM when a (micro-)batch exceeds this many rows."""
+"""Fault injection for tests only: raise a CUDA-style OOM when a training micro-batch, or the widest evaluation
+batch, exceeds this many rows."""
 
 
 @dataclass(frozen=True)
@@ -255,55 +256,60 @@ def mask_preparer(model, family, precision: str) -> Callable:
 
 
 def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Rows longest first, in batches of at most the tokens of `batch_size` rows of the longest: the widest batch has
-    `batch_size` rows and narrower ones more, so memory peaks where fixed-size batches peak, while short rows take
-    fewer forwards (fewer kernel launches on a GPU)."""
+    """Rows longest first, in batches of at most the tokens of `batch_size` rows of the longest and at most
+    4 x batch_size rows: the widest batch has `batch_size` rows, narrower ones more, so short rows take fewer
+    forwards (fewer kernel launches on a GPU). The row cap bounds what grows with rows, not tokens (DeBERTa's
+    relative-position tensors are per row)."""
     order = np.argsort(-lengths, kind="stable")
     if not len(order):
         return []
-    budget = batch_size * padded_width(int(lengths[order[0]]))
+    budget = batch_size * padded_width(max(1, int(lengths[order[0]])))
     batches, start = [], 0
     while start < len(order):
-        rows = max(1, budget // padded_width(int(lengths[order[start]])))
+        rows = min(4 * batch_size, max(1, budget // padded_width(max(1, int(lengths[order[start]])))))
         batches.append(order[start:start + rows])
         start += rows
     return batches
 
 
-def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast) -> np.ndarray:
-    """Logits for every row of a split (in row order), in `inference_batches`. Out of memory, the batches halve
-    (a trial whose training fit only after its micro-batch halved must not fail in evaluation)."""
+def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
+                   autocast) -> tuple[np.ndarray, int]:
+    """Logits for every row of a split (in row order), in `inference_batches`, and the batch size that fit: out of
+    memory, the batches halve (a trial whose training fit only after its micro-batch halved must not fail in
+    evaluation), and the caller keeps the size that fit for its next evaluation."""
     import torch
 
     out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
     oom_test_limit = int(os.environ.get(OOM_TEST_ENV, "0"))
     model.eval()
-    with torch.inference_mode(), autocast():
-        while True:
-            try:
+    while True:
+        try:
+            with torch.inference_mode(), autocast():
                 for rows in inference_batches(split.lengths, batch_size):
-                    if oom_test_limit and len(rows) > oom_test_limit:
-                        raise torch.OutOfMemoryError(f"CUDA out of memory (test: batch {len(rows)} > {oom_test_limit})")
+                    if oom_test_limit and batch_size > oom_test_limit:  # rows of the widest batch, as tokens go
+                        raise torch.OutOfMemoryError(f"CUDA out of memory (test: batch {batch_size} > "
+                                                     f"{oom_test_limit})")
                     ids, mask, _ = collate(split, rows, pad_id)
                     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                     out[rows] = logits.float().cpu().numpy()
-                return out
-            except Exception as error:  # noqa: BLE001 - only OOM is retried
-                if not _is_oom(error) or batch_size == 1:
-                    raise
-                batch_size //= 2
-                print(f"[tune_app] out of memory in evaluation: batches of {batch_size} rows of the longest",
-                      flush=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            return out, batch_size
+        except Exception as error:  # noqa: BLE001 - only OOM is retried
+            if not _is_oom(error) or batch_size == 1:
+                raise
+        # Out of the except block: the failed forward's tensors are released before the cache is emptied.
+        batch_size //= 2
+        print(f"[tune_app] out of memory in evaluation: batches of {batch_size} rows of the longest", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
              loss_weights: np.ndarray | None) -> dict[str, float]:
-    """Validation metrics and the (class-weighted) cross-entropy."""
-    logits = predict_logits(model, split, pad_id, batch_size, device, autocast)
+    """Validation metrics, the (class-weighted) cross-entropy, and eval_batch_size: the batch size that fit."""
+    logits, fitted = predict_logits(model, split, pad_id, batch_size, device, autocast)
     metrics = classification_metrics(split.labels, logits.argmax(-1), model.config.num_labels)
-    return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights)}
+    return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights),
+            "eval_batch_size": fitted}
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -503,8 +509,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     lease = base_cache.take((spec, tuple(ctx.label_names), on_gpu, precision, ctx.seed), lambda: trial_base(
         spec, ctx.label_names, on_gpu=on_gpu, precision=precision))
     model, family, pad_id = build_model(spec, params, ctx.label_names, base=lease.base)
-    lease.adapted(model)
     model.to(device)
+    lease.adapted(model)
     # Adapters and head train in fp32 even when the frozen base is bf16 (AdamW on bf16 weights loses updates).
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
@@ -672,6 +678,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         t0 = time.perf_counter()
         with _eager():
             metrics = evaluate(model, data.val, pad_id, eval_batch, device, autocast, weights)
+        eval_batch = metrics["eval_batch_size"]  # halved by an OOM: stays halved for the next epochs
         metrics.update(
             epoch=epoch + 1, train_loss=train_loss, train_time_s=train_seconds, epoch_time_s=epoch_seconds,
             eval_time_s=time.perf_counter() - t0, **timing,
