@@ -110,7 +110,7 @@ OVERRIDE_CASES = {
                                                                   "not valid YAML"]),
     "override through a scalar": (["name.x=1"], ["override name.x: name is 't', not a mapping"]),
     "name with a path in it": (["name=../../escape"], ["name: '../../escape' names the run directories",
-                                                       "starting with a letter or digit"]),
+                                                       "make it one folder name"]),
     "name with a folder in it": (["name=a/b"], ["name: 'a/b' names the run directories"]),
     "output_dir a file": ([f"output_dir={REPO / 'pyproject.toml'}"], [f"output_dir: '{REPO / 'pyproject.toml'}' is "
                                                                      "a file, not a folder"]),

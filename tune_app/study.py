@@ -247,9 +247,9 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
             hf_config = AutoConfig.from_pretrained(path, **load)
         except (OSError, ValueError) as e:  # not in the HF cache and no Hub (offline), a private repo, a bad folder
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError([f"models.{name}.checkpoint: cannot load {model.checkpoint!r}: {reason} Download it "
-                               f"once where the Hub is reachable (hf download {model.checkpoint}), or set the "
-                               f"checkpoint to a local folder"]) from e
+            raise ConfigError([f"models.{name}.checkpoint: cannot load {model.checkpoint!r}: {reason} (a Hub "
+                               f"model this machine cannot fetch: download it once where the Hub is reachable, "
+                               f"hf download {model.checkpoint}, or set the checkpoint to a local folder)"]) from e
         if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
             family_for(hf_config.model_type)
         key = tokenizer_key(tokenizer, cfg.data.max_length)
