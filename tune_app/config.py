@@ -28,7 +28,6 @@ PACKAGE_PREFIX = "package:"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-
 class ConfigError(Exception):
     """Every problem found in a study configuration, each naming its dotted path."""
 
