@@ -14,9 +14,9 @@ import torch
 from tune_app import base_cache
 from tune_app.data import TokenizedData, TokenizedSplit
 from tune_app.space import HYPERPARAMETERS
-from tune_app.trial import (IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext, batch_loss,
-                            bucket_widths, build_model, collate, fit, inference_batches, length_grouped_batches,
-                            padded_width, predict_logits, trial_base)
+from tune_app.trial import (CPU_INFERENCE_ROWS, IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext,
+                            batch_loss, bucket_widths, build_model, collate, fit, inference_batches,
+                            length_grouped_batches, padded_width, predict_logits, trial_base)
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
 """Deterministic runs; a wider random init so the toy signal is not squashed to noise by a random pooler."""
@@ -118,10 +118,10 @@ def test_evaluation_out_of_memory_halves_its_batches(tiny_models, monkeypatch, c
     split = toy_split(70, 2)
     args = (model, split, pad_id, 64, torch.device("cpu"), contextlib.nullcontext)
     whole, size = predict_logits(*args)
-    assert size == 64
-    monkeypatch.setenv(OOM_TEST_ENV, "10")
+    assert size == CPU_INFERENCE_ROWS == 8  # a CPU: small batches, which pad least
+    monkeypatch.setenv(OOM_TEST_ENV, "3")
     halved, fitted = predict_logits(*args)
-    assert "out of memory in evaluation: batches of 8 rows" in capsys.readouterr().out and fitted == 8
+    assert "out of memory in evaluation: batches of 4 rows" in capsys.readouterr().out and fitted == 2
     np.testing.assert_allclose(halved, whole, rtol=1e-4, atol=1e-5)
     # The size that fit fits next time: the next evaluation (next epoch) does not run out of memory again.
     again, same = predict_logits(*args[:3], fitted, *args[4:])

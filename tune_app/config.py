@@ -127,8 +127,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = _f(3, (int,), "epochs per trial (ASHA's max_t)", check=_at_least_one)
     batch_size: int = _f(8, (int,), "default effective batch size (space.batch_size overrides)", check=_at_least_one)
-    eval_batch_size: int = _f(64, (int,), "rows of the widest validation batch (at least 4 x batch_size); "
-                              "shorter rows go more to a batch, up to as many tokens", check=_at_least_one)
+    eval_batch_size: int = _f(64, (int,), "rows of the widest validation batch on a GPU (at least 4 x batch_size; "
+                              "8 on a CPU); shorter rows go more to a batch, up to as many tokens",
+                              check=_at_least_one)
     weighted_loss: bool = _f(True, (bool,), "cross-entropy weighted by inverse class frequency of the train split")
     seed: int = _f(0, (int,), "seed of model init, data order and dropout")
     precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
