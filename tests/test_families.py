@@ -301,12 +301,12 @@ def test_evaluate_baseline_scores_a_checkpoint_head_by_label_name(sentiment_chec
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tune_app.predict import Bundle, baseline_probs
+    from tune_app.predict import Bundle, baseline_probs, baseline_spec
 
     order = ["positive", "negative", "neutral"]
     bundle = Bundle(Path("unused"), {"inference": {"precision": "fp32", "batch_size": 4}, "data": {"max_length": 32}},
                     {"label_names": order})
-    probs, note = baseline_probs(sentiment_checkpoint, bundle, TEXTS, "cpu")
+    probs, note = baseline_probs(baseline_spec(sentiment_checkpoint), bundle, TEXTS, "cpu")
     own = AutoModelForSequenceClassification.from_pretrained(sentiment_checkpoint).eval()
     with torch.no_grad():
         own_probs = torch.softmax(own(**AutoTokenizer.from_pretrained(sentiment_checkpoint)(

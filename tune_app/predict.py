@@ -377,18 +377,16 @@ def baseline_spec(checkpoint: str):
     return ModelSpec(checkpoint=path, data_key="")
 
 
-def baseline_probs(checkpoint: str | None, bundle: Bundle, texts: list[str],
-                   device: str | None) -> tuple[np.ndarray, str]:
+def baseline_probs(spec, bundle: Bundle, texts: list[str], device: str | None) -> tuple[np.ndarray, str]:
     """A checkpoint alone (no adapter), loaded as a trial loads its base (`trial.load_base`: labels, head rows
-    matched by label name, pad token), the bundle's own base when `checkpoint` is None: probabilities, and a note
-    on where its classification head came from."""
+    matched by label name, pad token): `spec` is the bundle's own base (`base_spec`) or --baseline CHECKPOINT
+    (`baseline_spec`). Probabilities, and a note on where its classification head came from."""
     import torch
 
     from tune_app.families import fresh_weights
     from tune_app.trial import _autocast_factory, load_base, quiet_libraries
 
     quiet_libraries()
-    spec = base_spec(bundle) if checkpoint is None else baseline_spec(checkpoint)
     dev = _device(device)
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
     base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda")
@@ -416,8 +414,9 @@ def evaluate(bundle_path: str, data_path: str, *, label_column: str | None = Non
     texts = texts_of(frame, text_col, data_path)
     labels = label_ids(frame[label_col].tolist(), bundle, data_path, label_col)
     cut = bundle.decision_threshold(threshold)
-    if baseline not in (None, "base"):
-        baseline_spec(baseline)  # a baseline that cannot load fails now, not after the bundle is scored
+    # A baseline checkpoint that cannot load fails now, not after the bundle is scored.
+    own_base = baseline == "base"
+    spec = None if baseline is None else base_spec(bundle) if own_base else baseline_spec(baseline)
 
     clf = load_classifier(bundle, device=device)
     probs = probabilities(classify(clf, texts))
@@ -427,11 +426,10 @@ def evaluate(bundle_path: str, data_path: str, *, label_column: str | None = Non
     }
     if cut is not None and bundle.num_labels == 2:
         report["tuned_argmax"] = score(labels, probs, bundle.label_names, None)
-    if baseline is not None:
-        own_base = baseline == "base"
+    if spec is not None:
         base = bundle.manifest["base"]["checkpoint"] if own_base else baseline
         del clf  # free the tuned model before loading the baseline
-        base_probs, note = baseline_probs(None if own_base else baseline, bundle, texts, device)
+        base_probs, note = baseline_probs(spec, bundle, texts, device)
         report["baseline"] = {"checkpoint": base, "note": note,
                               **score(labels, base_probs, bundle.label_names, None)}
     return report
