@@ -314,6 +314,12 @@ def absolute_paths(raw: dict) -> dict:
     return raw
 
 
+def first_line(error: BaseException) -> str:
+    """What a message quotes of a library's error: its first line (Hub errors run to paragraphs), else its class."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def is_hub_name(name: str) -> bool:
     """Has the form of a Hub repository id: `name` or `org/name` (letters, digits, '.', '_', '-')."""
     return bool(_HUB_NAME.match(name))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tune_app.cli import UsageError
-from tune_app.config import is_local_checkpoint, resolve_checkpoint
+from tune_app.config import first_line, is_local_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -371,8 +371,7 @@ def baseline_spec(checkpoint: str):
         path = resolve_checkpoint(checkpoint)
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:  # no such folder, no config.json, a Hub name not downloaded (offline)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--baseline: cannot load {checkpoint!r}: {reason} Pass a local model folder, or a Hub "
+        raise UsageError(f"--baseline: cannot load {checkpoint!r}: {first_line(e)} Pass a local model folder, or a Hub "
                          f"name this machine has downloaded") from None
     return ModelSpec(checkpoint=path, data_key="")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import ConfigError, StudyConfig, absolute_paths, resolve_checkpoint
+from tune_app.config import ConfigError, StudyConfig, absolute_paths, first_line, resolve_checkpoint
 from tune_app.data import Splits, TokenizedData, load_splits, tokenize, tokenizer_key
 
 log = logging.getLogger("tune_app")
@@ -246,8 +246,7 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
             tokenizer = AutoTokenizer.from_pretrained(path, **load)
             hf_config = AutoConfig.from_pretrained(path, **load)
         except (OSError, ValueError) as e:  # not in the HF cache and no Hub (offline), a private repo, a bad folder
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError([f"models.{name}.checkpoint: cannot load {model.checkpoint!r}: {reason} (a Hub "
+            raise ConfigError([f"models.{name}.checkpoint: cannot load {model.checkpoint!r}: {first_line(e)} (a Hub "
                                f"model this machine cannot fetch: download it once where the Hub is reachable, "
                                f"hf download {model.checkpoint}, or set the checkpoint to a local folder)"]) from e
         if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
