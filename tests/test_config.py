@@ -155,7 +155,7 @@ def test_single_class(study_yaml, capsys, tmp_path):
 def test_single_class_after_limit(study_yaml, capsys, small_csv):
     # One row can hold only one class: the check runs on the rows `limit` keeps, not on the whole file.
     err = validate(capsys, study_yaml(), "data.limit=1")
-    assert "data.label: column 'target'" in err and "has a single class" in err
+    assert "data.limit: the 1 row(s) of " in err and "are all one class ([1] of 2); raise data.limit" in err
 
 
 def test_empty_data_after_limit(study_yaml, capsys, tmp_path):

@@ -80,6 +80,24 @@ def test_a_validation_file_must_hold_the_training_labels(tmp_path):
     assert data.check_source(same) == [] and data.load_splits(same).label_names == ["0", "1"]
 
 
+def test_a_limit_that_drops_a_rare_class_is_named_as_the_cause(tmp_path):
+    """One row of class 2 among 41: data.limit=3 keeps none of it, while the validation file has it; the message
+    names data.limit (the user's fix), not the files' labels. A limit that keeps a single class says so too."""
+    source = _write(tmp_path, [0] * 20 + [1] * 20 + [2])
+    cfg = DataConfig(source=source, validation=_write(tmp_path, [0, 1, 2], "v.csv"), limit=3, split_seed=0)
+    assert sorted(data.limit_rows(pd.read_csv(source), 3, 0)["label"]) == [0, 1, 1]
+    (error,) = data.check_source(cfg)
+    assert error.startswith("data.limit: the 3 training row(s) that data.limit=3 keeps have no row of the labels [2]")
+    assert "raise data.limit" in error
+    cfg.limit = None
+    assert data.check_source(cfg) == []
+
+    one_class = DataConfig(source=_write(tmp_path, [0] * 40 + [1], "one.csv"), limit=3, split_seed=0)
+    (error,) = data.check_source(one_class)
+    assert error.startswith("data.limit: the 3 row(s) of ")
+    assert "are all one class ([0] of 2); raise data.limit" in error
+
+
 def test_a_validation_split_name_is_a_split_of_the_hub_source(tmp_path, monkeypatch):
     """data.validation: test with a Hub source loads that dataset's 'test' split (the Hub is mocked: offline here);
     with a local source a split name cannot work, and validation says so."""

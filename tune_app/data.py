@@ -79,6 +79,7 @@ def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_li
                           f"{', '.join(map(str, df.columns))}")
     if missing:
         return errors
+    full_classes = df[data.label].dropna().nunique()
     if apply_limit:
         df = limit_rows(df, data.limit, data.split_seed)
     if len(df) == 0:
@@ -90,7 +91,10 @@ def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_li
         errors.append(f"data.label: column {data.label!r} in {where} has {n_missing} missing value(s) "
                       f"(first rows: {rows}); drop or fill them")
     n_classes = df[data.label].dropna().nunique()
-    if n_classes < 2:
+    if n_classes < 2 and full_classes >= 2:  # only the limit's sample is one class
+        errors.append(f"data.limit: the {len(df)} row(s) of {where} that data.limit={data.limit} keeps are all one "
+                      f"class ({df[data.label].dropna().unique().tolist()} of {full_classes}); raise data.limit")
+    elif n_classes < 2:
         errors.append(f"data.label: column {data.label!r} in {where} has a single class "
                       f"({df[data.label].dropna().unique().tolist()}); classification needs at least two")
     texts = df[data.text]
@@ -162,6 +166,10 @@ def _check_validation_labels(train: "pd.Series", val: "pd.Series", data: "DataCo
     unseen = label_mapping(list(set(val.dropna().tolist()) - known))
     if not unseen:
         return []
+    if data.limit is not None:  # the limit's sample may have left a rare class out
+        return [f"data.limit: the {len(train)} training row(s) that data.limit={data.limit} keeps have no row of the "
+                f"labels {unseen} that data.validation {data.validation!r} holds (labels kept: "
+                f"{label_mapping(list(known))}); raise data.limit, or check the labels are written alike in both files"]
     return [f"data.validation: labels {unseen} of {data.validation!r} are not in data.source's training rows "
             f"(labels there: {label_mapping(list(known))}); write the labels alike in both files"]
 
