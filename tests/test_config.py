@@ -82,6 +82,12 @@ OVERRIDE_CASES = {
                                     "'choice', 'uniform', 'loguniform', 'int'"]),
     "bad distribution in a model's space": (["models.m.space.lora_rank={choice: []}"],
                                             ["models.m.space.lora_rank: choice needs a non-empty list, got []"]),
+    "lora_alpha searched beside a ratio": (["space.lora_alpha={choice: [16, 32]}", "space.lora_alpha_ratio=2"],
+                                           ["space.lora_alpha: searched, but space.lora_alpha_ratio is set",
+                                            "search space.lora_alpha_ratio instead"]),
+    "a model's ratio beside the study's searched alpha": (
+        ["space.lora_alpha={choice: [16, 32]}", "models.m.space.lora_alpha_ratio=2"],
+        ["space.lora_alpha: searched, but models.m.space.lora_alpha_ratio is set"]),
     "num_samples 0": (["tune.num_samples=0"], ["tune.num_samples: must be >= 1, got 0"]),
     "model num_samples -1": (["models.m.num_samples=-1"], ["models.m.num_samples: must be >= 1, got -1"]),
     "unknown metric": (["tune.metric=auc"], ["tune.metric: must be one of", "'f1'", "'accuracy'", "got 'auc'"]),
@@ -121,6 +127,27 @@ OVERRIDE_CASES = {
 def test_bad_override_is_reported(study_yaml, capsys, overrides, fragments):
     lines = error_lines(validate(capsys, study_yaml(), *overrides))
     assert any(all(f in line for f in fragments) for line in lines), f"{fragments} not in one line of {lines}"
+
+
+def test_a_searched_ratio_or_a_fixed_alpha_beside_a_ratio_is_fine(study_yaml, capsys):
+    """Only a searched lora_alpha is refused next to a ratio: best_config.yaml fixes both (the ratio wins)."""
+    assert main(["validate", study_yaml(), "space.lora_alpha_ratio={choice: [1, 2]}",
+                 "space.lora_alpha={choice: [16, 32]}", "space.lora_alpha_ratio=null"]) == 0
+    assert main(["validate", study_yaml(), "space.lora_alpha=32", "space.lora_alpha_ratio={choice: [1, 2]}"]) == 0
+
+
+def test_startup_trials_that_leave_tpe_nothing_are_a_note(study_yaml, capsys):
+    """tune.n_startup_trials >= a model's trials is allowed (a seeded random search) but said, per model; only
+    where something is searched."""
+    assert main(["validate", study_yaml(), "tune.n_startup_trials=4", "tune.num_samples=6",
+                 "models.m.num_samples=4"]) == 0
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert note == ("note: tune.n_startup_trials=4 >= the 4 trial(s) of model m: each is a random draw and TPE never "
+                    "proposes one (a random search); set it below 4 for a Bayesian search")
+    assert main(["show", study_yaml(), "tune.n_startup_trials=4", "tune.num_samples=5"]) == 0
+    assert "note: " not in capsys.readouterr().out
+    assert main(["validate", study_yaml(space={}), "tune.n_startup_trials=10", "tune.num_samples=2"]) == 0
+    assert "note: " not in capsys.readouterr().out
 
 
 def test_model_folder_without_config(study_yaml, capsys, tmp_path):

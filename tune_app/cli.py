@@ -32,10 +32,16 @@ def _load(args) -> StudyConfig:
     return config_mod.load(args.space, args.overrides, check_wandb=True)
 
 
+def _print_notes(cfg: StudyConfig) -> None:
+    for note in config_mod.notes(cfg):
+        print(f"note: {note}")
+
+
 def cmd_validate(args) -> int:
     cfg = _load(args)
     n = cfg.planned_trials
     print(f"{args.space}: OK ({len(cfg.models)} model(s), {n} trial(s), metric {cfg.tune.metric} ({cfg.tune.mode}))")
+    _print_notes(cfg)
     return 0
 
 
@@ -55,11 +61,13 @@ def cmd_show(args) -> int:
                 continue
             tag = "search" if space_mod.is_distribution(value) else "fixed "
             print(f"  {tag} {key:<17} {space_mod.describe(value)}")
+    _print_notes(cfg)
     return 0
 
 
 def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
+    _print_notes(cfg)
     from tune_app.study import disconnect_ray, run_study
 
     try:

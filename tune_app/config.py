@@ -437,6 +437,7 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
         errors.append(f"output_dir: {cfg.output_dir!r} is a file, not a folder; run directories are made inside "
                       f"output_dir: name a folder (new or existing)")
     _check_space(cfg.space, "space", errors)
+    _check_alpha_ratio(cfg, errors)
     if cfg.tune.metric == "eval_loss" and cfg.tune.mode != "min":
         errors.append("tune.mode: eval_loss is minimised; set tune.mode=min")
     if cfg.tune.asha.grace_period > cfg.train.epochs:
@@ -444,6 +445,36 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
                       f"got {cfg.tune.asha.grace_period}")
     cfg.raw = raw
     return cfg
+
+
+def _check_alpha_ratio(cfg: StudyConfig, errors: list[str]) -> None:
+    """A searched lora_alpha beside a lora_alpha_ratio: the ratio sets alpha, so TPE would search a knob that does
+    nothing."""
+    if not isinstance(cfg.space, dict) or not all(isinstance(m.space, dict) for m in cfg.models.values()):
+        return  # already reported
+    for name, model in cfg.models.items():
+        params = cfg.model_space(name)
+        if params["lora_alpha_ratio"] is None or not space_mod.is_distribution(params["lora_alpha"]):
+            continue
+        alpha, ratio = (f"models.{name}.space.{key}" if key in model.space else f"space.{key}"
+                        for key in ("lora_alpha", "lora_alpha_ratio"))
+        message = (f"{alpha}: searched, but {ratio} is set and replaces it (lora_alpha = ratio x lora_rank), so "
+                   f"this search would change nothing: search {ratio} instead, or set {ratio}=null to search lora_alpha")
+        if message not in errors:
+            errors.append(message)
+
+
+def notes(cfg: StudyConfig) -> list[str]:
+    """Settings that are allowed but seldom meant, one line each (validate, show and run print them)."""
+    found = []
+    startup = cfg.tune.n_startup_trials
+    for name in cfg.models:
+        n = cfg.model_samples(name)
+        if startup is not None and startup >= n and space_mod.searched(cfg.model_space(name)):
+            found.append(f"tune.n_startup_trials={startup} >= the {n} trial(s) of model {name}: each is a random "
+                         f"draw and TPE never proposes one (a random search); set it below {n} for a Bayesian "
+                         f"search")
+    return found
 
 
 def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True,

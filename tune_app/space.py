@@ -106,6 +106,8 @@ def is_distribution(value: Any) -> bool:
 def check_value(name: str, value: Any) -> list[str]:
     """Problems with one `space` entry (fixed value or distribution), as messages without the path."""
     hp = HYPERPARAMETERS[name]
+    if value is None and hp.default is None:  # an optional knob left unset (null), as by default
+        return []
     if isinstance(value, dict):
         if not is_distribution(value):
             return [f"a distribution is a mapping with one key of {list(DISTRIBUTIONS)}, got {value!r}"]
