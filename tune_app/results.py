@@ -48,13 +48,10 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         history = result.metrics_dataframe
         records = history.to_dict("records") if history is not None and len(history) else []
         records = [r for r in records if r.get(metric) is not None]
-        best = None
-        for record in records:
-            if best is None or _better(record[metric], best[metric], mode):
-                best = record
+        checkpoint = result.get_best_checkpoint(metric, mode) if records else None
+        best = _best_record(records, metric, mode, _kept_epoch(result, checkpoint))
         epochs = int(max((r.get("training_iteration", 0) for r in records), default=0))
         status = ("FAILED" if result.error else "STOPPED_EARLY" if epochs < cfg.train.epochs else "COMPLETED")
-        checkpoint = result.get_best_checkpoint(metric, mode) if records else None
         trial_path = Path(result.path)
         row: dict[str, Any] = {
             "trial_id": trial_id_of(result),
@@ -78,6 +75,26 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         rows.append({k: _clean(v) for k, v in row.items()})
     rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
     return rows
+
+
+def _kept_epoch(result, checkpoint) -> int | None:
+    """The epoch whose adapter Tune kept as the trial's best checkpoint."""
+    for kept, metrics in result.best_checkpoints or ():
+        if checkpoint is not None and kept.path == checkpoint.path:
+            return metrics.get("training_iteration")
+    return None
+
+
+def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | None) -> dict | None:
+    """A trial's best epoch: the one whose checkpoint Tune kept, so that where epochs tie on the metric the best
+    epoch's other metrics, the checkpoint and an exported bundle are all the same epoch; else the first best."""
+    best = None
+    for record in records:
+        if record.get("training_iteration") == kept_epoch:
+            return record
+        if best is None or _better(record[metric], best[metric], mode):
+            best = record
+    return best
 
 
 def trial_id_of(result) -> str:
