@@ -127,6 +127,8 @@ def test_show_prints_the_merged_study_and_each_models_space(study, capsys):
     assert lines["lora_rank"] == "fixed"  # the model's own space wins over the study's choice
     assert "fixed  lora_rank         16" in out and "fixed  lora_dropout      0.1" in out
     assert "fixed  batch_size        4" in out  # train.batch_size, no space entry
+    assert main(["show", str(study), "space.lora_alpha_ratio=2"]) == 0
+    assert "fixed  lora_alpha        lora_alpha_ratio x lora_rank" in capsys.readouterr().out
 
 
 def test_bad_input_to_show_exits_2(study, capsys):

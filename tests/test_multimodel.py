@@ -62,6 +62,7 @@ def test_encoder_and_decoder_share_one_study(encoder_decoder_run):
     # Each model its own space: llama's overrides apply to llama only.
     llama, bert = trials[trials["model"] == "llama"].iloc[0], trials[trials["model"] == "bert"]
     assert llama["target_modules"] == "all_linear" and llama["lora_alpha_ratio"] == 2.0
+    assert llama["lora_alpha"] == 2.0 * llama["lora_rank"] and (bert["lora_alpha"] == 16).all()  # as trained
     assert set(bert["target_modules"]) == {"attention_qv"} and bert["lora_alpha_ratio"].isna().all()
     # 3 classes: macro-averaged metrics were reported for both models.
     assert trials["best_f1"].between(0, 1).all() and trials["best_accuracy"].between(0, 1).all()

@@ -263,6 +263,19 @@ def test_same_seed_same_proposals():
     assert all(2 <= p["lora_rank"] <= 32 for p in first if p["model"] == "b")
 
 
+def test_a_ratio_sets_the_proposed_lora_alpha():
+    """Trials record the lora_alpha they train with: ratio x rank where lora_alpha_ratio is set."""
+    from tune_app.search import PerModelSearch
+
+    spaces = {"r": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": {"choice": [1.0, 2.0]}},
+              "a": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": None}}
+    searcher = PerModelSearch(spaces, {"r": 3, "a": 3}, metric="f1", mode="max", seed=0)
+    proposals = [searcher.suggest(f"t{i}") for i in range(6)]
+    for p in proposals:
+        expected = p["lora_alpha_ratio"] * p["lora_rank"] if p["model"] == "r" else 16
+        assert p["lora_alpha"] == expected, p
+
+
 def test_different_seeds_differ():
     assert _proposals(seed=0) != _proposals(seed=1)
 

@@ -60,7 +60,10 @@ def cmd_show(args) -> int:
             if value is None:
                 continue
             tag = "search" if space_mod.is_distribution(value) else "fixed "
-            print(f"  {tag} {key:<17} {space_mod.describe(value)}")
+            shown = space_mod.describe(value)
+            if key == "lora_alpha" and params["lora_alpha_ratio"] is not None:
+                tag, shown = "fixed ", "lora_alpha_ratio x lora_rank"
+            print(f"  {tag} {key:<17} {shown}")
     _print_notes(cfg)
     return 0
 

@@ -65,7 +65,7 @@ class PerModelSearch(Searcher):
             self._turn = (self._turn + offset + 1) % len(self.models)
             self.remaining[model] -= 1
             self.trial_model[trial_id] = model
-            return {MODEL_KEY: model, **self.fixed[model], **proposal}
+            return space_mod.with_resolved_alpha({MODEL_KEY: model, **self.fixed[model], **proposal})
         return Searcher.FINISHED if all(n <= 0 for n in self.remaining.values()) else None
 
     def _searcher_of(self, trial_id: str) -> OptunaSearch | None:

@@ -179,6 +179,13 @@ def to_tune(value: Any) -> Any:
     return tune.randint(int(args[0]), int(args[1]) + 1)
 
 
+def with_resolved_alpha(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with lora_alpha as training uses it (ratio x rank where a ratio is set): what a trial records."""
+    if params.get("lora_alpha_ratio") is None:
+        return params
+    return {**params, "lora_alpha": resolve_alpha(params)}
+
+
 def resolve_alpha(params: dict[str, Any]) -> float:
     """lora_alpha, or lora_alpha_ratio x lora_rank when a ratio is given."""
     ratio = params.get("lora_alpha_ratio")
