@@ -55,7 +55,8 @@ def cmd_show(args) -> int:
     for name, model in cfg.models.items():
         params = cfg.model_space(name)
         print(f"\n{name}: checkpoint {model.checkpoint}, {cfg.model_samples(name)} trial(s), "
-              f"gpu {model.gpu}, cpu {model.cpu}")
+              f"gpu {model.gpu}, cpu {model.cpu}"
+              + (f", LoRA on {model.target_modules} (no preset)" if model.target_modules else ""))
         for key, value in params.items():
             if value is None:
                 continue

@@ -180,8 +180,12 @@ class StudyConfig:
     """The merged YAML this config was built from (for best_config.yaml and `show`)."""
 
     def model_space(self, model: str) -> dict[str, Any]:
-        """Every hyperparameter for one model: defaults < train.batch_size < space < models.<name>.space."""
-        return space_mod.merge({"batch_size": self.train.batch_size}, self.space, self.models[model].space)
+        """Every hyperparameter for one model: defaults < train.batch_size < space < models.<name>.space. A model
+        with its own target_modules list has no preset (None): the list replaces it, so nothing searches it."""
+        params = space_mod.merge({"batch_size": self.train.batch_size}, self.space, self.models[model].space)
+        if self.models[model].target_modules:
+            params["target_modules"] = None
+        return params
 
     def model_samples(self, model: str) -> int:
         n = self.models[model].num_samples

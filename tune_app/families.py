@@ -130,6 +130,25 @@ def local_family_problem(folder: str | Path, where: str) -> str | None:
     return None if model_type in FAMILIES else unknown_family_message(model_type, where)
 
 
+def unmatched_targets(hf_config: Any, names: list[str], *, trust_remote_code: bool = False
+                      ) -> tuple[list[str], list[str]]:
+    """Of explicit LoRA target names, those that match no layer LoRA can adapt (PEFT's rule for a list: a module
+    whose path is the name or ends in '.name'), and the names of the model's linear layers to choose from. The
+    model is built from its config on the meta device: no weights are read, no memory is taken."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    paths = [path for path, module in model.named_modules() if isinstance(module, adaptable)]
+    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    linear = sorted({path.rsplit(".", 1)[-1] for path, module in model.named_modules()
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+    return missing, linear
+
+
 # ------------------------------------------------------------------------------------ tokenizer and head
 
 

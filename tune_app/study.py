@@ -234,7 +234,7 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     """Load and split the data once; tokenize it once per distinct tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from tune_app.families import family_for
+    from tune_app.families import family_for, unmatched_targets
 
     splits = load_splits(cfg.data)
     tokenized: dict[str, TokenizedData] = {}
@@ -251,6 +251,12 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
                                f"hf download {model.checkpoint}, or set the checkpoint to a local folder)"]) from e
         if model.target_modules is None:  # a Hub checkpoint of an unknown family fails here, before Ray starts
             family_for(hf_config.model_type)
+        else:  # names that match no layer would fail every trial
+            missing, linear = unmatched_targets(hf_config, model.target_modules,
+                                                trust_remote_code=model.trust_remote_code)
+            if missing:
+                raise ConfigError([f"models.{name}.target_modules: {missing} match no layer of {model.checkpoint!r} "
+                                   f"that LoRA can adapt; its linear layers are named: {', '.join(linear)}"])
         key = tokenizer_key(tokenizer, cfg.data.max_length)
         if key not in tokenized:
             tokenized[key] = tokenize(tokenizer, splits, cfg.data.max_length)
