@@ -188,3 +188,26 @@ def test_report_without_summary_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_report_verb_prints_where_it_wrote(run_dir, capsys):
     assert cli.main(["report", str(run_dir)]) == 0
     assert str(run_dir / REPORT) in capsys.readouterr().out
+
+
+def test_a_run_in_which_no_trial_reported_a_result(run_dir, capsys):
+    """Every trial failed: the report draws no (empty) plots and lists each failure with its error's last line;
+    the end of `tune-app run` says why the first one failed and exits 1, not 0."""
+    (run_dir / "mistral_b0000003" / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-01-01_00-00-00)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "ValueError: no layer | matched\n\n")
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    summary.update(best=None, complete=True, failed_trials=[
+        {"trial_id": "b0000003", "model": "mistral", "error": "mistral_b0000003/error.txt"}])
+    summary["models"] = {"mistral": {"metrics": None, "trials": 1, "stopped_early": 0, "failed": 1}}
+    (run_dir / SUMMARY).write_text(json.dumps(summary))
+    text = write_report(run_dir).read_text()
+    assert "**No trial reported a result.**" in text
+    assert not any((run_dir / name).exists() for name in PLOTS.values()) and "](plot_" not in text
+    # The pipe in the message is escaped: it would split the markdown cell.
+    assert "| mistral | b0000003 | ValueError: no layer \\| matched | `mistral_b0000003/error.txt` |" in text
+
+    assert cli._report(summary) == cli.EXIT_NO_RESULT == 1
+    err = capsys.readouterr().err
+    assert "no trial reported a result (1 of 1 failed); nothing to export" in err
+    assert "first failure, mistral trial b0000003 (mistral_b0000003/error.txt):\n  ValueError: no layer | matched" in err

@@ -84,10 +84,12 @@ def cmd_run(args) -> int:
 
 
 EXIT_INTERRUPTED = 130
+EXIT_NO_RESULT = 1
 
 
 def _report(summary: dict) -> int:
-    """The end-of-run table; an interrupted study (Ctrl-C) also says how to continue it and exits 130."""
+    """The end-of-run table; an interrupted study (Ctrl-C) also says how to continue it and exits 130; a study
+    in which no trial reported a result says why the first one failed and exits 1."""
     from tune_app import results
 
     print()
@@ -100,6 +102,15 @@ def _report(summary: dict) -> int:
         print(f"interrupted: {summary['finished_trials']} of {summary['planned_trials']} trials finished (kept); "
               f"continue with: {summary['resume_command']}")
         return EXIT_INTERRUPTED
+    if best is None:
+        failed = summary.get("failed_trials") or []
+        total = sum(m["trials"] for m in summary["models"].values())
+        print(f"no trial reported a result ({len(failed)} of {total} failed); nothing to export", file=sys.stderr)
+        if failed and "://" not in str(summary["run_dir"]):
+            first = failed[0]
+            print(f"first failure, {first['model']} trial {first['trial_id']} ({first['error']}):\n  "
+                  f"{results.failure_line(Path(summary['run_dir']), first['error'])}", file=sys.stderr)
+        return EXIT_NO_RESULT
     return 0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_app.results import STUDY, SUMMARY, TRIALS
+from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line
 from tune_app.space import HYPERPARAMETERS
 
 REPORT = "report.md"
@@ -552,7 +552,9 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
     run = load_run(where.local, shown=where.uri)
     out = run.run_dir
     searched = searched_hyperparameters(run)
-    has_trials = len(run.trials) > 0
+    s = run.summary
+    best = s.get("best")
+    has_trials = best is not None  # plots need a trial that reported a result
     if has_trials:
         plot_best_so_far(run, out / PLOTS["best_so_far"])
         plot_cost_front(run, out / PLOTS["cost_front"])
@@ -560,9 +562,7 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         plot_history(run, out / PLOTS["history"])
         if searched:
             plot_hyperparameters(run, searched, out / PLOTS["hyperparameters"])
-    s = run.summary
     data = s.get("data", {})
-    best = s.get("best")
     lines = [
         f"# Study report: {s.get('study', out.name)}",
         "",
@@ -598,6 +598,10 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
     lines += ["## Trials", "", f"Searched: {', '.join(searched) or 'nothing (fixed values only)'}. "
               "Epochs = epochs trained (fewer than the maximum: stopped early by ASHA).", "",
               trials_table(run, searched), "", "Fixed in every trial:", "", fixed_values(run, searched), ""]
+    if failed := s.get("failed_trials"):
+        lines += ["## Failed trials", "", _table(["model", "trial", "error (last line)", "traceback"], [
+            [f["model"], f["trial_id"], failure_line(out, f["error"]).replace("|", "\\|"), f"`{f['error']}`"]
+            for f in failed]), ""]
     path = out / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
     if where.remote:

@@ -97,6 +97,16 @@ def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | 
     return best
 
 
+def failure_line(run_dir: Path, error_file: str) -> str:
+    """The last line of a failed trial's error.txt (the exception and its message), for a one-line summary."""
+    try:
+        lines = [line.strip() for line in (Path(run_dir) / error_file).read_text(errors="replace").splitlines()]
+    except OSError:
+        return f"(see {error_file})"
+    last = next((line for line in reversed(lines) if line), "")
+    return last if len(last) <= 300 else last[:297] + "..."
+
+
 def trial_id_of(result) -> str:
     """A Result's trial id, from its folder name `<model>_<trial id>` (the study's trial_dirname_creator): there
     even for a trial that failed before it reported anything."""
