@@ -199,7 +199,8 @@ def test_a_run_in_which_no_trial_reported_a_result(run_dir, capsys):
     summary = json.loads((run_dir / SUMMARY).read_text())
     summary.update(best=None, complete=True, failed_trials=[
         {"trial_id": "b0000003", "model": "mistral", "error": "mistral_b0000003/error.txt"}])
-    summary["models"] = {"mistral": {"metrics": None, "trials": 1, "stopped_early": 0, "failed": 1}}
+    summary["models"] = {"mistral": {"best_trial": None, "metrics": None, "trials": 1, "stopped_early": 0,
+                                     "failed": 1}}
     (run_dir / SUMMARY).write_text(json.dumps(summary))
     text = write_report(run_dir).read_text()
     assert "**No trial reported a result.**" in text
@@ -210,4 +211,8 @@ def test_a_run_in_which_no_trial_reported_a_result(run_dir, capsys):
     assert cli._report(summary) == cli.EXIT_NO_RESULT == 1
     err = capsys.readouterr().err
     assert "no trial reported a result (1 of 1 failed); nothing to export" in err
-    assert "first failure, mistral trial b0000003 (mistral_b0000003/error.txt):\n  ValueError: no layer | matched" in err
+    assert ("first failure, mistral trial b0000003 (mistral_b0000003/error.txt):\n  ValueError: no layer | matched"
+            in err)
+    assert cli.main(["export", str(run_dir), "--model", "mistral"]) == 2
+    assert (f"{run_dir}: no trial of mistral reported a result, so there is no checkpoint to export (1 trial(s) of "
+            f"mistral failed: see failed_trials in summary.json and report.md)") in capsys.readouterr().err

@@ -122,10 +122,13 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     else:
         model, trial = best.get("model"), best.get("trial_id")
         row = next((r for r in rows if r["trial_id"] == trial), None)
-    if not trial or row is None or not row.get("checkpoint"):
-        raise UsageError(f"{run_dir}: {'trial ' + trial if trial else 'no trial'}"
-                         f"{' of ' + model if model else ''} has no checkpoint to export (failed before its first "
-                         f"epoch?)")
+    if not trial:  # nothing was scored: every trial (of the model) failed before its first result
+        of = f" of {model}" if model else ""
+        failed = sum(r["status"] == "FAILED" for r in rows if model is None or r["model"] == model)
+        raise UsageError(f"{run_dir}: no trial{of} reported a result, so there is no checkpoint to export "
+                         f"({failed} trial(s){of} failed: see failed_trials in {SUMMARY} and report.md)")
+    if row is None or not row.get("checkpoint"):
+        raise UsageError(f"{run_dir}: trial {trial} has no checkpoint to export (failed before its first epoch?)")
     run.fetch(row["checkpoint"])
     checkpoint = root / row["checkpoint"]
     missing = [n for n in (*ADAPTER_FILES, CHECKPOINT_METRICS) if not (checkpoint / n).is_file()]
