@@ -99,7 +99,7 @@ def test_run_exports_best_bundle_that_scores_as_reported(run):
 def test_evaluate_on_validation_split_reproduces_trial_f1(run, tmp_path, capsys):
     bundle = run["dir"] / "best"
     csv = _validation_csv(bundle, tmp_path / "val.csv")
-    report_path = tmp_path / "report.json"
+    report_path = tmp_path / "reports" / "today" / "report.json"  # folders made as needed
     assert cli.main(["evaluate", str(bundle), "--data", str(csv), "--json-out", str(report_path),
                      "--baseline"]) == 0
     report = json.loads(report_path.read_text())
@@ -238,6 +238,11 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
         (["predict", bundle, "--input", str(empty), "--output", str(tmp_path / "p.csv")], "rows, counted from 0: 1, 2"),
         (["predict", bundle, "--text", "fine", "--text", "  "], "counted from 0: 1)"),
         (["predict", bundle, "--input", str(good), "--output", str(taken)], "already exists"),
+        (["predict", bundle, "--input", str(good), "--output", str(taken / "o.csv")],
+         f"--output '{taken / 'o.csv'}' cannot be made: '{taken}' is a file, not a folder"),
+        (["evaluate", bundle, "--data", str(good), "--json-out", str(taken)], "already exists"),
+        (["evaluate", bundle, "--data", str(good), "--json-out", str(taken / "r.json")],
+         f"--json-out '{taken / 'r.json'}' cannot be made: '{taken}' is a file, not a folder"),
         (["predict", bundle, "--text", "x", "--input", str(good), "--output", str(tmp_path / "q.csv")],
          "either --text (texts on the command line) or --input FILE, not both"),
         (["evaluate", bundle, "--data", str(good), "--baseline", str(tmp_path / "no-model")],

@@ -195,13 +195,17 @@ def cmd_evaluate(args) -> int:
 
     from tune_app import predict
 
-    if args.json_out and Path(args.json_out).exists():
+    json_out = Path(args.json_out).expanduser() if args.json_out else None
+    if json_out and json_out.exists():
         raise UsageError(f"--json-out {args.json_out}: already exists; choose another file (nothing is overwritten)")
+    if json_out and (why := config_mod.cannot_make_file(json_out)):
+        raise UsageError(f"--json-out {why}")
     report = predict.evaluate(args.bundle, args.data, label_column=args.label, text_column=args.text_column,
                               baseline=args.baseline, threshold=args.threshold)
     text = json.dumps(report, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
         print(predict.format_report(report))
     else:
         print(predict.format_report(report), file=sys.stderr)

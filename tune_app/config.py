@@ -318,6 +318,30 @@ def absolute_paths(raw: dict) -> dict:
     return raw
 
 
+def cannot_make_folder(path: str | os.PathLike) -> str | None:
+    """Why the folder `path` can neither be used nor created here (a file there or above it, a place this user
+    cannot write in), or None. Nothing is created."""
+    p = Path(path).expanduser().absolute()
+    if p.exists():
+        if not p.is_dir():
+            return f"{str(path)!r} is a file, not a folder"
+        return None if os.access(p, os.W_OK | os.X_OK) else f"{str(path)!r}: this user cannot write in it"
+    return cannot_make_file(p)
+
+
+def cannot_make_file(path: str | os.PathLike) -> str | None:
+    """Why a new file or folder `path` cannot be created here (its nearest existing parent is a file, or a place
+    this user cannot write in), or None. Missing parent folders are fine: they are made."""
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(path)!r} cannot be made: {str(parent)!r} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(path)!r} cannot be made: this user cannot write in {str(parent)!r}"
+    return None
+
+
 def first_line(error: BaseException) -> str:
     """What a message quotes of a library's error: its first line (Hub errors run to paragraphs), else its class."""
     text = str(error).strip()
@@ -436,10 +460,9 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if isinstance(cfg.name, str) and (not cfg.name.strip() or any(sep in cfg.name for sep in "/\\")):
         errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): make it one "
                       f"folder name, not empty and without '/' or '\\'")
-    if isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir and Path(cfg.output_dir).expanduser().exists() \
-            and not Path(cfg.output_dir).expanduser().is_dir():
-        errors.append(f"output_dir: {cfg.output_dir!r} is a file, not a folder; run directories are made inside "
-                      f"output_dir: name a folder (new or existing)")
+    if isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir and (why := cannot_make_folder(cfg.output_dir)):
+        errors.append(f"output_dir: {why}; run directories are made inside output_dir: name a folder (new or "
+                      f"existing) this user can write in")
     _check_space(cfg.space, "space", errors)
     _check_alpha_ratio(cfg, errors)
     if cfg.tune.metric == "eval_loss" and cfg.tune.mode != "min":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tune_app.cli import UsageError
-from tune_app.config import first_line, is_local_checkpoint, resolve_checkpoint
+from tune_app.config import cannot_make_file, first_line, is_local_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -283,6 +283,8 @@ def check_output(path: str | Path) -> None:
         raise UsageError(f"--output {path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
     if p.exists():
         raise UsageError(f"--output {path}: already exists; choose another file (nothing is overwritten)")
+    if why := cannot_make_file(p):
+        raise UsageError(f"--output {why}")
 
 
 # --------------------------------------------------------------------------------------------- predict

@@ -462,7 +462,11 @@ def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]
     prepared = prepare_data(cfg)  # a checkpoint that cannot load stops the study here: nothing written yet
     run = new_run_dir(cfg)
     warn_if_lost_in_job(cfg)
-    save_study(cfg, run)
+    try:
+        save_study(cfg, run)
+    except OSError as e:  # a place this process may not write in (validate's check cannot see every such case)
+        raise ConfigError([f"output_dir: cannot write the run directory {run.uri} ({e}); name a folder this user "
+                           f"can write in"]) from None
     session = start_session(cfg, address, prepared)
     _describe(cfg, session, run)
     grid = build_tuner(cfg, run, session.trainable).fit()
