@@ -118,6 +118,9 @@ OVERRIDE_CASES = {
     "name with a path in it": (["name=../../escape"], ["name: '../../escape' names the run directories",
                                                        "make it one folder name"]),
     "name with a folder in it": (["name=a/b"], ["name: 'a/b' names the run directories"]),
+    "output_dir under a file": ([f"output_dir={REPO / 'pyproject.toml' / 'runs'}"],
+                                [f"output_dir: '{REPO / 'pyproject.toml' / 'runs'}' cannot be made: "
+                                 f"'{REPO / 'pyproject.toml'}' is a file, not a folder"]),
     "output_dir a file": ([f"output_dir={REPO / 'pyproject.toml'}"], [f"output_dir: '{REPO / 'pyproject.toml'}' is "
                                                                      "a file, not a folder"]),
 }
