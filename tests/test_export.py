@@ -222,7 +222,7 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
     pd.DataFrame({"text": ["fine", "", None, "ok"], "target": [0, 1, 0, 1]}).to_csv(empty, index=False)
     taken = tmp_path / "taken.csv"
     taken.write_text("mine\n")
-    unfinished = tmp_path / "interrupted-run"
+    unfinished = tmp_path / "interrupted run"  # a space: the printed command quotes the path
     unfinished.mkdir()
     (unfinished / "study.yaml").write_text("name: interrupted\n")
     before = sorted(p.name for p in (run["dir"] / "best").iterdir())
@@ -251,7 +251,7 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
          "--baseline: cannot load 'tune-app-tests/never-downloaded'"),
         (["export", run_dir], "already exists and is not empty"),
         (["export", str(tmp_path)], "no summary.json inside: not a tune-app run directory"),
-        (["export", str(unfinished)], f"the run has not finished; continue it with tune-app resume {unfinished}"),
+        (["export", str(unfinished)], f"the run has not finished; continue it with tune-app resume '{unfinished}'"),
         (["export", run_dir, "--out", str(taken)], f"--out {taken}: is a file"),
         (["export", run_dir, "--trial", "nope", "--out", str(tmp_path / "b")], "--trial nope: no such trial"),
         (["export", run_dir, "--model", "nope", "--out", str(tmp_path / "b")], "--model nope: not in this run"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def _after_run(summary: dict) -> None:
     finished = summary.get("complete", True) and summary.get("best")
     steps = []
     if finished and remote:
-        print(f"export the best trial with: tune-app export {run_dir}")
+        print(f"export the best trial with: tune-app export {shlex.quote(run_dir)}")
     elif finished:
         from tune_app.export import export
 
@@ -159,7 +160,7 @@ def _after_run(summary: dict) -> None:
             print(step())
         except Exception as e:  # noqa: BLE001 - keep the results, say what to do
             print(f"warning: could not {what} ({type(e).__name__}: {e}); the study's results are intact in "
-                  f"{run_dir}; retry with: tune-app {verb} {run_dir}", file=sys.stderr)
+                  f"{run_dir}; retry with: tune-app {verb} {shlex.quote(run_dir)}", file=sys.stderr)
 
 
 def cmd_export(args) -> int:

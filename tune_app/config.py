@@ -486,7 +486,8 @@ def _check_alpha_ratio(cfg: StudyConfig, errors: list[str]) -> None:
         alpha, ratio = (f"models.{name}.space.{key}" if key in model.space else f"space.{key}"
                         for key in ("lora_alpha", "lora_alpha_ratio"))
         message = (f"{alpha}: searched, but {ratio} is set and replaces it (lora_alpha = ratio x lora_rank), so "
-                   f"this search would change nothing: search {ratio} instead, or set {ratio}=null to search lora_alpha")
+                   f"this search would change nothing: search {ratio} instead, or set {ratio}=null to search "
+                   f"lora_alpha")
         if message not in errors:
             errors.append(message)
 

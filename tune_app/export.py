@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -102,7 +103,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     if not (root / SUMMARY).is_file():
         if (root / STUDY).is_file():
             raise UsageError(f"{run_dir}: no {SUMMARY} inside: the run has not finished; continue it with "
-                             f"tune-app resume {run_dir}")
+                             f"tune-app resume {shlex.quote(str(run_dir))}")
         raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a tune-app run directory; pass the folder "
                          f"`tune-app run` printed as 'run directory'")
     summary = _read_json(root / SUMMARY)

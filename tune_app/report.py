@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -125,8 +126,8 @@ def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
         started = any(run_dir.glob("experiment_state-*.json"))  # Ray Tune's state: a study began here
         raise ReportError(
             f"{shown}: no {SUMMARY} here, so there are no study results to report on yet" +
-            (f"; the study did not finish: continue it with `tune-app resume {shown}`, then report" if started
-             else "; pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)"))
+            (f"; the study did not finish: continue it with `tune-app resume {shlex.quote(str(shown))}`, then "
+             f"report" if started else "; pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)"))
     try:
         summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
     except ValueError as e:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,7 @@ def save_study(cfg: StudyConfig, run: RunDir) -> None:
 
     run.local.mkdir(parents=True, exist_ok=True)
     (run.local / STUDY).write_text(f"# The merged study of run {run.uri}.\n# Continue it if interrupted:  "
-                                   f"tune-app resume {run.uri}\n" + dump(portable_raw(cfg, run)))
+                                   f"tune-app resume {shlex.quote(run.uri)}\n" + dump(portable_raw(cfg, run)))
     run.publish(STUDY)
 
 
@@ -454,7 +455,7 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
     print(f"study {cfg.name}: {len(cfg.models)} model(s), {cfg.planned_trials} trials, "
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"(if it stops midway, continue with: tune-app resume {run.uri})", flush=True)
+          f"(if it stops midway, continue with: tune-app resume {shlex.quote(run.uri)})", flush=True)
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -503,7 +504,7 @@ def check_resumable(run: RunDir) -> None:
 
     if not tune.Tuner.can_restore(run.uri):
         raise ValueError(f"{run.uri}: the study stopped before Ray Tune saved any state, so there is nothing to "
-                         f"resume; start it again with: tune-app run {run.uri}/study.yaml")
+                         f"resume; start it again with: tune-app run {shlex.quote(run.uri + '/study.yaml')}")
 
 
 def resume_study(run: RunDir, *, address: str | None = None) -> dict[str, Any]:
@@ -574,7 +575,7 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
     extra = {"run_dir": run.uri, "complete": complete, "planned_trials": cfg.planned_trials,
              "finished_trials": len(finished)}
     if not complete:
-        extra["resume_command"] = f"tune-app resume {run.uri}"
+        extra["resume_command"] = f"tune-app resume {shlex.quote(run.uri)}"
     summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra)
     run.publish(results.SUMMARY, results.TRIALS, results.BEST_CONFIG, WANDB_DIR)  # W&B offline runs need a local dir
     return summary
