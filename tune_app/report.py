@@ -124,10 +124,9 @@ def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
         raise ReportError(f"{shown}: no such run directory (pass the directory `tune-app run` printed)")
     if not (run_dir / SUMMARY).is_file():
         started = any(run_dir.glob("experiment_state-*.json"))  # Ray Tune's state: a study began here
-        raise ReportError(
-            f"{shown}: no {SUMMARY} here, so there are no study results to report on yet" +
-            (f"; the study did not finish: continue it with `tune-app resume {shlex.quote(str(shown))}`, then "
-             f"report" if started else "; pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)"))
+        how = (f"the study did not finish: continue it with `tune-app resume {shlex.quote(str(shown))}`, then report"
+               if started else "pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)")
+        raise ReportError(f"{shown}: no {SUMMARY} here, so there are no study results to report on yet; {how}")
     try:
         summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
     except ValueError as e:
