@@ -208,8 +208,12 @@ def test_empty_text_values(study_yaml, capsys, tmp_path):
     ("name: [unclosed\n", "not valid YAML at line 2, column 1"),
     ("- name: t\n- data: {}\n", "a study YAML must be a mapping at the top level, got list"),
     ("just a string\n", "a study YAML must be a mapping at the top level, got str"),
-    ("", "a study YAML must be a mapping at the top level, got NoneType"),
-], ids=["broken", "list", "scalar", "empty"])
+    ("", "is empty; a study YAML needs at least name, data.source and models"),
+    ("name: t\nmodels:\n  m: roberta-base\n  m: gpt2\n", "not valid YAML at line 4, column 3: key 'm' appears "
+                                                          "twice in one mapping (lines 3 and 4); keep one"),
+    ("name: t\nspace: {lora_rank: 8}\ndata: {source: x.csv}\nspace: {lora_dropout: 0.1}\n",
+     "not valid YAML at line 4, column 1: key 'space' appears twice in one mapping (lines 2 and 4)"),
+], ids=["broken", "list", "scalar", "empty", "duplicate model", "duplicate section"])
 def test_unreadable_or_non_mapping_yaml(study_yaml, capsys, text, fragment):
     path = study_yaml(text)
     assert f"{path}: {fragment}" in validate(capsys, path)
@@ -227,7 +231,7 @@ def test_missing_and_binary_files(tmp_path, capsys):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81")
     assert f"{binary}: cannot read" in validate(capsys, str(binary))
-    assert f"{tmp_path}: no such file" in validate(capsys, str(tmp_path))  # a folder, not a file
+    assert f"{tmp_path}: is a folder; pass a study YAML file" in validate(capsys, str(tmp_path))
 
 
 def test_every_problem_is_reported_at_once(study_yaml, capsys, small_csv):

@@ -408,13 +408,34 @@ def apply_overrides(raw: dict, overrides: list[str], errors: list[str]) -> dict:
     return merged
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an error (YAML keeps the last silently,
+    which drops a whole `space:` or model entry written above it)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); keep "
+                    f"one: the second would silently replace the first", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike, errors: list[str]) -> dict:
     p = Path(path)
+    if p.is_dir():
+        errors.append(f"{path}: is a folder; pass a study YAML file (see search_spaces/)")
+        return {}
     if not p.is_file():
         errors.append(f"{path}: no such file")
         return {}
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except (OSError, UnicodeDecodeError) as e:
         errors.append(f"{path}: cannot read ({e})")
         return {}
@@ -422,6 +443,10 @@ def read_yaml(path: str | os.PathLike, errors: list[str]) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         errors.append(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+        return {}
+    if raw is None:
+        errors.append(f"{path}: is empty; a study YAML needs at least name, data.source and models (see "
+                      f"search_spaces/)")
         return {}
     if not isinstance(raw, dict):
         errors.append(f"{path}: a study YAML must be a mapping at the top level, got {type(raw).__name__}")
