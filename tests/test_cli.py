@@ -90,7 +90,8 @@ print(json.dumps({"rc": rc, "ray": "ray" in sys.modules, "torch": "torch" in sys
     ["tune.num_samples=0"],                       # a config problem
     ["data.text=tweet"],                          # a data problem
     ["models.minilm.checkpoint=./no/such/model"],  # a model problem
-], ids=["config", "data", "model"])
+    ["models.minilm.cpu=999"],                    # more cores per trial than this machine (a local study) has
+], ids=["config", "data", "model", "cores"])
 def test_run_with_bad_input_stops_before_ray_and_writes_nothing(bad, study, tmp_path):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     done = _python("-c", RUN_BEFORE_RAY, "run", str(study), *bad, cwd=tmp_path)

@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,38 @@ def trial_env_vars() -> dict[str, str]:
     return env
 
 
+def local_cpus() -> int:
+    """CPU cores this process may use (its affinity mask), which a local Ray offers to trials."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_local_fit(cfg: StudyConfig, address: str | None) -> None:
+    """A study that starts its own Ray here, with a trial that asks for more CPU cores than this machine has, would
+    wait forever for a node that never comes (Ray only logs a warning): ConfigError instead. On a cluster (an
+    address, RAY_ADDRESS, or a Ray the caller started) nodes may join later: `start_session` warns instead."""
+    if address or os.environ.get("RAY_ADDRESS") or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        return
+    have = local_cpus()
+    errors = [f"models.{name}.cpu: {m.cpu} cores per trial, but this machine has {have} and the study runs here "
+              f"(no cluster address); lower it to at most {have}, or submit the study to a cluster with such nodes"
+              for name, m in cfg.models.items() if m.cpu > have]
+    if errors:
+        raise ConfigError(errors)
+
+
+def warn_if_no_node_fits(resources: dict[str, dict[str, float]]) -> None:
+    """A trial that no live node can hold waits until one joins (an autoscaler's): say so, once, up front."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for name, need in resources.items():
+        if not any(r.get("CPU", 0) >= need["cpu"] and r.get("GPU", 0) >= need["gpu"] for r in nodes):
+            gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
+            print(f"warning: no node of this Ray cluster has {need['cpu']:g} CPU{gpu} for one trial of {name}; its "
+                  f"trials wait until such a node joins (an autoscaler adds it), or lower models.{name}.cpu/gpu",
+                  flush=True)
+
+
 def connect_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets for its driver); otherwise
     start a local Ray with this machine's CPUs/GPUs and no dashboard."""
@@ -394,6 +427,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
     resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
+    warn_if_no_node_fits(resources)
     ctx = build_context(cfg, prepared, data_refs)
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
                                     resources=lambda config: resources[config[MODEL_KEY]])
@@ -460,6 +494,7 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Run a whole study; returns the summary written to <run_dir>/summary.json."""
+    check_local_fit(cfg, address)
     prepared = prepare_data(cfg)  # a checkpoint that cannot load stops the study here: nothing written yet
     run = new_run_dir(cfg)
     warn_if_lost_in_job(cfg)
@@ -513,6 +548,7 @@ def resume_study(run: RunDir, *, address: str | None = None) -> dict[str, Any]:
     from ray import tune
 
     cfg = load_run_config(run)
+    check_local_fit(cfg, address)
     session = start_session(cfg, address)
     print(f"resuming study {cfg.name} in {run.uri}", flush=True)
     tuner = tune.Tuner.restore(run.uri, trainable=session.trainable, resume_unfinished=True, resume_errored=False)
