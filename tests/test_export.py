@@ -246,7 +246,11 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
         (["predict", bundle, "--text", "x", "--input", str(good), "--output", str(tmp_path / "q.csv")],
          "either --text (texts on the command line) or --input FILE, not both"),
         (["evaluate", bundle, "--data", str(good), "--baseline", str(tmp_path / "no-model")],
-         f"--baseline: cannot load {str(tmp_path / 'no-model')!r}"),
+         f"--baseline: {str(tmp_path / 'no-model')!r} is written as a local path, and no such folder exists"),
+        (["evaluate", bundle, "--data", str(good), "--baseline", str(good)],
+         f"--baseline: {str(good)!r} is a file, not a model folder"),
+        (["evaluate", bundle, "--data", str(good), "--baseline", str(unfinished)],  # a folder, no config.json
+         f"--baseline: cannot load {str(unfinished)!r}"),
         (["evaluate", bundle, "--data", str(good), "--baseline", "tune-app-tests/never-downloaded"],
          "--baseline: cannot load 'tune-app-tests/never-downloaded'"),
         (["export", run_dir], "already exists and is not empty"),

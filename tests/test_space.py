@@ -87,6 +87,8 @@ def test_searched_keeps_only_distributions():
     ("batch_size", {"loguniform": [4, 64]}, "batch_size takes integers, and loguniform draws fractions"),
     ("learning_rate", {"loguniform": ["1e-5", 1.0e-3]},
      "loguniform bound '1e-5': must be a number, got the text '1e-5' (YAML reads 1e-5 as text: write 1.0e-5)"),
+    ("lora_rank", {"choice": [8, "16"]},  # only quotes make text of 16
+     "choice value '16': must be an integer, got the text '16' (quoted, a number is text: write it without quotes)"),
 ])
 def test_check_value_names_the_problem(name, value, message):
     problems = space.check_value(name, value)

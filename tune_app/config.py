@@ -523,7 +523,7 @@ def notes(cfg: StudyConfig) -> list[str]:
     startup = cfg.tune.n_startup_trials
     for name in cfg.models:
         n = cfg.model_samples(name)
-        if startup is not None and startup >= n and space_mod.searched(cfg.model_space(name)):
+        if startup is not None and startup >= n >= 2 and space_mod.searched(cfg.model_space(name)):
             found.append(f"tune.n_startup_trials={startup} >= the {n} trial(s) of model {name}: each is a random "
                          f"draw and TPE never proposes one (a random search); set it below {n} for a Bayesian "
                          f"search")

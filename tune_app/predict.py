@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tune_app.cli import UsageError
-from tune_app.config import cannot_make_file, first_line, is_local_checkpoint, resolve_checkpoint
+from tune_app.config import cannot_make_file, first_line, is_local_checkpoint, is_local_path, resolve_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -369,6 +369,11 @@ def baseline_spec(checkpoint: str):
 
     from tune_app.trial import ModelSpec
 
+    if is_local_path(checkpoint) and not (folder := Path(checkpoint).expanduser()).is_dir():
+        what = "is a file, not a model folder" if folder.exists() else \
+            "is written as a local path, and no such folder exists"
+        raise UsageError(f"--baseline: {checkpoint!r} {what}; pass a local model folder, or a Hub name this machine "
+                         f"has downloaded")
     try:
         path = resolve_checkpoint(checkpoint)
         AutoConfig.from_pretrained(path)

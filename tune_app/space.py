@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import yaml
+
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
 TARGET_MODULE_PRESETS = ("attention_qv", "attention", "all_linear")
@@ -44,7 +46,10 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
     def check(value: Any) -> str | None:
         kind = "an integer" if integer else "a number"
         if isinstance(value, str) and _float_text(value):
-            return f"must be {kind}, got the text {value!r} (YAML reads 1e-5 as text: write 1.0e-5)"
+            # Unquoted, YAML reads 1e-5 (no dot) as text; text YAML would read as a number was written in quotes.
+            why = ("quoted, a number is text: write it without quotes" if not isinstance(yaml.safe_load(value), str)
+                   else "YAML reads 1e-5 as text: write 1.0e-5")
+            return f"must be {kind}, got the text {value!r} ({why})"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {kind}, got {value!r}"
         if integer and not float(value).is_integer():
