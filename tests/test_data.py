@@ -98,6 +98,27 @@ def test_a_limit_that_drops_a_rare_class_is_named_as_the_cause(tmp_path):
     assert "are all one class ([0] of 2); raise data.limit" in error
 
 
+def test_positive_label_makes_its_class_id_1(tmp_path):
+    """Sorted, 'disaster' < 'ordinary' would make 'ordinary' the class F1 scores; data.positive_label picks the
+    other. It must be a label of the data, and there must be two classes."""
+    source = _write(tmp_path, ["ordinary", "disaster", "ordinary"] * 10)
+    assert data.load_splits(DataConfig(source=source, split_seed=0)).label_names == ["disaster", "ordinary"]
+    cfg = DataConfig(source=source, split_seed=0, positive_label="disaster")
+    assert data.check_source(cfg) == []
+    splits = data.load_splits(cfg)
+    assert splits.label_names == ["ordinary", "disaster"]
+    for text, label in zip(splits.train_texts, splits.train_labels):  # text number i: raw label of row i
+        assert splits.label_names[label] == ["ordinary", "disaster", "ordinary"][int(text.split()[-1]) % 3]
+    assert splits.class_weights[1] > splits.class_weights[0]  # the rarer class, now id 1, weighs more
+    numbers = DataConfig(source=_write(tmp_path, [0, 1] * 10, "n.csv"), positive_label=0)
+    assert data.load_splits(numbers).label_names == ["1", "0"]
+
+    (error,) = data.check_source(DataConfig(source=source, positive_label="fire"))
+    assert error.startswith("data.positive_label: 'fire' is not a label of the data (labels: ['disaster', 'ordinary'])")
+    (error,) = data.check_source(DataConfig(source=_write(tmp_path, [0, 1, 2] * 10, "k.csv"), positive_label=2))
+    assert "only for two classes, and the data has 3" in error
+
+
 def test_a_validation_split_name_is_a_split_of_the_hub_source(tmp_path, monkeypatch):
     """data.validation: test with a Hub source loads that dataset's 'test' split (the Hub is mocked: offline here);
     with a local source a split name cannot work, and validation says so."""

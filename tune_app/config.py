@@ -105,6 +105,8 @@ class DataConfig:
     split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle")
     limit: int | None = _f(None, (int,), "use only N rows (seeded shuffle first): smoke runs", check=_at_least_one)
     max_length: int = _f(512, (int,), "truncate texts to this many tokens", check=_at_least_one)
+    positive_label: str | int | None = _f(None, (str, int), "two classes: the label that F1, precision and recall "
+                                          "score (class id 1); null: the second of the sorted labels")
 
 
 @dataclass

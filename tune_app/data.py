@@ -157,6 +157,11 @@ def check_source(data: "DataConfig") -> list[str]:
             frames[key] = limit_rows(df, data.limit, data.split_seed) if key == "source" else df
     if len(frames) == 2:
         errors.extend(_check_validation_labels(frames["source"][data.label], frames["validation"][data.label], data))
+    if frames and data.positive_label is not None and not errors:
+        try:
+            positive_last(label_mapping([v for f in frames.values() for v in f[data.label].dropna()]), data)
+        except DataError as e:
+            errors.append(str(e))
     return errors
 
 
@@ -212,6 +217,21 @@ def label_mapping(values: list[Any]) -> list[Any]:
         return sorted(distinct, key=str)
 
 
+def positive_last(order: list[Any], data: "DataConfig") -> list[Any]:
+    """The label order with data.positive_label as class id 1 (two classes); DataError when it cannot be."""
+    positive = data.positive_label
+    if positive is None:
+        return order
+    match = [v for v in order if str(v) == str(positive)]
+    if not match:
+        raise DataError(f"data.positive_label: {positive!r} is not a label of the data (labels: {order}); name one "
+                        f"of them as written in column {data.label!r}")
+    if len(order) != 2:
+        raise DataError(f"data.positive_label: only for two classes, and the data has {len(order)} ({order}); with "
+                        f"more, F1, precision and recall are macro averages over all classes: set it to null")
+    return [v for v in order if v is not match[0]] + match
+
+
 def class_weights(labels: np.ndarray, num_labels: int) -> list[float]:
     """n / (K x count_k), the blog's weights (pos 1.1622, neg 0.8775 on the disaster tweets split)."""
     counts = np.bincount(labels, minlength=num_labels)
@@ -235,7 +255,7 @@ def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Spl
     else:
         parts = full.train_test_split(test_size=data.val_size, seed=data.split_seed)
         train, val = parts["train"], parts["test"]
-    order = label_order or label_mapping(list(train[data.label]) + list(val[data.label]))
+    order = label_order or positive_last(label_mapping(list(train[data.label]) + list(val[data.label])), data)
     index = {v: i for i, v in enumerate(order)}
     unseen = sorted({v for v in list(train[data.label]) + list(val[data.label]) if v not in index}, key=str)
     if unseen:

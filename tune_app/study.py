@@ -486,8 +486,10 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ())
 
 def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
     splits = session.prepared.splits
+    positive = f" (positive class, scored by F1: {splits.label_names[1]!r})" if splits.num_labels == 2 else ""
     print(f"study {cfg.name}: {len(cfg.models)} model(s), {cfg.planned_trials} trials, "
-          f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, "
+          f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
+          f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
           f"(if it stops midway, continue with: tune-app resume {shlex.quote(run.uri)})", flush=True)
 
