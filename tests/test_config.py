@@ -88,6 +88,10 @@ OVERRIDE_CASES = {
     "a model's ratio beside the study's searched alpha": (
         ["space.lora_alpha={choice: [16, 32]}", "models.m.space.lora_alpha_ratio=2"],
         ["space.lora_alpha: searched, but models.m.space.lora_alpha_ratio is set"]),
+    "graphs forced with compile": (["train.cuda_graphs=true", "train.compile=true"],
+                                   ["train.cuda_graphs: true cannot go with train.compile: true"]),
+    "graphs forced with fp16": (["train.cuda_graphs=true", "train.precision=fp16"],
+                                ["train.cuda_graphs: true cannot go with train.precision: fp16"]),
     "num_samples 0": (["tune.num_samples=0"], ["tune.num_samples: must be >= 1, got 0"]),
     "model num_samples -1": (["models.m.num_samples=-1"], ["models.m.num_samples: must be >= 1, got -1"]),
     "unknown metric": (["tune.metric=auc"], ["tune.metric: must be one of", "'f1'", "'accuracy'", "got 'auc'"]),

@@ -52,6 +52,11 @@ def test_memory_estimates_are_plausible(minilm_config):
     roberta = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
                                     weights_bytes=4, activation_bytes=2)
     assert 2.4 * GIB < roberta.total < 6 * GIB
+    # Autocast keeps bf16 copies of fp32 block weights for the backward: 2 bytes per non-embedding parameter
+    # (about 0.6 GB here); none when the weights are half precision already, or with fp32 compute.
+    assert 0.5 * GIB < roberta.cast_weights < 0.7 * GIB and llama.cast_weights == 0
+    assert estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                 weights_bytes=4, activation_bytes=4).cast_weights == 0
     # Activations scale with tokens: 512-token rows need 8x the 64-token activations.
     long = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=512, lora_rank=8, preset="attention_qv",
                                  weights_bytes=4, activation_bytes=2)

@@ -134,13 +134,13 @@ class TrainConfig:
                               check=_at_least_one)
     weighted_loss: bool = _f(True, (bool,), "cross-entropy weighted by inverse class frequency of the train split")
     seed: int = _f(0, (int,), "seed of model init, data order and dropout")
-    precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it) | bf16 | fp16 | fp32",
-                        check=_one_of("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it, else fp16) | bf16 | fp16 "
+                        "(with loss scaling) | fp32", check=_one_of("auto", "bf16", "fp16", "fp32"))
     compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see "
                              "benchmarks/) | true (per block) | false", check=_switch)
     cuda_graphs: str | bool = _f("auto", (bool, str), "replay each padding bucket's forward+backward as one CUDA "
-                                 "graph: auto or true (on GPUs; a model that cannot be captured trains eagerly) | "
-                                 "false", check=_switch)
+                                 "graph: auto or true (on GPUs, not with compile or fp16; a model that cannot be "
+                                 "captured trains eagerly) | false", check=_switch)
 
 
 @dataclass
@@ -492,6 +492,9 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
                       f"existing) this user can write in")
     _check_space(cfg.space, "space", errors)
     _check_alpha_ratio(cfg, errors)
+    if cfg.train.cuda_graphs is True and (cfg.train.compile is True or cfg.train.precision == "fp16"):
+        clash = "train.compile: true" if cfg.train.compile is True else "train.precision: fp16 (its loss scaling)"
+        errors.append(f"train.cuda_graphs: true cannot go with {clash}; set train.cuda_graphs to auto or false")
     if cfg.tune.metric == "eval_loss" and cfg.tune.mode != "min":
         errors.append("tune.mode: eval_loss is minimised; set tune.mode=min")
     if cfg.tune.asha.grace_period > cfg.train.epochs:

@@ -14,8 +14,10 @@ What makes the replay train exactly like the eager step:
   exist (`reset` first); a trainable parameter the step never reaches keeps no gradient, as in eager training;
 - dropout draws fresh random numbers on every replay (PyTorch advances the graph's RNG offset);
 - nothing in the step reads a tensor on the host (`trial.mask_preparer`; `tests/test_families.py` checks it):
-  such a read cannot be captured. Warm-up runs with host syncs refused, so a shape whose step syncs is found
-  before its capture and trains eagerly; a capture that fails anyway turns graphs off for the trial.
+  such a read cannot be captured. Warm-up runs with host syncs refused (CUDA's sync debug mode: device-to-host
+  copies and stream syncs; a device-wide `torch.cuda.synchronize()` is not among them), so a shape whose step
+  syncs is mostly found before its capture and trains eagerly; a capture that fails anyway turns graphs off for
+  the trial.
 
 All graphs of a trial share one memory pool: they run one after another on one stream, and each call's loss is
 copied out before the next call, so one graph's temporaries may reuse another's.

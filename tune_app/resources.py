@@ -128,12 +128,15 @@ class MemoryEstimate:
     """LoRA + head in fp32: weights, gradients, two AdamW moments (16 bytes per parameter)."""
     activations: int
     """Tensors saved for backward for the largest batch at the padded sequence length."""
+    cast_weights: int = 0
+    """Half-precision copies of fp32 frozen block weights that autocast makes in the forward and keeps for the
+    backward (fp32 weights under bf16/fp16 autocast only)."""
     overhead: int = PROCESS_OVERHEAD_BYTES
     """CUDA context and workspaces of the trial's process."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable + self.activations + self.overhead
+        return self.weights + self.trainable + self.activations + self.cast_weights + self.overhead
 
 
 def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank: int, preset: str,
@@ -145,10 +148,13 @@ def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank
     d = _dims(hf_config)
     per_token = activation_bytes * (16 * d["hidden"] + (3 if d["gated"] else 2) * d["inter"]) * d["layers"]
     per_token += activation_bytes * 2 * d["hidden"]  # embeddings output and final hidden state
+    n_params = count_parameters(hf_config, num_labels)
+    embeddings = (d["vocab"] + d["positions"] + d["types"]) * d["hidden"]  # never cast: not a matmul weight
     return MemoryEstimate(
-        weights=count_parameters(hf_config, num_labels) * weights_bytes,
+        weights=n_params * weights_bytes,
         trainable=16 * lora_parameters(hf_config, lora_rank, preset, num_labels),
         activations=int(per_token * batch_size * seq_len),
+        cast_weights=activation_bytes * (n_params - embeddings) if activation_bytes < weights_bytes else 0,
     )
 
 

@@ -88,7 +88,7 @@ def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto
         n_params = 0
     name = weights_dtype(name, checkpoint_dtype, n_params, on_gpu=on_gpu, precision=precision)
     if name == "half":
-        name = "bf16" if precision != "fp16" and torch.cuda.is_bf16_supported() else "fp16"
+        name = "bf16" if precision != "fp16" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return _dtype(name)
 
 
@@ -357,7 +357,7 @@ def _autocast_factory(device, precision: str):
 
     if device.type == "cuda":
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         if precision in ("bf16", "fp16"):
             dtype = _dtype(precision)
             return lambda: torch.autocast("cuda", dtype=dtype), precision
@@ -526,7 +526,9 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     # compile: auto stays eager for now: regional compilation measured SLOWER than eager on an H100 (roberta-large
     # 51 vs 80 samples/s; llama-7b recompiled per block, 192 graphs). `train.compile: true` turns it on.
     use_compile = ctx.compile is True
-    use_graphs = on_gpu and ctx.cuda_graphs in (True, "auto")
+    # Graphs capture the eager step: never with torch.compile (its compilation would run inside the capture
+    # stream's sync-checked warm-up), nor under fp16, whose loss scaling reads found-inf on the host.
+    use_graphs = on_gpu and ctx.cuda_graphs in (True, "auto") and not use_compile and precision != "fp16"
     fixed_shapes = use_compile or use_graphs  # padding buckets and filled-up batches: few shapes to build for
     graphs_before = compiled_graphs()
     widths = bucket_widths(ctx.max_length) if fixed_shapes else None
@@ -543,6 +545,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     total_steps = steps_per_epoch * ctx.epochs
     optimizer = torch.optim.AdamW(trainable, lr=float(params["learning_rate"]),
                                   weight_decay=float(params["weight_decay"]), fused=on_gpu)
+    # fp16 autocast (GPUs without bf16): small gradients underflow to zero unless the loss is scaled up first.
+    scaler = torch.amp.GradScaler("cuda") if on_gpu and precision == "fp16" else None
     scheduler = get_scheduler(params["lr_scheduler"], optimizer,
                               num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                               num_training_steps=total_steps)
@@ -560,6 +564,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         state = torch.load(os.path.join(resume_dir, STATE_FILE), map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, micro_batch, train_seconds = state["epoch"], state["micro_batch"], state["train_seconds"]
 
     prepare_mask = mask_preparer(model, family, precision)
@@ -573,7 +579,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
 
     def forward_backward(ids, mask, labels, total_weight) -> torch.Tensor:
         loss = batch_loss(model, ids, prepare_mask(mask), labels, loss_weight, total_weight, autocast)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
 
     graphs = StepGraphs(forward_backward, trainable) if use_graphs else None
@@ -634,11 +640,19 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                     drop_graphs("gradient checkpointing (recomputation restores RNG state on the host)")
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     print("[tune_app] out of memory at micro-batch 1: gradient checkpointing on", flush=True)
-                if on_gpu:
-                    torch.cuda.empty_cache()
+            # Outside the except block: its traceback (and a failed capture's graph in it) is gone by now, so the
+            # memory it held goes back to the GPU for its neighbours.
+            if on_gpu:
+                torch.cuda.empty_cache()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm, foreach=True)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         return step_loss
 
@@ -662,11 +676,13 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     def epoch_batches(epoch: int) -> list[np.ndarray]:
         return length_grouped_batches(data.train.lengths, batch_size, np.random.default_rng([ctx.seed, epoch]))
 
+    if on_gpu:  # the peak from here on: warm-up (where graphs are captured) and training, not the model load
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     if fixed_shapes and start_epoch < ctx.epochs:
         warm_up(epoch_batches(start_epoch))
     if on_gpu:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t_ready = time.perf_counter()
     timing = dict(setup_time_s=t_ready - t_start, imports_s=t_imports - t_start, data_fetch_s=t_data - t_imports,
                   model_load_s=t_load - t_data, base_reused=lease.reused,
@@ -694,11 +710,12 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=micro_batch,
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
             cuda_graphs=len(graphs or ()), device=device.type, threads=torch.get_num_threads(),
-            peak_memory_mb=_peak_memory_mb(on_gpu, graphs=bool(graphs)),
+            **_peak_memory_mb(on_gpu),
         )
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
                         "epoch": epoch + 1, "micro_batch": micro_batch, "train_seconds": train_seconds},
                        os.path.join(tmp, STATE_FILE))
             Path(tmp, METRICS_FILE).write_text(json.dumps({**metrics, "config": params, "model": config["model"]},
@@ -713,13 +730,15 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     return history
 
 
-def _peak_memory_mb(on_gpu: bool, graphs: bool = False) -> float:
-    """Peak memory the trial held: allocated GPU memory; with CUDA graphs the memory reserved, since a graph's
-    pool counts as free once captured and replays never ask the allocator; on CPU the process's peak RSS."""
+def _peak_memory_mb(on_gpu: bool) -> dict[str, float]:
+    """Peak memory of the trial since its warm-up: on a GPU the most allocated at once (graphs' captures included,
+    so eager and graphed trials compare) as peak_memory_mb, and the most the allocator reserved (what neighbours
+    on a shared GPU could not use) as peak_reserved_mb; on CPU the process's peak RSS."""
     if on_gpu:
         import torch
 
-        return (torch.cuda.max_memory_reserved() if graphs else torch.cuda.max_memory_allocated()) / 2**20
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
