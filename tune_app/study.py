@@ -532,7 +532,7 @@ def load_run_config(run: RunDir) -> StudyConfig:
     run.local.mkdir(parents=True, exist_ok=True)
     if run.remote:
         (run.local / STUDY).write_text(run.read_text(STUDY))
-    return config_mod.load(run.local / STUDY, check_wandb=True)
+    return config_mod.load(run.local / STUDY, check_wandb=True, check_outputs=True)
 
 
 def check_resumable(run: RunDir) -> None:
