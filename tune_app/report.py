@@ -181,11 +181,14 @@ def searched_hyperparameters(run: RunData) -> list[str]:
     in_space = set()
     if cfg is not None and cfg.models is not None:
         in_space = {name for model in cfg.models for name, v in cfg.model_space(model).items() if is_distribution(v)}
+    # Where lora_alpha_ratio is set, lora_alpha is ratio x rank: it varies with the rank without being searched.
+    derived = run.trials["lora_alpha_ratio"].notna() if "lora_alpha_ratio" in run.trials else False
     names = []
     for name in HYPERPARAMETERS:
         if name not in run.trials:
             continue
-        per_model = run.trials.groupby("model")[name].apply(lambda s: s.astype(str).nunique())
+        trials = run.trials[~derived] if name == "lora_alpha" and derived is not False else run.trials
+        per_model = trials.groupby("model")[name].apply(lambda s: s.astype(str).nunique())
         if name in in_space or (per_model > 1).any():
             names.append(name)
     return names
@@ -340,7 +343,7 @@ def trials_table(run: RunData, searched: list[str]) -> str:
 
 def fixed_values(run: RunData, searched: list[str]) -> str:
     """Hyperparameters every trial of a model shared, one line per model (lora_alpha left out where
-    lora_alpha_ratio replaced it)."""
+    lora_alpha_ratio derives it from the rank)."""
     lines = []
     for model in run.models:
         mine = run.trials[run.trials["model"] == model]
