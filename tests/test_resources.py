@@ -133,10 +133,10 @@ def test_gpu_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch, script, expec
 
 def test_a_trial_no_node_can_hold_is_warned_about(ray_session, capsys):
     """On a cluster, a trial larger than every live node waits for one to join: the study says so up front."""
-    from tune_app.study import warn_if_no_node_fits
+    from tune_app.study import check_trials_fit
 
-    warn_if_no_node_fits({"small": {"cpu": 1, "gpu": 0.0}})
+    check_trials_fit({"small": {"cpu": 1, "gpu": 0.0}})
     assert capsys.readouterr().out == ""
-    warn_if_no_node_fits({"big": {"cpu": 999, "gpu": 0.5}})
+    check_trials_fit({"big": {"cpu": 999, "gpu": 0.5}})  # the test session's Ray: started by its caller
     assert ("warning: no node of this Ray cluster has 999 CPU and 0.5 GPU for one trial of big; its trials wait "
             "until such a node joins (an autoscaler adds it), or lower models.big.cpu/gpu") in capsys.readouterr().out

@@ -17,7 +17,6 @@ import logging
 import os
 import posixpath
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,36 +295,30 @@ def trial_env_vars() -> dict[str, str]:
     return env
 
 
-def local_cpus() -> int:
-    """CPU cores this process may use (its affinity mask), which a local Ray offers to trials."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def check_local_fit(cfg: StudyConfig, address: str | None) -> None:
-    """A study that starts its own Ray here, with a trial that asks for more CPU cores than this machine has, would
-    wait forever for a node that never comes (Ray only logs a warning): ConfigError instead. On a cluster (an
-    address, RAY_ADDRESS, or a Ray the caller started) nodes may join later: `start_session` warns instead."""
-    if address or os.environ.get("RAY_ADDRESS") or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
-        return
-    have = local_cpus()
-    errors = [f"models.{name}.cpu: {m.cpu} cores per trial, but this machine has {have} and the study runs here "
-              f"(no cluster address); lower it to at most {have}, or submit the study to a cluster with such nodes"
-              for name, m in cfg.models.items() if m.cpu > have]
-    if errors:
-        raise ConfigError(errors)
-
-
-def warn_if_no_node_fits(resources: dict[str, dict[str, float]]) -> None:
-    """A trial that no live node can hold waits until one joins (an autoscaler's): say so, once, up front."""
+def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
+    """A trial that no live node can hold would wait forever on a Ray this process started here (Ray only logs a
+    warning every minute): ConfigError naming the model's key. On a cluster, nodes may join (an autoscaler's):
+    a warning, up front."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    most = {kind: max((r.get(kind, 0) for r in nodes), default=0) for kind in ("CPU", "GPU")}
+    errors = []
     for name, need in resources.items():
-        if not any(r.get("CPU", 0) >= need["cpu"] and r.get("GPU", 0) >= need["gpu"] for r in nodes):
-            gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
+        if any(r.get("CPU", 0) >= need["cpu"] and r.get("GPU", 0) >= need["gpu"] for r in nodes):
+            continue
+        key = "cpu" if need["cpu"] > most["CPU"] else "gpu"
+        gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
+        if _started_local:
+            errors.append(f"models.{name}.{key}: one trial needs {need['cpu']:g} CPU{gpu}, but this machine offers Ray "
+                          f"{most['CPU']:g} CPU and {most['GPU']:g} GPU; lower models.{name}.{key}, or run the study "
+                          f"on a cluster that has such nodes (ray job submit, or tune-app run --address)")
+        else:
             print(f"warning: no node of this Ray cluster has {need['cpu']:g} CPU{gpu} for one trial of {name}; its "
                   f"trials wait until such a node joins (an autoscaler adds it), or lower models.{name}.cpu/gpu",
                   flush=True)
+    if errors:
+        raise ConfigError(errors)
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -344,23 +337,27 @@ def connect_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
+        global _started_local
         ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
+        _started_local = True
 
 
 _connected_here = False
 """Whether this process called ray.init (rather than finding Ray already initialised by its caller)."""
+_started_local = False
+"""Whether that ray.init had no cluster address: Ray on this machine alone, where no node will ever join."""
 
 
 def disconnect_ray() -> None:
     """Leave Ray once the study is over, if this process joined it: the driver stops listening to worker logs
     before the cluster reaps the trial workers, so their shutdown noise (SIGTERM tracebacks) never reaches the
     user's terminal. A caller's own Ray (a notebook, the test session) is left alone."""
-    global _connected_here
+    global _connected_here, _started_local
     if _connected_here:
         import ray
 
         ray.shutdown()
-        _connected_here = False
+        _connected_here = _started_local = False
 
 
 def warn_if_lost_in_job(cfg: StudyConfig) -> None:
@@ -427,7 +424,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
     resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
-    warn_if_no_node_fits(resources)
+    check_trials_fit(resources)
     ctx = build_context(cfg, prepared, data_refs)
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
                                     resources=lambda config: resources[config[MODEL_KEY]])
@@ -496,8 +493,8 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Run a whole study; returns the summary written to <run_dir>/summary.json."""
-    check_local_fit(cfg, address)
     prepared = prepare_data(cfg)  # a checkpoint that cannot load stops the study here: nothing written yet
+    session = start_session(cfg, address, prepared)  # so does a trial no node can hold
     run = new_run_dir(cfg)
     warn_if_lost_in_job(cfg)
     try:
@@ -505,7 +502,6 @@ def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]
     except OSError as e:  # a place this process may not write in (validate's check cannot see every such case)
         raise ConfigError([f"output_dir: cannot write the run directory {run.uri} ({e}); name a folder this user "
                            f"can write in"]) from None
-    session = start_session(cfg, address, prepared)
     _describe(cfg, session, run)
     grid = build_tuner(cfg, run, session.trainable).fit()
     return finish_study(cfg, run, grid, session)
@@ -550,7 +546,6 @@ def resume_study(run: RunDir, *, address: str | None = None) -> dict[str, Any]:
     from ray import tune
 
     cfg = load_run_config(run)
-    check_local_fit(cfg, address)
     session = start_session(cfg, address)
     print(f"resuming study {cfg.name} in {run.uri}", flush=True)
     tuner = tune.Tuner.restore(run.uri, trainable=session.trainable, resume_unfinished=True, resume_errored=False)
