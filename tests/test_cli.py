@@ -167,3 +167,12 @@ def test_unknown_verb_is_a_usage_error(capsys):
         main(["tune", "x.yaml"])
     assert info.value.code == 2
     assert "invalid choice: 'tune'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_keys_quietly(tmp_path):
+    """`tune-app keys | head -1`: the reader goes away early (here `true` reads nothing and exits before Python
+    has started); no BrokenPipeError traceback or 'Exception ignored' noise follows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m tune_app keys | true"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr == "", done.stderr

@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, a reader that has gone surfaces as BrokenPipeError below, not as noise at exit
+        return code
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -323,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `tune-app keys | head`: the reader has gone; nothing more to say, no traceback
+    except BrokenPipeError:  # `tune-app keys | head`: the reader of what this verb prints has gone
+        if args.func not in (cmd_keys, cmd_show, cmd_predict):
+            raise  # a pipe of Ray's or a subprocess's: a real failure, shown
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
         return 1
 
