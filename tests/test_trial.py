@@ -313,7 +313,7 @@ def test_cuda_graphs_train_like_eager(tiny_models, monkeypatch):
         ctx.cuda_graphs, ctx.precision = graphs, "fp32"
         runs[graphs] = run_fit(config, ctx)
     assert runs[True][-1][0]["cuda_graphs"] >= 2 and runs[False][-1][0]["cuda_graphs"] == 0
-    for (eager, _), (graphed, _) in zip(runs[False], runs[True]):
+    for (eager, _, _), (graphed, _, _) in zip(runs[False], runs[True]):
         assert abs(eager["train_loss"] - graphed["train_loss"]) < 1e-4
         assert abs(eager["eval_loss"] - graphed["eval_loss"]) < 1e-4
     for name, tensor in runs[False][-1][1].items():

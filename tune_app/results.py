@@ -67,6 +67,7 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
             "trial_time_s": records[-1].get("time_total_s") if records else None,
             "train_samples_per_s": records[-1].get("train_samples_per_s") if records else None,
             "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in records), default=None),
+            "peak_reserved_mb": max((r.get("peak_reserved_mb") or 0 for r in records), default=None) or None,
             "trainable_params": records[-1].get("trainable_params") if records else None,
             "total_params": records[-1].get("total_params") if records else None,
             "checkpoint": _relative(checkpoint.path, run_dir) if checkpoint else None,

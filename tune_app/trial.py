@@ -77,8 +77,6 @@ def _dtype(name: str):
 
 def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto"):
     """torch dtype of the frozen base weights (policy: resources.weights_dtype)."""
-    import torch
-
     from tune_app.resources import count_parameters, weights_dtype
 
     checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
@@ -88,8 +86,15 @@ def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto
         n_params = 0
     name = weights_dtype(name, checkpoint_dtype, n_params, on_gpu=on_gpu, precision=precision)
     if name == "half":
-        name = "bf16" if precision != "fp16" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        name = "fp16" if precision == "fp16" else gpu_half_precision()
     return _dtype(name)
+
+
+def gpu_half_precision() -> str:
+    """bf16 where the GPU computes in it (Ampere and later), else fp16: not bf16 emulated in fp32 arithmetic."""
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 @dataclass
@@ -357,7 +362,7 @@ def _autocast_factory(device, precision: str):
 
     if device.type == "cuda":
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+            precision = gpu_half_precision()
         if precision in ("bf16", "fp16"):
             dtype = _dtype(precision)
             return lambda: torch.autocast("cuda", dtype=dtype), precision
@@ -648,12 +653,15 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             scaler.unscale_(optimizer)  # clip the true gradients
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm, foreach=True)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
-            scaler.update()
-        else:
+        if scaler is None:
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
+            return step_loss
+        scale = scaler.get_scale()  # a host sync, as fp16 training has anyway (it never runs as a CUDA graph)
+        scaler.step(optimizer)  # skipped when a gradient overflowed; update() then shrinks the scale
+        scaler.update()
+        if scaler.get_scale() >= scale:  # the step was taken: the schedule moves with the optimizer
+            scheduler.step()
         return step_loss
 
     def warm_up(batches: list[np.ndarray]) -> None:
