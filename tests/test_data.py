@@ -91,6 +91,10 @@ def test_a_limit_that_drops_a_rare_class_is_named_as_the_cause(tmp_path):
     assert "raise data.limit" in error
     cfg.limit = None
     assert data.check_source(cfg) == []
+    # A label the whole source lacks is the files' problem, limit or not.
+    cfg.limit, cfg.validation = 3, _write(tmp_path, [0, 1, 2, 7], "w.csv")
+    (error,) = data.check_source(cfg)
+    assert error.startswith("data.validation: labels [2, 7] of"), error
 
     one_class = DataConfig(source=_write(tmp_path, [0] * 40 + [1], "one.csv"), limit=3, split_seed=0)
     (error,) = data.check_source(one_class)

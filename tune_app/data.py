@@ -154,9 +154,11 @@ def check_source(data: "DataConfig") -> list[str]:
         found = _check_frame(df, data, repr(value), apply_limit=key == "source")
         errors.extend(found)
         if not found:
-            frames[key] = limit_rows(df, data.limit, data.split_seed) if key == "source" else df
+            frames[key] = df
     if len(frames) == 2:
-        errors.extend(_check_validation_labels(frames["source"][data.label], frames["validation"][data.label], data))
+        source = frames["source"][data.label]
+        kept = limit_rows(frames["source"], data.limit, data.split_seed)[data.label]
+        errors.extend(_check_validation_labels(kept, frames["validation"][data.label], data, source))
     if frames and data.positive_label is not None and not errors:
         try:
             positive_last(label_mapping([v for f in frames.values() for v in f[data.label].dropna()]), data)
@@ -165,13 +167,15 @@ def check_source(data: "DataConfig") -> list[str]:
     return errors
 
 
-def _check_validation_labels(train: "pd.Series", val: "pd.Series", data: "DataConfig") -> list[str]:
-    """A validation split may only hold labels the training data has (each is a class the model learns)."""
+def _check_validation_labels(train: "pd.Series", val: "pd.Series", data: "DataConfig",
+                             source: "pd.Series") -> list[str]:
+    """A validation split may only hold labels the training data has (each is a class the model learns).
+    `train`: the training rows data.limit keeps; `source`: all of data.source's labels."""
     known = set(train.dropna().tolist())
     unseen = label_mapping(list(set(val.dropna().tolist()) - known))
     if not unseen:
         return []
-    if data.limit is not None:  # the limit's sample may have left a rare class out
+    if data.limit is not None and set(unseen) <= set(source.dropna().tolist()):  # the limit left a class out
         return [f"data.limit: the {len(train)} training row(s) that data.limit={data.limit} keeps have no row of the "
                 f"labels {unseen} that data.validation {data.validation!r} holds (labels kept: "
                 f"{label_mapping(list(known))}); raise data.limit, or check the labels are written alike in both files"]
@@ -242,14 +246,15 @@ def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Spl
     """Load, limit, split and map labels exactly as the study YAML says."""
     import datasets
 
-    df = _as_frame(data.source, None, data)
-    df = limit_rows(df[[data.text, data.label]], data.limit, data.split_seed)
+    source = _as_frame(data.source, None, data)
+    df = limit_rows(source[[data.text, data.label]], data.limit, data.split_seed)
     full = datasets.Dataset.from_pandas(df, preserve_index=False)
     if data.validation is not None:  # a local file, else a split of the Hub source
         train = full
         val_frame = (read_local(data.validation) if validation_is_file(data.source, data.validation)
                      else _as_frame(data.source, data.validation, data))
-        if not label_order and (errors := _check_validation_labels(df[data.label], val_frame[data.label], data)):
+        if not label_order and (errors := _check_validation_labels(df[data.label], val_frame[data.label], data,
+                                                                   source[data.label])):
             raise DataError(errors[0])
         val = datasets.Dataset.from_pandas(val_frame[[data.text, data.label]], preserve_index=False)
     else:
