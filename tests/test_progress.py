@@ -10,8 +10,8 @@ from tune_app.progress import ProgressPrinter
 
 
 def test_a_trial_that_just_ended_counts_as_done_or_failed():
-    """Tune calls on_trial_complete / on_trial_error before it changes the trial's status: the line printed for
-    that event counts the trial as done (or failed), not as still running."""
+    """Tune calls on_trial_complete before it marks the trial TERMINATED (Ray 2.60's TuneController.stop_trial),
+    and on_trial_error after it marks it ERROR: either line counts the trial as ended, not as still running."""
     first, second = (Trial("t", config={"model": "m"}, trial_id=tid, stub=True) for tid in ("a1", "b2"))
     for trial in (first, second):
         trial.set_status(Trial.RUNNING)
@@ -20,6 +20,7 @@ def test_a_trial_that_just_ended_counts_as_done_or_failed():
     printer.on_trial_result(1, [first, second], first, {"f1": 0.5, "training_iteration": 1})
     printer.on_trial_complete(1, [first, second], first)
     first.set_status(Trial.TERMINATED)
+    second.set_status(Trial.ERROR)
     printer.on_trial_error(1, [first, second], second)
     lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
     assert lines == [

@@ -20,9 +20,10 @@ class ProgressPrinter(Callback):
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
-    def _line(self, text: str, trials, ended=None, status: str = "TERMINATED") -> None:
-        # Tune calls on_trial_complete / on_trial_error before it sets the trial's new status: count it as ended.
-        states = [status if t is ended else t.status for t in trials]
+    def _line(self, text: str, trials, finished=None) -> None:
+        # Tune calls on_trial_complete before it marks the trial TERMINATED (on_trial_error after it marks the
+        # trial ERROR): count a finished trial as done already.
+        states = ["TERMINATED" if t is finished else t.status for t in trials]
         counts = (f"running {states.count('RUNNING')}, done {states.count('TERMINATED')}, "
                   f"failed {states.count('ERROR')}, pending {states.count('PENDING')} of {self.total}")
         best = "; ".join(f"{m} {v:.4f}" for m, (v, _) in sorted(self.best.items()))
@@ -39,8 +40,8 @@ class ProgressPrinter(Callback):
                    f"{self.metric}={value:.4f}" if value is not None else f"{model} {trial.trial_id}", trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} finished", trials, ended=trial)
+        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} finished", trials, finished=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{trial.config.get('model', '?')} {trial.trial_id} FAILED (traceback in the run directory)",
-                   trials, ended=trial, status="ERROR")
+                   trials)

@@ -46,10 +46,11 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
     def check(value: Any) -> str | None:
         kind = "an integer" if integer else "a number"
         if isinstance(value, str) and _float_text(value):
-            # Unquoted, YAML reads 1e-5 (no dot) as text; text YAML would read as a number was written in quotes.
-            why = ("quoted, a number is text: write it without quotes" if not isinstance(yaml.safe_load(value), str)
-                   else "YAML reads 1e-5 as text: write 1.0e-5")
-            return f"must be {kind}, got the text {value!r} ({why})"
+            # Text YAML would read as a number was written in quotes; unquoted, YAML reads 1e-5 (no dot) as text.
+            if not isinstance(yaml.safe_load(value), str):
+                return f"must be {kind}, got the text {value!r} (quoted, a number is text: write it without quotes)"
+            if "e" in value.lower():  # an exponent (inf and nan have none)
+                return f"must be {kind}, got the text {value!r} (YAML reads 1e-5 as text: write 1.0e-5)"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {kind}, got {value!r}"
         if integer and not float(value).is_integer():
