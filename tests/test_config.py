@@ -118,6 +118,9 @@ OVERRIDE_CASES = {
     "override with no key": (["=4"], ["override '=4': expected dotted.key=value"]),
     "override value not YAML": (["space.lora_rank={choice: [4"], ["override 'space.lora_rank={choice: [4'",
                                                                   "not valid YAML"]),
+    "override with a key twice": (["space.lora_rank={choice: [4], choice: [8]}"],
+                                  ["override 'space.lora_rank={choice: [4], choice: [8]}': value is not valid YAML "
+                                   "(key 'choice' appears twice in one mapping"]),
     "override through a scalar": (["name.x=1"], ["override name.x: name is 't', not a mapping"]),
     "name with a path in it": (["name=../../escape"], ["name: '../../escape' names the run directories",
                                                        "make it one folder name"]),

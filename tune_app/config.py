@@ -391,9 +391,10 @@ def parse_overrides(overrides: list[str], errors: list[str]) -> list[tuple[list[
             errors.append(f"override {item!r}: expected dotted.key=value (for example tune.num_samples=4)")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, Loader=_StrictLoader) if text.strip() else None  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
-            errors.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            why = getattr(e, "problem", None) if isinstance(e, yaml.constructor.ConstructorError) else None
+            errors.append(f"override {item!r}: value is not valid YAML ({why or e.__class__.__name__})")
             continue
         parsed.append((key.split("."), value))
     return parsed
