@@ -253,7 +253,6 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
          f"--baseline: cannot load {str(unfinished)!r}"),
         (["evaluate", bundle, "--data", str(good), "--baseline", "tune-app-tests/never-downloaded"],
          "--baseline: cannot load 'tune-app-tests/never-downloaded'"),
-        (["export", run_dir], "already exists and is not empty"),
         (["export", str(tmp_path)], "no summary.json inside: not a tune-app run directory"),
         (["export", str(unfinished)], f"the run has not finished; continue it with tune-app resume '{unfinished}'"),
         (["export", run_dir, "--out", str(taken)], f"--out {taken}: is a file"),
@@ -273,6 +272,25 @@ def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypa
     assert taken.read_text() == "mine\n"
     assert sorted(p.name for p in (run["dir"] / "best").iterdir()) == before
     assert not (tmp_path / "b").exists()
+
+
+def test_export_into_a_best_folder_that_holds_it_already_or_an_older_best(run, tmp_path, capsys):
+    """`tune-app export RUN` (or --model M, whose best is the run's) once `run` has filled RUN/best: nothing to do.
+    A best/ left from before a resume found a better trial is moved aside (to the name --trial gives it), not
+    overwritten, and the new best takes its place."""
+    best = run["summary"]["best"]
+    assert cli.main(["export", str(run["dir"]), "--model", "minilm"]) == 0
+    assert f"already holds the bundle of minilm trial {best['trial_id']}: nothing to do" in capsys.readouterr().out
+
+    copy = tmp_path / "resumed-run"
+    shutil.copytree(run["dir"], copy)
+    manifest = json.loads((copy / "best" / "bundle.json").read_text())
+    manifest["trial_id"] = "0ld7r1a1"  # as the export of an interrupted run, before its resume went on
+    (copy / "best" / "bundle.json").write_text(json.dumps(manifest))
+    assert cli.main(["export", str(copy)]) == 0
+    assert f"no longer the run's best: moved to {copy / 'export-minilm-0ld7r1a1'}" in capsys.readouterr().out
+    assert json.loads((copy / "export-minilm-0ld7r1a1" / "bundle.json").read_text())["trial_id"] == "0ld7r1a1"
+    assert json.loads((copy / "best" / "bundle.json").read_text())["trial_id"] == best["trial_id"]
 
 
 def test_a_run_in_cloud_storage_exports_and_reports_into_itself(run, tmp_path, monkeypatch, capsys):

@@ -147,6 +147,15 @@ def default_out(sel: Selection) -> Path:
     return sel.run_dir / (DEFAULT_OUT if sel.is_best else f"export-{sel.model}-{sel.trial_id}")
 
 
+def _bundle_in(folder: Path) -> tuple[str, str] | None:
+    """(model, trial id) of the bundle in `folder`, or None when there is none."""
+    try:
+        info = json.loads((folder / BUNDLE_FILE).read_text())
+        return str(info["model"]), str(info["trial_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; a bundle is a folder: choose a new or empty folder")
@@ -297,6 +306,15 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     sel = select(run_dir, model=model, trial=trial)
     target = Path(out).expanduser().resolve() if out is not None else default_out(sel)
     upload = sel.run.remote and out is None  # a remote run's bundle goes into the run directory, as a local one's
+    if out is None and not sel.run.remote and (held := _bundle_in(target)) is not None:
+        if held == (sel.model, sel.trial_id) and (not merge or (target / MERGED_DIR).is_dir()):
+            echo(f"{target} already holds the bundle of {sel.model} trial {sel.trial_id}: nothing to do (pass --out "
+                 f"DIR for another copy)")
+            return target
+        aside = sel.run_dir / f"export-{held[0]}-{held[1]}"
+        if held != (sel.model, sel.trial_id) and not aside.exists():  # the best before a resume went on
+            target.rename(aside)
+            echo(f"{target} held {held[0]} trial {held[1]}, no longer the run's best: moved to {aside}")
     if upload and sel.run.has(target.name):
         raise UsageError(f"{sel.run.uri}/{target.name}: already exists; nothing is overwritten: pass --out FOLDER "
                          f"to export to this machine, or remove it")
@@ -448,10 +466,12 @@ Locally (retrains this configuration as one trial):
 tune-app run best_config.yaml
 ```
 
-On a Ray cluster (its dashboard at HEAD:8265):
+On a Ray cluster (its dashboard at HEAD:8265; the results go to an absolute path or a URI, since a relative
+`output_dir` would land in the job's temporary copy of the working dir):
 
 ```bash
-ray job submit --address http://HEAD:8265 --working-dir . -- tune-app run best_config.yaml
+RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
+  -- tune-app run best_config.yaml output_dir=s3://YOUR-BUCKET/tune-app-runs
 ```
 
 `data.source` in `best_config.yaml` is where the data was when the study ran; elsewhere override it:
