@@ -109,3 +109,12 @@ def test_ctrl_c_stops_cleanly_keeps_what_finished_and_says_how_to_resume(tmp_pat
     assert len(rows) == summary["finished_trials"]  # what finished, and only that
     assert all(r["status"] == "COMPLETED" and int(r["epochs"]) == EPOCHS for r in rows), rows
     assert (run_dir / STUDY).is_file()
+    # What was kept says it is partial: the report, and a bundle exported from it (the best so far).
+    assert (f"**Interrupted: 1 of 2 trials finished; this report covers those. Continue with `tune-app resume "
+            f"{run_dir}`.**") in (run_dir / "report.md").read_text()
+    from tune_app import cli
+
+    assert cli.main(["export", str(run_dir)]) == 0
+    assert json.loads((run_dir / "best" / "bundle.json").read_text())["run_complete"] is False
+    assert "the best of the 1 of 2 trials that finished before the study was interrupted" in \
+        (run_dir / "best" / "README.md").read_text()

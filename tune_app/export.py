@@ -147,6 +147,22 @@ def default_out(sel: Selection) -> Path:
     return sel.run_dir / (DEFAULT_OUT if sel.is_best else f"export-{sel.model}-{sel.trial_id}")
 
 
+def _interrupted(sel: Selection) -> str | None:
+    """'N of M trials' for a run stopped before its end (resumable), None for a finished one."""
+    s = sel.summary
+    if s.get("complete", True):
+        return None
+    return f"{s.get('finished_trials', '?')} of {s.get('planned_trials', '?')} trials"
+
+
+def _best_of(sel: Selection) -> str:
+    if not sel.is_best:
+        return ""
+    partial = _interrupted(sel)
+    return f", the best of the {partial} that finished before the study was interrupted" if partial else \
+        ", the best of the run"
+
+
 def _bundle_in(folder: Path) -> tuple[str, str] | None:
     """(model, trial id) of the bundle in `folder`, or None when there is none."""
     try:
@@ -211,6 +227,7 @@ def manifest(sel: Selection) -> dict[str, Any]:
         "trial_id": sel.trial_id,
         "epoch": sel.reported.get("epoch"),
         "best_of_run": sel.is_best,
+        "run_complete": _interrupted(sel) is None,
         "metric": sel.cfg.tune.metric,
         "base": {"checkpoint": model.checkpoint, "revision": model.revision, "dtype": model.dtype,
                  "trust_remote_code": model.trust_remote_code, "target_modules": model.target_modules},
@@ -340,6 +357,9 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
 
 def _build(sel: Selection, work: Path, merge: bool, echo: Callable[[str], None]) -> None:
     echo(f"exporting {sel.model} trial {sel.trial_id} (epoch {sel.reported.get('epoch')}) of {sel.run_dir}")
+    if partial := _interrupted(sel):
+        echo(f"note: the study was interrupted ({partial} finished): this is the best so far; `tune-app resume "
+             f"{shlex.quote(str(sel.run_dir))}` goes on")
     write_adapter(sel, work)
     write_tokenizer(sel, work)
     labels = labels_json(sel)
@@ -433,7 +453,7 @@ def model_card(sel: Selection, info: dict[str, Any], labels: dict[str, Any], met
 
 A LoRA adapter with its trained classification head for `{base['checkpoint']}`, exported by tune_app
 {__version__} from study `{sel.cfg.name}` (run `{sel.run_dir.name}`, trial `{sel.trial_id}`, epoch
-{info['epoch']}{', the best of the run' if sel.is_best else ''}).
+{info['epoch']}{_best_of(sel)}).
 
 ## Data
 

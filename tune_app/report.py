@@ -577,6 +577,9 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         "",
         (f"**Best overall: {best['model']}, trial {best['trial_id']}, {run.metric} = {_fmt(best[run.metric])}.**"
          if best else "**No trial reported a result.**"),
+        *(["", f"**Interrupted: {s.get('finished_trials', '?')} of {s.get('planned_trials', '?')} trials finished; "
+               f"this report covers those. Continue with `{s.get('resume_command') or 'tune-app resume RUN_DIR'}`.**"]
+          if not s.get("complete", True) else []),
         "",
         "## Models compared",
         "",
