@@ -28,3 +28,17 @@ def test_a_trial_that_just_ended_counts_as_done_or_failed():
         "m a1 finished | running 1, done 1, failed 0, pending 0 of 2 | best f1: m 0.5000",
         "m b2 FAILED (traceback in the run directory) | running 0, done 1, failed 1, pending 0 of 2 | best f1: m 0.5000",
     ]
+
+
+def test_best_so_far_includes_trials_a_resume_restored():
+    """A resumed study's Tune trials carry the results they had (metric_analysis): the best so far counts them
+    from the first line on, not only what the resumed session reports."""
+    done, running = (Trial("t", config={"model": "m"}, trial_id=tid, stub=True) for tid in ("old1", "new2"))
+    done.update_last_result({"f1": 0.59, "training_iteration": 1})
+    done.update_last_result({"f1": 0.55, "training_iteration": 2})  # the best epoch was the first
+    done.set_status(Trial.TERMINATED)
+    running.set_status(Trial.RUNNING)
+    out = io.StringIO()
+    ProgressPrinter("f1", "max", 2, stream=out).on_trial_result(1, [done, running], running,
+                                                                 {"f1": 0.40, "training_iteration": 1})
+    assert out.getvalue().rstrip().endswith("| best f1: m 0.5900")

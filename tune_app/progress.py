@@ -24,6 +24,10 @@ class ProgressPrinter(Callback):
         # Tune calls on_trial_complete before it marks the trial TERMINATED (on_trial_error after it marks the
         # trial ERROR): count a finished trial as done already.
         states = ["TERMINATED" if t is finished else t.status for t in trials]
+        for t in trials:  # trials restored by a resume bring their results (Tune's metric_analysis) with them
+            seen = (getattr(t, "metric_analysis", None) or {}).get(self.metric)
+            if seen and seen.get(self.mode) is not None:
+                self._consider(t.config.get("model", "?"), seen[self.mode], t.trial_id)
         counts = (f"running {states.count('RUNNING')}, done {states.count('TERMINATED')}, "
                   f"failed {states.count('ERROR')}, pending {states.count('PENDING')} of {self.total}")
         best = "; ".join(f"{m} {v:.4f}" for m, (v, _) in sorted(self.best.items()))
@@ -31,11 +35,15 @@ class ProgressPrinter(Callback):
         print(f"[{elapsed:7.0f}s] {text} | {counts} | best {self.metric}: {best or '-'}",
               file=self.stream or sys.stdout, flush=True)
 
+    def _consider(self, model: str, value: float, trial_id: str) -> None:
+        if model not in self.best or self._better(value, self.best[model][0]):
+            self.best[model] = (value, trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         model = trial.config.get("model", "?")
         value = result.get(self.metric)
-        if value is not None and (model not in self.best or self._better(value, self.best[model][0])):
-            self.best[model] = (value, trial.trial_id)
+        if value is not None:
+            self._consider(model, value, trial.trial_id)
         self._line(f"{model} {trial.trial_id} epoch {result.get('training_iteration')}: "
                    f"{self.metric}={value:.4f}" if value is not None else f"{model} {trial.trial_id}", trials)
 
