@@ -255,8 +255,9 @@ def texts_of(df: "pd.DataFrame", column: str, path: str) -> list[str]:
              or not str(v).strip()]
     if empty:
         shown = ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else "")
-        raise UsageError(f"{path}: {len(empty)} row(s) with empty text in column {column!r} (data rows, counted "
-                         f"from 0: {shown}); drop or fill them")
+        where = f"in column {column!r} (data rows" if path != "--text" else "(texts"
+        raise UsageError(f"{path}: {len(empty)} row(s) with empty text {where}, counted from 0: {shown}); drop or "
+                         f"fill them")
     return [str(v) for v in values]
 
 
