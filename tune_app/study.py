@@ -326,7 +326,7 @@ def connect_ray(address: str | None = None) -> None:
     start a local Ray with this machine's CPUs/GPUs and no dashboard."""
     import ray
 
-    global _connected_here
+    global _connected_here, _started_local
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -337,7 +337,6 @@ def connect_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        global _started_local
         ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
         _started_local = True
 
@@ -345,7 +344,8 @@ def connect_ray(address: str | None = None) -> None:
 _connected_here = False
 """Whether this process called ray.init (rather than finding Ray already initialised by its caller)."""
 _started_local = False
-"""Whether that ray.init had no cluster address: Ray on this machine alone, where no node will ever join."""
+"""Whether that ray.init had no cluster address: a new Ray on this machine, or the one a `ray start --head` runs
+here; no autoscaler adds nodes to either."""
 
 
 def disconnect_ray() -> None:
