@@ -103,6 +103,7 @@ def test_ctrl_c_stops_cleanly_keeps_what_finished_and_says_how_to_resume(tmp_pat
     summary = json.loads((run_dir / SUMMARY).read_text())
     assert (f"interrupted: {summary['finished_trials']} of 2 trials finished (kept); continue with: "
             f"tune-app resume {run_dir}") in output, output[-3000:]
+    assert "Tuner.restore" not in output  # Ray Tune's own hint, for its Python API: one hint, ours
     assert summary["complete"] is False and summary["resume_command"] == f"tune-app resume {run_dir}"
     assert summary["finished_trials"] == 1 and summary["planned_trials"] == 2
     rows = list(csv.DictReader(open(run_dir / TRIALS)))

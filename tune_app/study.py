@@ -410,6 +410,14 @@ class Session:
     trainable: Any
 
 
+class _NoTunerRestoreHint(logging.Filter):
+    """Ray Tune's own Ctrl-C hint ("Resume experiment with: Tuner.restore(...)") is Python for Ray users; a tune_app
+    study prints its own, `tune-app resume RUN_DIR`, and one hint is clearer than two."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with:" not in record.getMessage()
+
+
 def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData | None = None) -> Session:
     """Data (`prepare_data` unless given) -> Ray -> object refs -> the trainable. Run start and resume both build
     the trainable this way."""
@@ -421,6 +429,9 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
 
     prepared = prepared or prepare_data(cfg)
     connect_ray(address)
+    tune_logger = logging.getLogger("ray.tune.tune")  # run and resume: tune_app's resume hint, not Ray's
+    if not any(isinstance(f, _NoTunerRestoreHint) for f in tune_logger.filters):
+        tune_logger.addFilter(_NoTunerRestoreHint())
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
     resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
