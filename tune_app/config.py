@@ -284,9 +284,14 @@ def resolve_checkpoint(checkpoint: str) -> str:
     return os.path.expanduser(checkpoint)
 
 
+def written_as_path(name: str) -> bool:
+    """Spelled as a path: absolute, ./, ../ or ~ (whether or not anything is there)."""
+    return name.startswith(("/", "./", "../", "~"))
+
+
 def is_local_path(name: str) -> bool:
     """Paths are written as paths (absolute, ./, ../, ~) or exist on disk; anything else is a Hub name."""
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+    return written_as_path(name) or os.path.exists(os.path.expanduser(name))
 
 
 def is_local_checkpoint(name: str) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.config import is_hub_name, is_local_path
+from tune_app.config import is_hub_name, is_local_path, written_as_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,7 +44,7 @@ def validation_is_file(source: str, validation: str) -> bool:
 
 
 def _written_as_file(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in LOCAL_FORMATS
+    return written_as_path(name) or Path(name).suffix.lower() in LOCAL_FORMATS
 
 
 def read_local(path: str | os.PathLike) -> "pd.DataFrame":
