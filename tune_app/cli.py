@@ -99,9 +99,8 @@ def _report(summary: dict) -> int:
     if best:
         print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}")
     print(f"run directory: {summary['run_dir']}")
-    if not summary.get("complete", True):
-        print(f"interrupted: {summary['finished_trials']} of {summary['planned_trials']} trials finished (kept); "
-              f"continue with: {summary['resume_command']}")
+    if partial := results.unfinished(summary):
+        print(f"interrupted: {partial} finished (kept); continue with: {summary['resume_command']}")
         return EXIT_INTERRUPTED
     if best is None:
         failed = summary.get("failed_trials") or []

@@ -41,7 +41,7 @@ from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
 from tune_app.metrics import weighted_cross_entropy
 from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
                               classify, load_classifier, open_bundle, probabilities, score, text_logits)
-from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, retrain_yaml
+from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, retrain_yaml, unfinished
 from tune_app.space import HYPERPARAMETERS
 
 DEFAULT_OUT = "best"
@@ -147,18 +147,10 @@ def default_out(sel: Selection) -> Path:
     return sel.run_dir / (DEFAULT_OUT if sel.is_best else f"export-{sel.model}-{sel.trial_id}")
 
 
-def _interrupted(sel: Selection) -> str | None:
-    """'N of M trials' for a run stopped before its end (resumable), None for a finished one."""
-    s = sel.summary
-    if s.get("complete", True):
-        return None
-    return f"{s.get('finished_trials', '?')} of {s.get('planned_trials', '?')} trials"
-
-
 def _best_of(sel: Selection) -> str:
     if not sel.is_best:
         return ""
-    partial = _interrupted(sel)
+    partial = unfinished(sel.summary)
     return f", the best of the {partial} that finished before the study was interrupted" if partial else \
         ", the best of the run"
 
@@ -227,7 +219,7 @@ def manifest(sel: Selection) -> dict[str, Any]:
         "trial_id": sel.trial_id,
         "epoch": sel.reported.get("epoch"),
         "best_of_run": sel.is_best,
-        "run_complete": _interrupted(sel) is None,
+        "run_complete": unfinished(sel.summary) is None,
         "metric": sel.cfg.tune.metric,
         "base": {"checkpoint": model.checkpoint, "revision": model.revision, "dtype": model.dtype,
                  "trust_remote_code": model.trust_remote_code, "target_modules": model.target_modules},
@@ -357,7 +349,7 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
 
 def _build(sel: Selection, work: Path, merge: bool, echo: Callable[[str], None]) -> None:
     echo(f"exporting {sel.model} trial {sel.trial_id} (epoch {sel.reported.get('epoch')}) of {sel.run_dir}")
-    if partial := _interrupted(sel):
+    if partial := unfinished(sel.summary):
         echo(f"note: the study was interrupted ({partial} finished): this is the best so far; `tune-app resume "
              f"{shlex.quote(str(sel.run_dir))}` goes on")
     write_adapter(sel, work)

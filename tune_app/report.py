@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line
+from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line, unfinished
 from tune_app.space import HYPERPARAMETERS
 
 REPORT = "report.md"
@@ -577,9 +577,8 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         "",
         (f"**Best overall: {best['model']}, trial {best['trial_id']}, {run.metric} = {_fmt(best[run.metric])}.**"
          if best else "**No trial reported a result.**"),
-        *(["", f"**Interrupted: {s.get('finished_trials', '?')} of {s.get('planned_trials', '?')} trials finished; "
-               f"this report covers those. Continue with `{s.get('resume_command') or 'tune-app resume RUN_DIR'}`.**"]
-          if not s.get("complete", True) else []),
+        *(["", f"**Interrupted: {partial} finished; this report covers those. Continue with "
+               f"`{s.get('resume_command') or 'tune-app resume RUN_DIR'}`.**"] if (partial := unfinished(s)) else []),
         "",
         "## Models compared",
         "",

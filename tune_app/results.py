@@ -98,6 +98,13 @@ def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | 
     return best
 
 
+def unfinished(summary: dict[str, Any]) -> str | None:
+    """'N of M trials' for a study stopped before its end (resumable), None for one that ran to its end."""
+    if summary.get("complete", True):
+        return None
+    return f"{summary.get('finished_trials', '?')} of {summary.get('planned_trials', '?')} trials"
+
+
 def failure_line(run_dir: Path, error_file: str) -> str:
     """The last line of a failed trial's error.txt (the exception and its message), for a one-line summary."""
     try:
