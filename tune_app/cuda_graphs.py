@@ -132,10 +132,14 @@ class StepGraphs:
     def _warm_up(self, inputs: tuple) -> None:
         """Eager steps on the capture stream with host syncs refused: a step that syncs would break its capture
         (and, on some torch versions, the allocator's bookkeeping with it), so it is found here instead."""
+        import warnings
+
         import torch
 
         mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
+        with warnings.catch_warnings():  # torch calls the mode a prototype, once per process, in every trial's log
+            warnings.filterwarnings("ignore", message="Synchronization debug mode")
+            torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.stream(self.stream):
                 for _ in range(WARMUP_STEPS):
