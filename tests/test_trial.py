@@ -334,26 +334,37 @@ def test_fp16_trains_with_loss_scaling(tiny_models):
     assert epochs[-1][2]["scaler"]["scale"] > 0
 
 
-def test_a_trial_stopped_by_tune_frees_its_model_before_the_next(tiny_models, monkeypatch):
-    """Tune stops a trial by raising SystemExit in tune.report; the trial's model must be freed even then (not only
-    when fit returns), or a reused worker would carry one trial's weights into the next."""
-    import tune_app.trial as trial_mod
+def test_a_trial_stopped_by_tune_leaves_nothing_for_the_next(tiny_models):
+    """Tune stops a trial by raising SystemExit in tune.report, in the trial's own thread, and may end the worker
+    right after it. The trial keeps its base before its last report; once its thread is done, the next trial's
+    first step (release_memory) finds no model of it alive, and that trial reuses the base."""
+    import threading
 
-    alive_at_release = []
-    release = trial_mod.release_memory
+    from tune_app.trial import release_memory
 
-    def counting_release():
-        release()
-        alive_at_release.append(count_models())
-
-    monkeypatch.setattr(trial_mod, "release_memory", counting_release)
+    kept_at_report = []
 
     def stopped_by_tune(metrics, directory):
+        kept_at_report.append((metrics["epoch"], base_cache._kept is not None))
         raise SystemExit(0)
 
     ctx, config = make_context(tiny_models("bert"), epochs=2), make_config()
-    with pytest.raises(SystemExit):
-        trial_mod.fit_then_release(lambda: fit(config, ctx, report=stopped_by_tune, threads=1))
-    assert alive_at_release[-1] == 0
-    # The stopped trial's base is kept all the same: the worker's next trial reuses it.
+    stops = []
+
+    def trial_thread(epochs: int):
+        try:
+            fit(config, dataclasses.replace(ctx, epochs=epochs), report=stopped_by_tune, threads=1)
+        except SystemExit:
+            stops.append(epochs)
+
+    for epochs in (2, 1):  # stopped early (ASHA), then stopped at its last epoch (max_t)
+        thread = threading.Thread(target=trial_thread, args=(epochs,))
+        thread.start()
+        thread.join()
+        release_memory()
+        assert count_models() == 0
+        assert base_cache._kept is not None  # kept for the next trial
+    assert stops == [2, 1]
+    # The base is handed back before a trial's last report (epoch 1 of 1), after an earlier one (epoch 1 of 2).
+    assert kept_at_report == [(1, False), (1, True)]
     assert run_fit(config, ctx)[0][0]["base_reused"] is True

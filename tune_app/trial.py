@@ -454,41 +454,33 @@ def batch_loss(model, ids, mask, labels, loss_weight, total_weight: float, autoc
 
 
 def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch."""
+    """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch.
+
+    It first frees what the worker's previous trial left (tune.reuse_actors), not that trial itself on its way
+    out: once Tune has a trial's last report it may end the worker without waiting for the trial's thread, and a
+    thread still freeing CUDA memory as the process exits aborts it ('Fatal Python error: Aborted', seen on an
+    H100). So after its last report a trial only lets go of its objects (`fit` keeps the base before that report)."""
     from ray import tune
+
+    release_memory()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     checkpoint = tune.get_checkpoint()
     resume_dir = checkpoint.to_directory() if checkpoint else None
-    fit_then_release(lambda: fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus()))
-
-
-def fit_then_release(run: Callable[[], Any]) -> None:
-    """Run a trial, then free its model before the worker (tune.reuse_actors) runs the next trial.
-
-    Tune stops a trial (ASHA; also every trial that reaches max_t under ASHA) by raising SystemExit inside
-    `tune.report`. While that exception is being handled its traceback keeps the trial's frames, and with them the
-    model, alive; memory is therefore released after the `except` block, and the exit raised again."""
-    stopped, exit_code = False, None
-    try:
-        run()
-    except SystemExit as stop:
-        stopped, exit_code = True, stop.code
-    release_memory()
-    if stopped:
-        raise SystemExit(exit_code)
+    fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
 
 
 def release_memory() -> None:
-    """Free the finished trial's model now, and hand its cached GPU blocks back to the trials sharing the GPU."""
+    """Free what a finished trial left in this process (objects in reference cycles, e.g. its model) and hand the
+    GPU blocks cached for it back to the trials sharing the GPU."""
     import gc
 
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear_workspaces is not None:  # per-stream cuBLAS workspaces, e.g. of a trial's CUDA-graph stream
             clear_workspaces()
@@ -728,13 +720,18 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                        os.path.join(tmp, STATE_FILE))
             Path(tmp, METRICS_FILE).write_text(json.dumps({**metrics, "config": params, "model": config["model"]},
                                                           indent=2, default=str))
+            last = epoch + 1 == ctx.epochs
+            if last:  # before Tune hears the trial is done: see train_trial
+                lease.give_back()
             try:
                 report(metrics, tmp)
             except SystemExit:  # Tune stops a trial inside its report (ASHA, max_t): the base is reusable all the same
-                lease.give_back()
+                if not last:
+                    lease.give_back()
                 raise
         history.append(metrics)
-    lease.give_back()
+    if start_epoch >= ctx.epochs:  # resumed after its last epoch: nothing trained, nothing reported
+        lease.give_back()
     return history
 
 
