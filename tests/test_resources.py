@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoConfig, LlamaConfig, RobertaConfig
 
 from tune_app.config import ModelConfig
-from tune_app.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, count_parameters, estimate_trial_memory,
+from tune_app.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, checkpoint_dtype, count_parameters,
+                                estimate_trial_memory,
                                 gpu_memory_bytes, gpu_share, lora_parameters, padded_length, share_for,
                                 trials_per_gpu, weights_dtype)
 
@@ -95,6 +96,28 @@ def test_weights_dtype_policy():
     assert weights_dtype("auto", "bfloat16", 100, on_gpu=False) == "fp32"
     assert weights_dtype("auto", "bfloat16", 100, on_gpu=True, precision="fp32") == "fp32"
     assert weights_dtype("fp16", "float32", 100, on_gpu=False) == "fp16"
+
+
+def test_checkpoint_dtype_is_read_without_the_deprecation_warning(tmp_path, caplog):
+    """config.json's dtype, under both spellings, without transformers 5's "`torch_dtype` is deprecated" line
+    (which tune-app run printed once per study)."""
+    import logging
+    import types
+
+    import torch
+
+    getattr(logging.Logger.warning_once, "cache_clear", lambda: None)()  # transformers logs it once per process
+    hf_logger = logging.getLogger("transformers")  # does not propagate to the root logger caplog listens on
+    hf_logger.addHandler(caplog.handler)
+    try:
+        RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      dtype="bfloat16").save_pretrained(tmp_path)
+        assert checkpoint_dtype(AutoConfig.from_pretrained(tmp_path)) in (torch.bfloat16, "bfloat16")
+    finally:
+        hf_logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert checkpoint_dtype(types.SimpleNamespace(torch_dtype="float16")) == "float16"  # transformers < 4.56
+    assert checkpoint_dtype(types.SimpleNamespace()) is None
 
 
 def test_padded_length_is_the_trials_bucket_of_the_longest_row():

@@ -105,6 +105,12 @@ def lora_parameters(hf_config, rank: int, preset: str, num_labels: int = 2) -> i
     return d["layers"] * per_layer + head
 
 
+def checkpoint_dtype(hf_config) -> Any:
+    """The dtype a checkpoint's config.json names, if any: `dtype` since transformers 4.56 (reading the older
+    `torch_dtype` there logs a deprecation warning), `torch_dtype` before."""
+    return getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+
+
 def weights_dtype(name: str, checkpoint_dtype: Any, n_params: int, *, on_gpu: bool, precision: str = "auto") -> str:
     """`dtype: auto` policy for the frozen base weights: 'half' (bf16, or fp16 where bf16 is unsupported) on GPU
     for half-precision checkpoints and models of >= 1B parameters, since autocast computes in half precision
@@ -213,8 +219,7 @@ def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | 
     hf_config = AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
                                            trust_remote_code=model.trust_remote_code)
     n_params = count_parameters(hf_config, num_labels)
-    ckpt_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-    dtype = weights_dtype(model.dtype, ckpt_dtype, n_params, on_gpu=True, precision=precision)
+    dtype = weights_dtype(model.dtype, checkpoint_dtype(hf_config), n_params, on_gpu=True, precision=precision)
     return estimate_trial_memory(
         hf_config, batch_size=int(_largest(space.get("batch_size", 8))), seq_len=padded_length(longest, max_length),
         lora_rank=int(_largest(space.get("lora_rank", 8))),

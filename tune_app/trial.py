@@ -77,14 +77,13 @@ def _dtype(name: str):
 
 def _torch_dtype(name: str, hf_config: Any, on_gpu: bool, precision: str = "auto"):
     """torch dtype of the frozen base weights (policy: resources.weights_dtype)."""
-    from tune_app.resources import count_parameters, weights_dtype
+    from tune_app.resources import checkpoint_dtype, count_parameters, weights_dtype
 
-    checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     try:
         n_params = count_parameters(hf_config)
     except (AttributeError, TypeError):  # an exotic config: decide by the checkpoint's dtype alone
         n_params = 0
-    name = weights_dtype(name, checkpoint_dtype, n_params, on_gpu=on_gpu, precision=precision)
+    name = weights_dtype(name, checkpoint_dtype(hf_config), n_params, on_gpu=on_gpu, precision=precision)
     if name == "half":
         name = "fp16" if precision == "fp16" else gpu_half_precision()
     return _dtype(name)
