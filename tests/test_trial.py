@@ -336,8 +336,9 @@ def test_fp16_trains_with_loss_scaling(tiny_models):
 
 def test_a_trial_stopped_by_tune_leaves_nothing_for_the_next(tiny_models):
     """Tune stops a trial by raising SystemExit in tune.report, in the trial's own thread, and may end the worker
-    right after it. The trial keeps its base before its last report; once its thread is done, the next trial's
-    first step (release_memory) finds no model of it alive, and that trial reuses the base."""
+    right after it: the thread must free nothing then. The trial keeps its base before its last report, and its
+    model stays referenced after its thread ends; the next trial frees it first (release_memory), and reuses the
+    base."""
     import threading
 
     from tune_app.trial import release_memory
@@ -361,6 +362,7 @@ def test_a_trial_stopped_by_tune_leaves_nothing_for_the_next(tiny_models):
         thread = threading.Thread(target=trial_thread, args=(epochs,))
         thread.start()
         thread.join()
+        assert count_models() == 1  # not freed by the trial's thread
         release_memory()
         assert count_models() == 0
         assert base_cache._kept is not None  # kept for the next trial

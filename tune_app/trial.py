@@ -31,6 +31,9 @@ METRICS_FILE = "metrics.json"
 OOM_TEST_ENV = "TUNE_APP_TEST_OOM_ABOVE"
 """Fault injection for tests only: raise a CUDA-style OOM when a training micro-batch, or the widest evaluation
 batch, exceeds this many rows."""
+_last_trial: list = []
+"""The running or last trial's model, optimizer and graphs, held from its first report until this worker's next trial
+starts (release_memory), so that they are never freed by a trial thread Tune may be ending (see train_trial)."""
 
 
 @dataclass(frozen=True)
@@ -455,13 +458,12 @@ def batch_loss(model, ids, mask, labels, loss_weight, total_weight: float, autoc
 def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch.
 
-    It first frees what the worker's previous trial left (tune.reuse_actors), not that trial itself on its way
-    out: once Tune has a trial's last report it may end the worker without waiting for the trial's thread, and a
-    thread still freeing CUDA memory as the process exits aborts it ('Fatal Python error: Aborted', seen on an
-    H100). So after its last report a trial only lets go of its objects (`fit` keeps the base before that report)."""
+    A trial frees what the worker's previous trial left (tune.reuse_actors) when it starts (`fit`), not on its
+    own way out: once Tune has a trial's report it may end the worker without waiting for the trial's thread, and a
+    thread still freeing CUDA memory as the process exits aborts it ('Fatal Python error: Aborted', seen on an H100
+    in 4 of 8 trials that ASHA stopped at max_t). So after a report a trial frees nothing: `fit` keeps the base
+    before its last report, and its model and optimizer stay referenced (`_last_trial`) until the next trial."""
     from ray import tune
-
-    release_memory()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
@@ -472,12 +474,13 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def release_memory() -> None:
-    """Free what a finished trial left in this process (objects in reference cycles, e.g. its model) and hand the
+    """Free what the last trial left in this process (`_last_trial`, and objects in reference cycles) and hand the
     GPU blocks cached for it back to the trials sharing the GPU."""
     import gc
 
     import torch
 
+    _last_trial.clear()
     gc.collect()
     if torch.cuda.is_initialized():
         clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
@@ -499,6 +502,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
 
     t_imports = time.perf_counter()
     quiet_libraries()
+    release_memory()  # what this process's previous trial left (see train_trial)
     params = {name: config[name] for name in HYPERPARAMETERS}
     spec = ctx.models[config["model"]]
     torch.set_num_threads(threads or _assigned_cpus())  # a trial's step uses exactly the cores it was given
@@ -719,6 +723,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
                        os.path.join(tmp, STATE_FILE))
             Path(tmp, METRICS_FILE).write_text(json.dumps({**metrics, "config": params, "model": config["model"]},
                                                           indent=2, default=str))
+            _last_trial[:] = [model, optimizer, scheduler, scaler, graphs]  # see train_trial
             last = epoch + 1 == ctx.epochs
             if last:  # before Tune hears the trial is done: see train_trial
                 lease.give_back()
