@@ -110,9 +110,11 @@ def test_checkpoint_dtype_is_read_without_the_deprecation_warning(tmp_path, capl
     hf_logger = logging.getLogger("transformers")  # does not propagate to the root logger caplog listens on
     hf_logger.addHandler(caplog.handler)
     try:
-        RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                      dtype="bfloat16").save_pretrained(tmp_path)
-        assert checkpoint_dtype(AutoConfig.from_pretrained(tmp_path)) in (torch.bfloat16, "bfloat16")
+        dims = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        RobertaConfig(**dims, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+        assert checkpoint_dtype(AutoConfig.from_pretrained(tmp_path / "bf16")) in (torch.bfloat16, "bfloat16")
+        RobertaConfig(**dims).save_pretrained(tmp_path / "none")  # as many older Hub configs: no dtype at all
+        assert checkpoint_dtype(AutoConfig.from_pretrained(tmp_path / "none")) is None
     finally:
         hf_logger.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

@@ -106,9 +106,11 @@ def lora_parameters(hf_config, rank: int, preset: str, num_labels: int = 2) -> i
 
 
 def checkpoint_dtype(hf_config) -> Any:
-    """The dtype a checkpoint's config.json names, if any: `dtype` since transformers 4.56 (reading the older
-    `torch_dtype` there logs a deprecation warning), `torch_dtype` before."""
-    return getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    """The dtype a checkpoint's config.json names, if any: the `dtype` attribute since transformers 4.56, the
+    `torch_dtype` attribute before. Read from the instance's own attributes: in transformers 5, `torch_dtype` is a
+    property that logs a deprecation warning."""
+    attributes = vars(hf_config)
+    return attributes.get("dtype") or attributes.get("torch_dtype")
 
 
 def weights_dtype(name: str, checkpoint_dtype: Any, n_params: int, *, on_gpu: bool, precision: str = "auto") -> str:
