@@ -7,9 +7,13 @@ load would: the same weights, every base parameter the adapter trained (lora_bia
 random states as they were right after that first load, so LoRA's init and dropout draw what they would have
 drawn. A trial repeats exactly whichever worker runs it (tests/test_trial.py).
 
-At most one base is kept: a trial of another model drops it before loading its own. A trial that fails, or one
-whose base was changed in ways stripping does not undo (compiled blocks, gradient checkpointing turned on after an
-OOM), gives nothing back, and the next trial loads afresh.
+At most one base is kept: a trial of another model drops it before loading its own. A trial that fails before its
+last report, or one whose base was changed in ways stripping does not undo (compiled blocks, gradient checkpointing
+turned on after an OOM), gives nothing back, and the next trial loads afresh.
+
+Giving back frees no tensor: the trained values and gradients it replaces stay referenced until the next `take`, in
+the next trial, because a trial may give back after a report, when Tune may already be ending its worker
+(`trial.train_trial`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Lease:
     """(parameter, its data before training) of the base parameters the adapter trains."""
     _own: set = field(default_factory=set)
     """ids of the base's own parameters (PEFT adds its layers inside the base)."""
+    _replaced: list = field(default_factory=list)
+    """What give_back took out of the base (trained values, gradients), freed at the next `take`."""
 
     def __post_init__(self):
         self._own = {id(p) for p in self.base.model.parameters()}
@@ -53,6 +59,7 @@ class Lease:
         if not reusable(model):
             return False
         try:
+            self._replaced = [(p.data, p.grad) for p in model.parameters()]
             strip_adapter(model)
             for parameter, data in self._trained:
                 parameter.data = data
@@ -70,6 +77,8 @@ def take(key: Hashable, load: Callable[[], Any]) -> Lease:
     seeding, as the load would be."""
     global _kept
     kept, _kept = _kept, None
+    if kept is not None:
+        kept._replaced = []
     if kept is not None and kept.key == key:
         _set_random_state(kept.random_state)
         kept.reused = True

@@ -286,7 +286,7 @@ def trial_env_vars() -> dict[str, str]:
     # Quiet defaults the user's own environment overrides: no tokenizer thread pools inside trials, and W&B's
     # per-run banner ("Tracking run ...", "View this run ...") off, one per trial otherwise.
     # TUNE_FUNCTION_THREAD_TIMEOUT_S: with tune.reuse_actors a worker waits this long for its previous trial to
-    # wind down (ASHA stop, model freed) before the next; Ray's 2 s default turns a slow wind-down of a large
+    # wind down (ASHA stop, base handed back) before the next; Ray's 2 s default turns a slow wind-down of a large
     # model into an ERROR of the NEXT trial.
     for key, default in (("TOKENIZERS_PARALLELISM", "false"), ("WANDB_SILENT", "true"),
                          ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")):
