@@ -188,7 +188,7 @@ def _free() -> None:
 
     from tune_app import base_cache
 
-    base_cache.clear()  # every part and model starts cold: nothing kept from the one before
+    base_cache.clear()  # every part and model starts cold: nothing kept from the one before (nor the last trial)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -212,18 +212,20 @@ def trial(name: str, folder: str, data, class_weights, max_length: int, threads:
                        compile=SWITCH[compile_], cuda_graphs=SWITCH[cuda_graphs])
     config = {**{k: h.default for k, h in HYPERPARAMETERS.items()}, **HPARAMS, "model": name}
     t0 = time.perf_counter()
-    history = fit(config, ctx, report=lambda metrics, directory: None, threads=threads)
-    m = history[-1]
-    keys = ("train_samples_per_s", "setup_time_s", "model_load_s", "compile_time_s", "compiled_graphs",
-            "eval_time_s", "peak_memory_mb", "autocast", "compiled", "cuda_graphs", "threads", "total_params",
-            "train_loss", "f1")  # the last two: a faster loop must still train alike (compare --cuda-graphs off)
-    result = {k: m[k] for k in keys}
-    result.update(samples_per_s=m["train_samples_per_s"], wall_s=time.perf_counter() - t0)
-    # What a reused worker's next trial of this model pays instead of the load: one step, its base kept.
-    again = fit(config, dataclasses.replace(ctx, data_refs={data.key: subset(data, 8, 8)}),
-                report=lambda metrics, directory: None, threads=threads)[-1]
-    result.update(model_load_reused_s=again["model_load_s"], base_reused=again["base_reused"])
-    _free()
+    try:
+        history = fit(config, ctx, report=lambda metrics, directory: None, threads=threads)
+        m = history[-1]
+        keys = ("train_samples_per_s", "setup_time_s", "model_load_s", "compile_time_s", "compiled_graphs",
+                "eval_time_s", "peak_memory_mb", "autocast", "compiled", "cuda_graphs", "threads", "total_params",
+                "train_loss", "f1")  # the last two: a faster loop must still train alike (compare --cuda-graphs off)
+        result = {k: m[k] for k in keys}
+        result.update(samples_per_s=m["train_samples_per_s"], wall_s=time.perf_counter() - t0)
+        # What a reused worker's next trial of this model pays instead of the load: one step, its base kept.
+        again = fit(config, dataclasses.replace(ctx, data_refs={data.key: subset(data, 8, 8)}),
+                    report=lambda metrics, directory: None, threads=threads)[-1]
+        result.update(model_load_reused_s=again["model_load_s"], base_reused=again["base_reused"])
+    finally:
+        _free()  # also after a failure: the next part must not start with this trial's model in memory
     return result
 
 
