@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import tempfile
 import warnings
@@ -41,7 +40,7 @@ from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
 from tune_app.metrics import weighted_cross_entropy
 from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
                               classify, load_classifier, open_bundle, probabilities, score, text_logits)
-from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, retrain_yaml, unfinished
+from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, resume_command, retrain_yaml, unfinished
 from tune_app.space import HYPERPARAMETERS
 
 DEFAULT_OUT = "best"
@@ -103,7 +102,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     if not (root / SUMMARY).is_file():
         if (root / STUDY).is_file():
             raise UsageError(f"{run_dir}: no {SUMMARY} inside: the run has not finished; continue it with "
-                             f"tune-app resume {shlex.quote(str(run_dir))}")
+                             f"{resume_command(run_dir)}")
         raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a tune-app run directory; pass the folder "
                          f"`tune-app run` printed as 'run directory'")
     summary = _read_json(root / SUMMARY)
@@ -350,8 +349,8 @@ def export(run_dir: str | Path, *, model: str | None = None, trial: str | None =
 def _build(sel: Selection, work: Path, merge: bool, echo: Callable[[str], None]) -> None:
     echo(f"exporting {sel.model} trial {sel.trial_id} (epoch {sel.reported.get('epoch')}) of {sel.run_dir}")
     if partial := unfinished(sel.summary):
-        echo(f"note: the study was interrupted ({partial} finished): this is the best so far; `tune-app resume "
-             f"{shlex.quote(str(sel.run_dir))}` goes on")
+        echo(f"note: the study was interrupted ({partial} finished): this is the best so far; "
+             f"`{resume_command(sel.run_dir)}` goes on")
     write_adapter(sel, work)
     write_tokenizer(sel, work)
     labels = labels_json(sel)

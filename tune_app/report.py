@@ -14,12 +14,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line, unfinished
+from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line, resume_command, unfinished
 from tune_app.space import HYPERPARAMETERS
 
 REPORT = "report.md"
@@ -124,7 +123,7 @@ def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
         raise ReportError(f"{shown}: no such run directory (pass the directory `tune-app run` printed)")
     if not (run_dir / SUMMARY).is_file():
         started = any(run_dir.glob("experiment_state-*.json"))  # Ray Tune's state: a study began here
-        how = (f"the study did not finish: continue it with `tune-app resume {shlex.quote(str(shown))}`, then report"
+        how = (f"the study did not finish: continue it with `{resume_command(shown)}`, then report"
                if started else "pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)")
         raise ReportError(f"{shown}: no {SUMMARY} here, so there are no study results to report on yet; {how}")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,11 @@ def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | 
         if best is None or _better(record[metric], best[metric], mode):
             best = record
     return best
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues an interrupted study in `run_dir` (a local path or a URI), quoted for a shell."""
+    return f"tune-app resume {shlex.quote(str(run_dir))}"
 
 
 def unfinished(summary: dict[str, Any]) -> str | None:

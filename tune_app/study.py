@@ -211,11 +211,11 @@ def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
 def save_study(cfg: StudyConfig, run: RunDir) -> None:
     """Write <run_dir>/study.yaml before anything runs: what `tune-app resume` rebuilds the study from."""
     from tune_app.config import dump
-    from tune_app.results import STUDY
+    from tune_app.results import STUDY, resume_command
 
     run.local.mkdir(parents=True, exist_ok=True)
     (run.local / STUDY).write_text(f"# The merged study of run {run.uri}.\n# Continue it if interrupted:  "
-                                   f"tune-app resume {shlex.quote(run.uri)}\n" + dump(portable_raw(cfg, run)))
+                                   f"{resume_command(run.uri)}\n" + dump(portable_raw(cfg, run)))
     run.publish(STUDY)
 
 
@@ -493,13 +493,15 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ())
 
 
 def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
+    from tune_app.results import resume_command
+
     splits = session.prepared.splits
     positive = f" (positive class, scored by F1: {splits.label_names[1]!r})" if splits.num_labels == 2 else ""
     print(f"study {cfg.name}: {len(cfg.models)} model(s), {cfg.planned_trials} trials, "
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"(if it stops midway, continue with: tune-app resume {shlex.quote(run.uri)})", flush=True)
+          f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -619,7 +621,7 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
     extra = {"run_dir": run.uri, "complete": complete, "planned_trials": cfg.planned_trials,
              "finished_trials": len(finished)}
     if not complete:
-        extra["resume_command"] = f"tune-app resume {shlex.quote(run.uri)}"
+        extra["resume_command"] = results.resume_command(run.uri)
     summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra)
     run.publish(results.SUMMARY, results.TRIALS, results.BEST_CONFIG, WANDB_DIR)  # W&B offline runs need a local dir
     return summary
