@@ -63,7 +63,7 @@ def cmd_show(args) -> int:
                 continue
             tag = "search" if space_mod.is_distribution(value) else "fixed "
             shown = space_mod.describe(value)
-            if key == "lora_alpha" and params["lora_alpha_ratio"] is not None:
+            if key == "lora_alpha" and space_mod.alpha_from_ratio(params):
                 tag, shown = "fixed ", "lora_alpha_ratio x lora_rank"
             print(f"  {tag} {key:<17} {shown}")
     _print_notes(cfg)

@@ -522,7 +522,7 @@ def _check_alpha_ratio(cfg: StudyConfig, errors: list[str]) -> None:
         return  # already reported
     for name, model in cfg.models.items():
         params = cfg.model_space(name)
-        if params["lora_alpha_ratio"] is None or not space_mod.is_distribution(params["lora_alpha"]):
+        if not space_mod.alpha_from_ratio(params) or not space_mod.is_distribution(params["lora_alpha"]):
             continue
         alpha, ratio = (f"models.{name}.space.{key}" if key in model.space else f"space.{key}"
                         for key in ("lora_alpha", "lora_alpha_ratio"))

@@ -185,14 +185,20 @@ def to_tune(value: Any) -> Any:
     return tune.randint(int(args[0]), int(args[1]) + 1)
 
 
+def alpha_from_ratio(params: dict[str, Any]) -> bool:
+    """Whether lora_alpha_ratio is set, so that lora_alpha is ratio x lora_rank and any lora_alpha given is unused."""
+    return params.get("lora_alpha_ratio") is not None
+
+
 def with_resolved_alpha(params: dict[str, Any]) -> dict[str, Any]:
     """`params` with lora_alpha as training uses it (ratio x rank where a ratio is set): what a trial records."""
-    if params.get("lora_alpha_ratio") is None:
+    if not alpha_from_ratio(params):
         return params
     return {**params, "lora_alpha": resolve_alpha(params)}
 
 
 def resolve_alpha(params: dict[str, Any]) -> float:
     """lora_alpha, or lora_alpha_ratio x lora_rank when a ratio is given."""
-    ratio = params.get("lora_alpha_ratio")
-    return float(ratio) * int(params["lora_rank"]) if ratio is not None else float(params["lora_alpha"])
+    if alpha_from_ratio(params):
+        return float(params["lora_alpha_ratio"]) * int(params["lora_rank"])
+    return float(params["lora_alpha"])
