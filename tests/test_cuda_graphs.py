@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tune_app.cuda_graphs import StepGraphs, _out_of_memory
+from tune_app.train.cuda_graphs import StepGraphs, _out_of_memory
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

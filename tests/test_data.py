@@ -7,8 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune_app import data
-from tune_app.config import DataConfig, absolute_paths
+from tune_app.spec import data
+from tune_app.spec.config import DataConfig
+from tune_app.spec.paths import absolute_paths
+from tune_app.train import tokens
 
 
 def test_blog_split_and_class_weights(tweets_csv):
@@ -174,7 +176,7 @@ def minilm_tokenizer(minilm_path):
 
 def test_tokenization_is_ragged_and_equals_the_tokenizer(tweets_csv, minilm_tokenizer):
     splits = data.load_splits(DataConfig(source=str(tweets_csv), text="text", label="target", limit=200))
-    tokenized = data.tokenize(minilm_tokenizer, splits, max_length=24)
+    tokenized = tokens.tokenize(minilm_tokenizer, splits, max_length=24)
     for split, texts, labels in ((tokenized.train, splits.train_texts, splits.train_labels),
                                  (tokenized.val, splits.val_texts, splits.val_labels)):
         expected = minilm_tokenizer(texts, truncation=True, max_length=24)["input_ids"]
@@ -192,10 +194,10 @@ def test_tokenizer_key(minilm_path, minilm_tokenizer, tiny_models):
 
     same = AutoTokenizer.from_pretrained(minilm_path)
     saved_copy = AutoTokenizer.from_pretrained(tiny_models("bert"))  # the tiny model ships the MiniLM vocab
-    key = data.tokenizer_key(minilm_tokenizer, 128)
-    assert data.tokenizer_key(same, 128) == key
-    assert data.tokenizer_key(saved_copy, 128) == key
-    assert data.tokenizer_key(minilm_tokenizer, 64) != key
+    key = tokens.tokenizer_key(minilm_tokenizer, 128)
+    assert tokens.tokenizer_key(same, 128) == key
+    assert tokens.tokenizer_key(saved_copy, 128) == key
+    assert tokens.tokenizer_key(minilm_tokenizer, 64) != key
 
 
 def test_tokenizer_key_differs_for_a_different_vocabulary(minilm_tokenizer, tmp_path):
@@ -203,7 +205,7 @@ def test_tokenizer_key_differs_for_a_different_vocabulary(minilm_tokenizer, tmp_
 
     minilm_tokenizer.save_pretrained(tmp_path)
     changed = AutoTokenizer.from_pretrained(tmp_path, do_lower_case=False)
-    assert data.tokenizer_key(changed, 128) != data.tokenizer_key(minilm_tokenizer, 128)
+    assert tokens.tokenizer_key(changed, 128) != tokens.tokenizer_key(minilm_tokenizer, 128)
     assert changed("Fire")["input_ids"] != minilm_tokenizer("Fire")["input_ids"]  # and it does tokenize apart
 
 
@@ -217,4 +219,4 @@ def test_tokenizer_key_ignores_what_the_tokenizer_encoded_before(minilm_path):
 
     used, fresh = AutoTokenizer.from_pretrained(minilm_path), AutoTokenizer.from_pretrained(minilm_path)
     used(["a tweet about a fire"], truncation=True, max_length=8, padding="max_length")
-    assert data.tokenizer_key(used, 128) == data.tokenizer_key(fresh, 128)
+    assert tokens.tokenizer_key(used, 128) == tokens.tokenizer_key(fresh, 128)

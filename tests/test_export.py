@@ -62,7 +62,7 @@ def _validation_csv(bundle: Path, out: Path) -> Path:
     """The study's validation split, rebuilt from the bundle's best_config.yaml (which must reload)."""
     import pandas as pd
 
-    from tune_app import config, data
+    from tune_app.spec import config, data
 
     cfg = config.load(bundle / "best_config.yaml")
     splits = data.load_splits(cfg.data)
@@ -149,7 +149,7 @@ def test_moved_bundle_loads_with_plain_peft_and_predicts(run, tmp_path, monkeypa
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    from tune_app import predict
+    from tune_app.bundle import predict
 
     moved = tmp_path / "elsewhere" / "my-bundle"
     shutil.copytree(run["dir"] / "best", tmp_path / "copy")
@@ -195,7 +195,7 @@ def test_bundle_holds_no_secret_and_no_run_paths(run):
             text = path.read_text(errors="ignore")
             assert SECRET not in text and "WANDB_API_KEY" not in text, path
             assert str(run["dir"]) not in text, f"{path} names the run directory"
-    from tune_app.config import resolve_checkpoint
+    from tune_app.spec.paths import resolve_checkpoint
 
     adapter = json.loads((bundle / "adapter_config.json").read_text())
     # the one absolute path a bundle may hold: a local base model's folder (documented in export.py)
@@ -206,7 +206,7 @@ def test_bundle_holds_no_secret_and_no_run_paths(run):
 def test_bad_inputs_exit_2_before_any_model_work(run, tmp_path, capsys, monkeypatch):
     import pandas as pd
 
-    from tune_app import predict
+    from tune_app.bundle import predict
 
     def no_model_work(*args, **kwargs):
         raise AssertionError("a model was loaded for input that was bad")
@@ -300,20 +300,20 @@ def test_a_run_in_cloud_storage_exports_and_reports_into_itself(run, tmp_path, m
     filesystem that is not a LocalFileSystem, as S3FileSystem is not."""
     import pyarrow.fs
 
-    from tune_app import study
+    from tune_app.spec import rundir
 
     cloud = tmp_path / "cloud"
     name = run["dir"].name
     shutil.copytree(run["dir"], cloud / "bucket" / "runs" / name,
                     ignore=lambda folder, names: [n for n in names if n in ("best", "report.md") or n.endswith(".png")])
-    real_open = study.open_filesystem
+    real_open = rundir.open_filesystem
 
     def open_filesystem(location, what):
         if location.startswith("mock-s3://"):
             return pyarrow.fs.SubTreeFileSystem(str(cloud), pyarrow.fs.LocalFileSystem()), location[10:]
         return real_open(location, what)
 
-    monkeypatch.setattr(study, "open_filesystem", open_filesystem)
+    monkeypatch.setattr(rundir, "open_filesystem", open_filesystem)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))  # the staging copy lands under tmp_path
     uri = f"mock-s3://bucket/runs/{name}"
     remote = cloud / "bucket" / "runs" / name
@@ -324,7 +324,7 @@ def test_a_run_in_cloud_storage_exports_and_reports_into_itself(run, tmp_path, m
     assert (manifest["model"], manifest["trial_id"]) == (run["summary"]["best"]["model"],
                                                          run["summary"]["best"]["trial_id"])
     assert _metrics(remote / "best")["round_trip_ok"]
-    staging = study.open_results(uri).local
+    staging = rundir.open_results(uri).local
     assert len(list(staging.glob("*/checkpoint_*"))) == 1  # only the exported checkpoint came down
     assert not list(staging.glob("*/progress.csv"))  # and no trial history: the report's, not the export's
 

@@ -21,8 +21,8 @@ import yaml
 
 from tests.conftest import one_model_study
 from tests.test_resume import StudyProcess
-from tune_app import config as config_mod
-from tune_app.results import STUDY, SUMMARY, TRIALS
+from tune_app.spec import config as config_mod
+from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS
 
 EPOCHS = 2
 
@@ -36,7 +36,7 @@ def corrupt_copy(model_dir: str, out: Path) -> str:
 
 @pytest.mark.slow
 def test_failing_trial_is_reported_and_the_study_completes(tmp_path, tiny_models, tweets_csv, ray_session):
-    from tune_app.study import run_study
+    from tune_app.study.runner import run_study
 
     good = tiny_models("bert")
     broken = corrupt_copy(good, tmp_path / "broken-bert")

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tune_app import config as config_mod
-from tune_app.data import TokenizedSplit
-from tune_app.families import FAMILIES, family_for
-from tune_app.space import HYPERPARAMETERS
-from tune_app.trial import ModelSpec, build_model, collate, mask_preparer
+from tune_app.spec import config as config_mod
+from tune_app.spec.families import FAMILIES, family_for
+from tune_app.spec.space import HYPERPARAMETERS
+from tune_app.train.batching import collate
+from tune_app.train.model import ModelSpec, build_model, mask_preparer
+from tune_app.train.tokens import TokenizedSplit
 
 # Written out by hand from each model's named_modules() (transformers 5), independently of the table's regexes:
 # module paths inside one block, per preset. all_linear = attention + mlp.
@@ -301,7 +302,8 @@ def test_evaluate_baseline_scores_a_checkpoint_head_by_label_name(sentiment_chec
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tune_app.predict import Bundle, baseline_probs, baseline_spec
+    from tune_app.bundle.format import Bundle
+    from tune_app.bundle.predict import baseline_probs, baseline_spec
 
     order = ["positive", "negative", "neutral"]
     bundle = Bundle(Path("unused"), {"inference": {"precision": "fp32", "batch_size": 4}, "data": {"max_length": 32}},

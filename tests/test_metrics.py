@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from tune_app.metrics import classification_metrics
+from tune_app.train.metrics import classification_metrics
 
 
 def sklearn_metrics(labels, preds, num_labels) -> dict[str, float]:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tune_app import cli
-from tune_app.report import PLOTS, REPORT
-from tune_app.results import SUMMARY, TRIALS
+from tune_app.bundle.report import PLOTS, REPORT
+from tune_app.spec.rundir import SUMMARY, TRIALS
 
 pytestmark = pytest.mark.slow
 

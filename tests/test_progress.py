@@ -6,7 +6,7 @@ import io
 
 from ray.tune.experiment import Trial
 
-from tune_app.progress import ProgressPrinter
+from tune_app.study.progress import ProgressPrinter
 
 
 def test_a_trial_that_just_ended_counts_as_done_or_failed():

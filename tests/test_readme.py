@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from tests.conftest import REPO
-from tune_app.config import reference_markdown
+from tune_app.spec.config import reference_markdown
 
 
 def _readme() -> str:

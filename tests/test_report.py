@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from tune_app import cli
-from tune_app.report import PLOTS, REPORT, pareto_front, write_report
-from tune_app.results import STUDY, SUMMARY, TRIALS
-from tune_app.space import HYPERPARAMETERS
+from tune_app.bundle.report import PLOTS, REPORT, pareto_front, write_report
+from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS
+from tune_app.spec.space import HYPERPARAMETERS
 
 
 def md_table(text: str, after: str) -> list[dict[str, str]]:

@@ -7,11 +7,10 @@ import os
 import pytest
 from transformers import AutoConfig, LlamaConfig, RobertaConfig
 
-from tune_app.config import ModelConfig
-from tune_app.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, checkpoint_dtype, count_parameters,
-                                estimate_trial_memory,
-                                gpu_memory_bytes, gpu_share, lora_parameters, padded_length, share_for,
-                                trials_per_gpu, weights_dtype)
+from tune_app.spec.config import ModelConfig
+from tune_app.study.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, estimate_trial_memory, gpu_memory_bytes,
+                                      gpu_share, lora_parameters, padded_length, share_for, trials_per_gpu)
+from tune_app.train.precision import checkpoint_dtype, count_parameters, weights_dtype
 
 ROBERTA_LARGE = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1)
@@ -158,7 +157,7 @@ def test_gpu_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch, script, expec
 
 def test_a_trial_no_node_can_hold_is_warned_about(ray_session, capsys):
     """On a cluster, a trial larger than every live node waits for one to join: the study says so up front."""
-    from tune_app.study import check_trials_fit
+    from tune_app.study.cluster import check_trials_fit
 
     check_trials_fit({"small": {"cpu": 1, "gpu": 0.0}})
     assert capsys.readouterr().out == ""

@@ -6,8 +6,8 @@ import json
 
 from ray.tune import Result
 
-from tune_app import config
-from tune_app.results import trial_rows
+from tune_app.spec import config
+from tune_app.study.results import trial_rows
 
 
 def _trial_folder(path, epochs: list[dict], kept: int):

@@ -21,7 +21,7 @@ import yaml
 
 from tests.conftest import REPO, one_model_study
 from tune_app import cli
-from tune_app.results import STUDY, SUMMARY, TRIALS
+from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS
 
 
 
@@ -176,8 +176,9 @@ def test_resume_refuses_what_is_not_a_study(tmp_path, capsys):
 def test_study_yaml_reruns_from_another_directory(tmp_path, small_csv, minilm_path, monkeypatch):
     """study.yaml pins relative paths and output_dir, so `resume` works from any working directory; a file://
     output_dir is the same local folder as the plain path."""
-    from tune_app import config as config_mod
-    from tune_app.study import load_run_config, new_run_dir, open_run_dir, save_study
+    from tune_app.spec import config as config_mod
+    from tune_app.spec.rundir import open_run_dir
+    from tune_app.study.storage import load_run_config, new_run_dir, save_study
 
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)

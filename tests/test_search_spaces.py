@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tune_app import config
+from tune_app.spec import config
 
 SPACES = sorted((REPO / "search_spaces").glob("**/*.yaml"))
 

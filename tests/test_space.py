@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tune_app import config, space
+from tune_app.spec import config, space
 
 
 def test_choice_becomes_tune_choice():

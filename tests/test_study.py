@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tune_app import config, results, space
+from tune_app.spec import config, rundir, space
 from tune_app.cli import main
 
 EPOCHS = 3
@@ -56,10 +56,10 @@ def study(ray_session, tiny_models, tweets_csv, tmp_path_factory):
         mp.delenv("WANDB_API_KEY", raising=False)
         assert main(["run", str(path)]) == 0
     (run_dir,) = (root / "runs").iterdir()
-    with open(run_dir / results.TRIALS, newline="") as f:
+    with open(run_dir / rundir.TRIALS, newline="") as f:
         rows = list(csv.DictReader(f))
     return SimpleNamespace(root=root, yaml=path, run_dir=run_dir, rows=rows, cfg=config.load(path),
-                           summary=json.loads((run_dir / results.SUMMARY).read_text()))
+                           summary=json.loads((run_dir / rundir.SUMMARY).read_text()))
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_asha_stopped_a_trial_early(study):
     stopped = [r for r in study.rows if r["status"] == "STOPPED_EARLY"]
     assert stopped, [(r["trial_id"], r["epochs"]) for r in study.rows]
     assert all(int(r["epochs"]) in (1, 2) for r in stopped)  # the rungs: grace 1 x reduction factor 2^k
-    assert (study.run_dir / results.SCHEDULER_STATE).is_file()  # the rungs, for a resume
+    assert (study.run_dir / rundir.SCHEDULER_STATE).is_file()  # the rungs, for a resume
 
 
 @pytest.mark.slow
@@ -173,7 +173,7 @@ def test_one_offline_wandb_run_per_trial(study):
 def retrain(study, ray_session):
     """`python -m tune_app run best_config.yaml name=e2e` in a real process, on the session's Ray, with a W&B key
     in its environment (which must end up nowhere in the run directory)."""
-    best = study.run_dir / results.BEST_CONFIG
+    best = study.run_dir / rundir.BEST_CONFIG
     before = {p: p.stat().st_mtime_ns for p in study.run_dir.rglob("*")}
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     env.update(WANDB_API_KEY=FAKE_API_KEY, PYTHONPATH=str(REPO),
@@ -192,7 +192,7 @@ def test_best_config_retrains_one_trial(study, retrain):
     assert list(cfg.models) == [winner["model"]] and cfg.model_samples(winner["model"]) == 1
     assert cfg.space == winner["config"] and not space.searched(cfg.model_space(winner["model"]))
     (second,) = [r for r in retrain.runs if r != study.run_dir]
-    summary = json.loads((second / results.SUMMARY).read_text())
+    summary = json.loads((second / rundir.SUMMARY).read_text())
     assert {n: m["trials"] for n, m in summary["models"].items()} == {winner["model"]: 1}
     assert summary["models"][winner["model"]]["best_config"] == winner["config"]
 
@@ -211,7 +211,7 @@ def test_best_config_reads_the_same_files_from_anywhere(tmp_path, small_csv, tin
         "models": {"m": {"checkpoint": os.path.relpath(tiny_models("bert"), work)}},
         "space": {"lora_rank": {"choice": [2, 4]}}}))
     cfg = config.load("study.yaml")
-    text = results.retrain_yaml(cfg, "m", {"lora_rank": 4}, "# header\n")
+    text = rundir.retrain_yaml(cfg, "m", {"lora_rank": 4}, "# header\n")
     (elsewhere / "best_config.yaml").write_text(text)
     monkeypatch.chdir(elsewhere)
     again = config.load(elsewhere / "best_config.yaml")  # raises ConfigError on a path it cannot find
@@ -248,7 +248,7 @@ SPACES = {
 
 
 def _proposals(seed: int, n: int = 6) -> list[dict]:
-    from tune_app.search import PerModelSearch
+    from tune_app.study.search import PerModelSearch
 
     searcher = PerModelSearch(SPACES, {"a": 4, "b": 2}, metric="f1", mode="max", seed=seed)
     return [searcher.suggest(f"trial_{i}") for i in range(n)]
@@ -265,7 +265,7 @@ def test_same_seed_same_proposals():
 
 def test_a_ratio_sets_the_proposed_lora_alpha():
     """Trials record the lora_alpha they train with: ratio x rank where lora_alpha_ratio is set."""
-    from tune_app.search import PerModelSearch
+    from tune_app.study.search import PerModelSearch
 
     spaces = {"r": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": {"choice": [1.0, 2.0]}},
               "a": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": None}}
@@ -283,7 +283,7 @@ def test_different_seeds_differ():
 def test_searcher_finishes_when_every_model_is_done():
     from ray.tune.search import Searcher
 
-    from tune_app.search import PerModelSearch
+    from tune_app.study.search import PerModelSearch
 
     searcher = PerModelSearch(SPACES, {"a": 1, "b": 1}, metric="f1", mode="max", seed=0)
     assert [searcher.suggest(f"t{i}")["model"] for i in range(2)] == ["a", "b"]
@@ -295,8 +295,8 @@ def test_wandb_callback_pickles_without_its_actor(tmp_path):
     and a restored callback starts a new actor with the same run settings."""
     import pickle
 
-    from tune_app.config import WandbConfig
-    from tune_app.wandb_logging import TrialWandbCallback, loggable
+    from tune_app.spec.config import WandbConfig
+    from tune_app.study.wandb_logging import TrialWandbCallback, loggable
 
     callback = TrialWandbCallback(WandbConfig(), run_name="e2e-1", run_dir=tmp_path)
     callback._runs = lambda: None  # stands in for an actor handle (and cannot be pickled)
@@ -313,7 +313,7 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     PerModelASHA reads its rungs back from the run directory, so a weak trial after a resume is still stopped."""
     from ray.tune.schedulers import TrialScheduler
 
-    from tune_app.search import PerModelASHA
+    from tune_app.study.search import PerModelASHA
 
     def scheduler(state_uri=str(tmp_path / "asha_rungs.pkl")):
         return PerModelASHA(["a", "b"], metric="f1", mode="max", max_t=4, grace_period=1, reduction_factor=2,
@@ -345,7 +345,7 @@ def test_asha_rungs_survive_a_resume(tmp_path):
 def test_unreadable_asha_rungs_never_block_a_resume(tmp_path, capsys):
     from ray.tune.schedulers import TrialScheduler
 
-    from tune_app.search import PerModelASHA
+    from tune_app.study.search import PerModelASHA
 
     (tmp_path / "asha_rungs.pkl").write_bytes(b"truncated")
     s = PerModelASHA(["a"], metric="f1", mode="max", max_t=4, grace_period=1, reduction_factor=2,
@@ -361,8 +361,8 @@ class _BrokenRuns:
 
 
 def test_wandb_trouble_at_the_end_never_fails_the_study(ray_session, tmp_path, capsys):
-    from tune_app.config import WandbConfig
-    from tune_app.wandb_logging import TrialWandbCallback
+    from tune_app.spec.config import WandbConfig
+    from tune_app.study.wandb_logging import TrialWandbCallback
 
     callback = TrialWandbCallback(WandbConfig(), run_name="r", run_dir=tmp_path)
     callback._runs = ray_session.remote(_BrokenRuns).remote()

@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from tune_app import base_cache
-from tune_app.data import TokenizedData, TokenizedSplit
-from tune_app.space import HYPERPARAMETERS
-from tune_app.trial import (CPU_INFERENCE_ROWS, IGNORE_INDEX, OOM_TEST_ENV, STATE_FILE, ModelSpec, TrialContext,
-                            batch_loss, bucket_widths, build_model, collate, fit, inference_batches,
-                            length_grouped_batches, padded_width, predict_logits, trial_base)
+from tune_app.spec.rundir import STATE_FILE
+from tune_app.spec.space import HYPERPARAMETERS
+from tune_app.train import memory as base_cache
+from tune_app.train.batching import (CPU_INFERENCE_ROWS, IGNORE_INDEX, bucket_widths, collate, inference_batches,
+                                     length_grouped_batches, padded_width)
+from tune_app.train.evaluation import predict_logits
+from tune_app.train.memory import OOM_TEST_ENV
+from tune_app.train.model import ModelSpec, build_model, trial_base
+from tune_app.train.step import batch_loss
+from tune_app.train.tokens import TokenizedData, TokenizedSplit
+from tune_app.train.trainable import TrialContext, fit
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
 """Deterministic runs; a wider random init so the toy signal is not squashed to noise by a random pooler."""
@@ -264,7 +269,7 @@ def test_a_worker_keeps_one_base_and_none_after_a_failed_trial(tiny_models, monk
 
 def live_models() -> int:
     """PEFT models still alive after `release_memory` (each would hold its weights, on a GPU too)."""
-    from tune_app.trial import release_memory
+    from tune_app.train.memory import release_memory
 
     release_memory()
     return count_models()
@@ -341,7 +346,7 @@ def test_a_trial_stopped_by_tune_leaves_nothing_for_the_next(tiny_models):
     base."""
     import threading
 
-    from tune_app.trial import release_memory
+    from tune_app.train.memory import release_memory
 
     kept_at_report = []
 

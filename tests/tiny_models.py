@@ -1,4 +1,4 @@
-"""Tiny random-weight models of every family in `tune_app.families.FAMILIES`, built from a config and saved with
+"""Tiny random-weight models of every family in `tune_app.spec.families.FAMILIES`, built from a config and saved with
 a tokenizer (no Hub). Hidden size 32, 2 layers: a trial on a few hundred tweets takes seconds.
 
 Encoders reuse the real MiniLM WordPiece tokenizer (it has a pad token). Decoders get a byte-level BPE
@@ -75,7 +75,7 @@ def make_tiny_model(model_type: str, out: Path, wordpiece_tokenizer: str, **over
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tune_app.families import FAMILIES
+    from tune_app.spec.families import FAMILIES
 
     if model_type not in FAMILIES:
         raise ValueError(f"no tiny model for {model_type!r}; families: {', '.join(FAMILIES)}")

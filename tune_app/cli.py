@@ -11,16 +11,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from tune_app import config as config_mod
-from tune_app.config import ConfigError, StudyConfig
-from tune_app.data import DataError
-from tune_app.families import UnknownFamilyError
+from tune_app.errors import ConfigError, DataError, ReportError, UnknownFamilyError, UsageError
+from tune_app.spec import config as config_mod
+from tune_app.spec.config import StudyConfig
+from tune_app.spec.paths import cannot_make_file, is_uri
+from tune_app.spec.rundir import failure_line, open_run_dir, unfinished
 
 EXIT_BAD_INPUT = 2
-
-
-class UsageError(Exception):
-    """Bad input found by a command (not by the config validator): exit 2 with this message."""
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +45,7 @@ def cmd_validate(args) -> int:
 
 def cmd_show(args) -> int:
     """The merged config and, per model, what each trial will search and fix."""
-    from tune_app import space as space_mod
+    from tune_app.spec import space as space_mod
 
     cfg = _load(args)
     print(config_mod.dump(cfg.raw).rstrip())
@@ -73,7 +70,8 @@ def cmd_show(args) -> int:
 def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
     _print_notes(cfg)
-    from tune_app.study import disconnect_ray, run_study
+    from tune_app.study.cluster import disconnect_ray
+    from tune_app.study.runner import run_study
 
     try:
         summary = run_study(cfg, address=args.address)
@@ -91,46 +89,48 @@ EXIT_NO_RESULT = 1
 def _report(summary: dict) -> int:
     """The end-of-run table; an interrupted study (Ctrl-C) also says how to continue it and exits 130; a study
     in which no trial reported a result says why the first one failed and exits 1."""
-    from tune_app import results
+    from tune_app.study.results import format_table
 
     print()
-    print(results.format_table(summary))
+    print(format_table(summary))
     best = summary["best"]
     if best:
         print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}")
     print(f"run directory: {summary['run_dir']}")
-    if partial := results.unfinished(summary):
+    if partial := unfinished(summary):
         print(f"interrupted: {partial} finished (kept); continue with: {summary['resume_command']}")
         return EXIT_INTERRUPTED
     if best is None:
         failed = summary.get("failed_trials") or []
         total = sum(m["trials"] for m in summary["models"].values())
         print(f"no trial reported a result ({len(failed)} of {total} failed); nothing to export", file=sys.stderr)
-        if failed and "://" not in str(summary["run_dir"]):
+        if failed and not is_uri(str(summary["run_dir"])):
             first = failed[0]
             print(f"first failure, {first['model']} trial {first['trial_id']} ({first['error']}):\n  "
-                  f"{results.failure_line(Path(summary['run_dir']), first['error'])}", file=sys.stderr)
+                  f"{failure_line(Path(summary['run_dir']), first['error'])}", file=sys.stderr)
         return EXIT_NO_RESULT
     return 0
 
 
 def cmd_resume(args) -> int:
     """Continue an interrupted study in RUN_DIR; a finished one is reported and left as it is."""
-    from tune_app import study
+    from tune_app.study.cluster import disconnect_ray
+    from tune_app.study.runner import check_resumable, resume_study
+    from tune_app.study.storage import finished_summary
 
     try:
-        run = study.open_run_dir(args.run_dir)
-        if (done := study.finished_summary(run)) is not None:
+        run = open_run_dir(args.run_dir)
+        if (done := finished_summary(run)) is not None:
             print(f"{run.uri}: study {done['study']} already finished ({done.get('finished_trials', '?')} trials); "
                   f"nothing to resume, nothing changed")
             return 0
-        study.check_resumable(run)
+        check_resumable(run)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        summary = study.resume_study(run, address=args.address)
+        summary = resume_study(run, address=args.address)
     finally:
-        study.disconnect_ray()
+        disconnect_ray()
     code = _report(summary)
     _after_run(summary)  # a resumed study ends as a run does: best bundle and report
     return code
@@ -142,16 +142,16 @@ def _after_run(summary: dict) -> None:
     gs://, ...) gets its report only: the export loads the base model and scores the validation split, work for
     the machine that will use the bundle (`tune-app export RUN_DIR` there), not for a cluster's head node."""
     run_dir = str(summary["run_dir"])
-    remote = "://" in run_dir
+    remote = is_uri(run_dir)
     finished = summary.get("complete", True) and summary.get("best")
     steps = []
     if finished and remote:
         print(f"export the best trial with: tune-app export {shlex.quote(run_dir)}")
     elif finished:
-        from tune_app.export import export
+        from tune_app.bundle.export import export
 
         steps.append(("export the best trial", "export", lambda: f"bundle of the best trial: {export(run_dir)}"))
-    from tune_app.report import write_report
+    from tune_app.bundle.report import write_report
 
     steps.append(("write the report", "report", lambda: f"report: {write_report(run_dir)}"))
     for what, verb, step in steps:
@@ -166,8 +166,8 @@ def cmd_export(args) -> int:
     """A trial of a finished run (default: the overall best) as a self-contained bundle; 1 if it scores off."""
     import json
 
-    from tune_app.export import export
-    from tune_app.predict import METRICS_FILE
+    from tune_app.bundle.export import export
+    from tune_app.bundle.format import METRICS_FILE
 
     out = export(args.run_dir, model=args.model, trial=args.trial, out=args.out, merge=args.merge)
     print(f"bundle: {out}")
@@ -176,7 +176,7 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     """Classify texts with a bundle: JSON lines on stdout, or a file with --input/--output."""
-    from tune_app import predict
+    from tune_app.bundle import predict
 
     frame = predict.predict(args.bundle, texts=args.text, input_path=args.input, output_path=args.output,
                             text_column=args.text_column, threshold=args.threshold)
@@ -193,12 +193,12 @@ def cmd_evaluate(args) -> int:
     """Metrics of a bundle on labelled data (optionally beside the base checkpoint alone): JSON and a table."""
     import json
 
-    from tune_app import predict
+    from tune_app.bundle import predict
 
     json_out = Path(args.json_out).expanduser() if args.json_out else None
     if json_out and json_out.exists():
         raise UsageError(f"--json-out {args.json_out}: already exists; choose another file (nothing is overwritten)")
-    if json_out and (why := config_mod.cannot_make_file(json_out)):
+    if json_out and (why := cannot_make_file(json_out)):
         raise UsageError(f"--json-out {why}")
     report = predict.evaluate(args.bundle, args.data, label_column=args.label, text_column=args.text_column,
                               baseline=args.baseline, threshold=args.threshold)
@@ -215,7 +215,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     """report.md plus PNG plots in RUN_DIR, from its summary.json, trials.csv and the trials' histories."""
-    from tune_app.report import ReportError, write_report
+    from tune_app.bundle.report import write_report
 
     try:
         path = write_report(args.run_dir)

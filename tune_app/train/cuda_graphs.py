@@ -7,13 +7,13 @@ cores. The optimizer step stays eager (fused AdamW and gradient clipping are a h
 
 What makes the replay train exactly like the eager step:
 - every batch of one shape is copied into that shape's fixed input tensors (the padding buckets and the filler
-  rows of `trial.collate` keep shapes few: one graph per bucket);
+  rows of `train.batching.collate` keep shapes few: one graph per bucket);
 - the summed class weight of the effective batch is an input too, so a graph serves every step;
 - gradients live in fixed tensors: created by the first warm-up that reaches their parameter, accumulated into
   in place by every replay, zeroed in place (`zero_grad(set_to_none=False)`), never set to None while graphs
   exist (`reset` first); a trainable parameter the step never reaches keeps no gradient, as in eager training;
 - dropout draws fresh random numbers on every replay (PyTorch advances the graph's RNG offset);
-- nothing in the step reads a tensor on the host (`trial.mask_preparer`; `tests/test_families.py` checks it):
+- nothing in the step reads a tensor on the host (`train.model.mask_preparer`; `tests/test_families.py` checks it):
   such a read cannot be captured. Warm-up runs with host syncs refused (CUDA's sync debug mode: device-to-host
   copies and stream syncs; a device-wide `torch.cuda.synchronize()` is not among them), so a shape whose step
   syncs is mostly found before its capture and trains eagerly; a capture that fails anyway turns graphs off for

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
+MODEL_KEY = "model"
+"""The key of a trial's config that names the model it trains (beside its hyperparameters)."""
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
 TARGET_MODULE_PRESETS = ("attention_qv", "attention", "all_linear")

@@ -17,6 +17,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from tune_app.spec.paths import hub_options, resolve_checkpoint
+from tune_app.train.batching import bucket_widths, padded_width
+from tune_app.train.precision import checkpoint_dtype, count_parameters, dimensions, weights_dtype
+
 GIB = 2**30
 DEFAULT_GPU_MEMORY_GB = 80.0
 """GPU memory assumed when the driver sees no GPU (a CPU-only head of a GPU cluster): an 80 GB A100/H100."""
@@ -26,9 +30,6 @@ USABLE_MEMORY = 0.90
 """Share of a GPU's memory that trials may plan on (the rest: allocator fragmentation, neighbours' spikes)."""
 PROCESS_OVERHEAD_BYTES = int(1.0 * GIB)
 """Per trial process: CUDA context (~0.5 GB on Hopper), cuBLAS/cuDNN workspaces, torch.compile's buffers."""
-LARGE_MODEL_PARAMS = 1_000_000_000
-"""From this size on, `dtype: auto` keeps frozen base weights in half precision on GPU (no fp32 copy)."""
-HALF_DTYPES = ("float16", "bfloat16")
 MAX_TRIALS_PER_GPU = 32
 """Beyond this, Ray's fractional bookkeeping and the per-process overhead dominate: never pack more."""
 
@@ -46,53 +47,9 @@ def _largest(value: Any) -> Any:
 _TARGET_ORDER = {"attention_qv": 1, "attention": 2, "all_linear": 3}
 
 
-def _family(hf_config):
-    from tune_app.families import FAMILIES
-
-    return FAMILIES.get(getattr(hf_config, "model_type", None))
-
-
-def _dims(hf_config) -> dict[str, Any]:
-    """The dimensions the estimate needs, from any transformers config (attribute_map covers GPT-2/DistilBERT)."""
-    c = hf_config
-    hidden = int(c.hidden_size)
-    heads = int(c.num_attention_heads)
-    head_dim = int(getattr(c, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
-    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "hidden_dim", None)
-    family = _family(c)
-    decoder = family.decoder if family else bool(getattr(c, "is_decoder", False) or any(
-        a.endswith("CausalLM") for a in (getattr(c, "architectures", None) or [])))
-    gated = any("gate" in m for m in family.mlp) if family else getattr(c, "hidden_act", "") == "silu"
-    return dict(hidden=hidden, layers=int(c.num_hidden_layers), heads=heads, head_dim=head_dim, kv_heads=kv_heads,
-                inter=int(inter or 4 * hidden), vocab=int(c.vocab_size), decoder=decoder, gated=gated,
-                positions=0 if decoder else int(getattr(c, "max_position_embeddings", 0) or 0),
-                types=int(getattr(c, "type_vocab_size", 0) or 0))
-
-
-def count_parameters(hf_config, num_labels: int = 2) -> int:
-    """Parameters of the sequence classifier the config describes, from its dimensions (no weights loaded)."""
-    d = _dims(hf_config)
-    h, i = d["hidden"], d["inter"]
-    q_out, kv_out = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
-    embeddings = (d["vocab"] + d["positions"] + d["types"]) * h
-    if d["decoder"]:  # q, k, v, o without biases; gated or plain MLP; two norms; score head without bias
-        attention = h * (q_out + 2 * kv_out) + q_out * h
-        mlp = (3 if d["gated"] else 2) * h * i
-        per_layer = attention + mlp + 2 * h
-        head = h + h * num_labels  # final norm + score
-    else:  # BERT-like: biased q, k, v, o; two LayerNorms; MLP; pooler/dense + classifier
-        attention = h * (q_out + 2 * kv_out) + q_out * h + q_out + 2 * kv_out + h
-        mlp = 2 * h * i + i + h
-        per_layer = attention + mlp + 4 * h
-        embeddings += 2 * h  # embedding LayerNorm
-        head = h * h + h + h * num_labels + num_labels
-    return embeddings + d["layers"] * per_layer + head
-
-
 def lora_parameters(hf_config, rank: int, preset: str, num_labels: int = 2) -> int:
     """Trainable parameters: LoRA A/B on every targeted projection of every block, plus the classification head."""
-    d = _dims(hf_config)
+    d = dimensions(hf_config)
     h, i = d["hidden"], d["inter"]
     q_out, kv_out = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
     shapes = [(h, q_out), (h, kv_out)]  # attention_qv: q and v
@@ -103,27 +60,6 @@ def lora_parameters(hf_config, rank: int, preset: str, num_labels: int = 2) -> i
     per_layer = sum(rank * (a + b) for a, b in shapes)
     head = h * num_labels + (0 if d["decoder"] else h * h + h + num_labels)
     return d["layers"] * per_layer + head
-
-
-def checkpoint_dtype(hf_config) -> Any:
-    """The dtype a checkpoint's config.json names, if any: the `dtype` attribute since transformers 4.56, the
-    `torch_dtype` attribute before. Read from the instance's own attributes: in transformers 5, `torch_dtype` is a
-    property that logs a deprecation warning."""
-    attributes = vars(hf_config)
-    return attributes.get("dtype") or attributes.get("torch_dtype")
-
-
-def weights_dtype(name: str, checkpoint_dtype: Any, n_params: int, *, on_gpu: bool, precision: str = "auto") -> str:
-    """`dtype: auto` policy for the frozen base weights: 'half' (bf16, or fp16 where bf16 is unsupported) on GPU
-    for half-precision checkpoints and models of >= 1B parameters, since autocast computes in half precision
-    anyway and an fp32 copy of a 7B model costs 28 GB; fp32 otherwise (and always without autocast)."""
-    if name != "auto":
-        return name
-    if not on_gpu or precision == "fp32":
-        return "fp32"
-    if str(checkpoint_dtype).replace("torch.", "") in HALF_DTYPES or n_params >= LARGE_MODEL_PARAMS:
-        return "half"
-    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -153,7 +89,7 @@ def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank
     attention inputs/outputs, q/k/v, dropout masks, LoRA inputs) plus 2 (3 when gated) MLP-width vectors, in the
     autocast dtype; frozen projections without LoRA save nothing for their weights. No attention matrix is stored
     (SDPA). Validated against measured peaks in benchmarks/ (see README)."""
-    d = _dims(hf_config)
+    d = dimensions(hf_config)
     per_token = activation_bytes * (16 * d["hidden"] + (3 if d["gated"] else 2) * d["inter"]) * d["layers"]
     per_token += activation_bytes * 2 * d["hidden"]  # embeddings output and final hidden state
     n_params = count_parameters(hf_config, num_labels)
@@ -169,8 +105,6 @@ def estimate_trial_memory(hf_config, *, batch_size: int, seq_len: int, lora_rank
 def padded_length(longest: int | None, max_length: int) -> int:
     """The widest padded batch a trial can see: the padding bucket of the longest tokenized row (trial's own rule;
     an eager trial pads less), max_length when the data is not tokenized yet."""
-    from tune_app.trial import bucket_widths, padded_width
-
     if not longest:
         return max_length
     return min(max_length, padded_width(longest, bucket_widths(max_length)))
@@ -216,10 +150,7 @@ def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | 
     study's train.precision: fp32 keeps weights and activations in 4 bytes, autocast computes in 2."""
     from transformers import AutoConfig
 
-    from tune_app.config import resolve_checkpoint
-
-    hf_config = AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), revision=model.revision,
-                                           trust_remote_code=model.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(resolve_checkpoint(model.checkpoint), **hub_options(model))
     n_params = count_parameters(hf_config, num_labels)
     dtype = weights_dtype(model.dtype, checkpoint_dtype(hf_config), n_params, on_gpu=True, precision=precision)
     return estimate_trial_memory(

@@ -16,7 +16,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tune_app.config import WandbConfig
+from tune_app.spec.config import WandbConfig
+from tune_app.spec.space import MODEL_KEY
 
 TUNE_BOOKKEEPING = {"done", "should_checkpoint", "config", "pid", "hostname", "node_ip", "timestamp", "date",
                     "trial_id", "experiment_tag", "checkpoint_dir_name", "iterations_since_restore",
@@ -95,7 +96,7 @@ class TrialWandbCallback(Callback):
         return self._runs
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        model = trial.config.get("model", "model")
+        model = trial.config.get(MODEL_KEY, "model")
         self._actor().start.remote(trial.trial_id, f"{model}-{trial.trial_id}", model, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:

@@ -12,10 +12,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_app import space as space_mod
-
-MODEL_KEY = "model"
-"""The config key naming the model a trial trains."""
+from tune_app.spec import space as space_mod
+from tune_app.spec.space import MODEL_KEY
 
 
 def default_startup_trials(num_samples: int) -> int:
@@ -134,7 +132,7 @@ class PerModelASHA(FIFOScheduler):
 
     def _file(self):
         if self._fs is None:
-            from tune_app.study import open_filesystem
+            from tune_app.spec.rundir import open_filesystem
 
             self._fs = open_filesystem(self.state_uri, "scheduler state")
         return self._fs

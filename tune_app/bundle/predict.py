@@ -1,14 +1,13 @@
 """Use an exported bundle: load it, classify texts, score labelled data.
 
-Inference goes through the very code the trials evaluated with: `data.encode` (truncated, unpadded token ids),
-`trial.predict_logits` / `trial.collate` (longest rows first, right padding to a multiple of 8, the trial's
-autocast), and a model built by `trial.build_model` with the bundle's adapter loaded into it. So a bundle
+Inference goes through the very code the trials evaluated with: `train.tokens.encode` (truncated, unpadded token
+ids), `train.evaluation.predict_logits` / `train.batching.collate` (longest rows first, right padding to a multiple of 8, the trial's
+autocast), and a model built by `train.model.build_model` with the bundle's adapter loaded into it. So a bundle
 scored on its own validation split reproduces the F1 its trial reported.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,90 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.cli import UsageError
-from tune_app.config import cannot_make_file, first_line, is_local_checkpoint, is_local_path, resolve_checkpoint
+from tune_app.bundle.format import ADAPTER_FILES, BUNDLE_FILE, Bundle, base_checkpoint, open_bundle
+from tune_app.errors import UsageError, first_line
+from tune_app.spec.metrics import SCORES
+from tune_app.spec.paths import LOCAL_FORMATS, cannot_make_file, is_local_path, resolve_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
-
-BUNDLE_FILE = "bundle.json"
-"""The bundle's manifest: model, trial, base checkpoint, hyperparameters, columns, decision rule."""
-LABELS_FILE = "labels.json"
-"""Label names (class id order), id2label / label2id, and the class weights training used."""
-METRICS_FILE = "metrics.json"
-"""Metrics on the validation split: as the trial reported them and as the exported bundle reproduces them."""
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MERGED_DIR = "merged"
-"""`export --merge`: a plain transformers model with the adapter merged in."""
-
-
-# --------------------------------------------------------------------------------------------- the bundle
-
-
-@dataclass
-class Bundle:
-    """An exported bundle on disk: its folder, manifest and labels."""
-
-    path: Path
-    manifest: dict[str, Any]
-    labels: dict[str, Any]
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.labels["label_names"])
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    @property
-    def threshold(self) -> float | None:
-        """P(class 1) >= threshold means class 1 (binary tasks); None: the most probable class."""
-        return self.manifest.get("decision", {}).get("threshold")
-
-    def decision_threshold(self, override: float | None) -> float | None:
-        """The threshold a prediction uses: --threshold when given, else the bundle's own."""
-        if override is not None and not 0.0 <= override <= 1.0:
-            raise UsageError(f"threshold {override}: give P(class 1) between 0 and 1")
-        return self.threshold if override is None else override
-
-    @property
-    def text_column(self) -> str:
-        return self.manifest["data"]["text_column"]
-
-    @property
-    def label_column(self) -> str:
-        return self.manifest["data"]["label_column"]
-
-
-def open_bundle(path: str | Path) -> Bundle:
-    """Read a bundle's manifest and labels; UsageError when `path` is not an exported bundle."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"{path}: no such bundle directory (make one with: tune-app export RUN_DIR)")
-    missing = [name for name in (BUNDLE_FILE, LABELS_FILE, *ADAPTER_FILES) if not (folder / name).is_file()]
-    if missing:
-        raise UsageError(f"{path}: not a tune-app bundle (missing {', '.join(missing)}); pass the folder "
-                         f"`tune-app export` wrote (by default RUN_DIR/best)")
-    try:
-        manifest = json.loads((folder / BUNDLE_FILE).read_text())
-        labels = json.loads((folder / LABELS_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: unreadable bundle manifest ({e}); export it again") from None
-    return Bundle(folder, manifest, labels)
-
-
-def base_checkpoint(bundle: Bundle) -> str:
-    """The base model on this machine: a Hub name as is, `package:` resolved here, a local folder if it exists."""
-    spelled = bundle.manifest["base"]["checkpoint"]
-    try:
-        resolved = resolve_checkpoint(spelled)
-    except FileNotFoundError as e:
-        raise UsageError(f"{bundle.path}: base model {spelled!r} is not available here: {e}") from None
-    if is_local_checkpoint(spelled) and not Path(resolved, "config.json").is_file():
-        raise UsageError(f"{bundle.path}: base model folder {spelled!r} does not exist on this machine; copy the "
-                         f"base model there, or edit base.checkpoint in {BUNDLE_FILE} to where it is")
-    return resolved
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -121,7 +43,7 @@ class Classifier:
 
 def base_spec(bundle: Bundle):
     """The trial's ModelSpec of the bundle's base model (checkpoint resolved on this machine)."""
-    from tune_app.trial import ModelSpec
+    from tune_app.train.model import ModelSpec
 
     base = bundle.manifest["base"]
     return ModelSpec(checkpoint=base_checkpoint(bundle), data_key="", dtype=base.get("dtype", "auto"),
@@ -142,7 +64,8 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tune_app.trial import _autocast_factory, build_model, quiet_libraries
+    from tune_app.train.model import build_model, quiet_libraries
+    from tune_app.train.precision import autocast_factory
 
     quiet_libraries()
     dev = _device(device)
@@ -158,7 +81,7 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
                          f"(unexpected: {result.unexpected_keys[:3]} ...); export the bundle again")
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(bundle.path))
-    autocast, _ = _autocast_factory(dev, bundle.manifest["inference"]["precision"])
+    autocast, _ = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     return Classifier(bundle, model, tokenizer, pad_id, dev, autocast,
                       int(bundle.manifest["inference"]["batch_size"]), int(bundle.manifest["data"]["max_length"]))
 
@@ -166,8 +89,8 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
 def text_logits(model, tokenizer, texts: list[str], *, pad_id: int, max_length: int, batch_size: int, device,
                 autocast) -> np.ndarray:
     """Logits of texts, tokenized, batched and padded exactly as a trial's validation pass."""
-    from tune_app.data import TokenizedSplit, encode
-    from tune_app.trial import predict_logits
+    from tune_app.train.evaluation import predict_logits
+    from tune_app.train.tokens import TokenizedSplit, encode
 
     split = TokenizedSplit.from_lists(encode(tokenizer, texts, max_length), np.zeros(len(texts), dtype=np.int64))
     return predict_logits(model, split, pad_id, batch_size, device, autocast)[0]
@@ -209,7 +132,7 @@ def score(labels: np.ndarray, probs: np.ndarray, label_names: list[str], thresho
     """Metrics (metrics.classification_metrics), per-class report and confusion matrix of one decision rule."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from tune_app.metrics import classification_metrics
+    from tune_app.train.metrics import classification_metrics
 
     preds = decide(probs, threshold)
     k = len(label_names)
@@ -229,7 +152,7 @@ def score(labels: np.ndarray, probs: np.ndarray, label_names: list[str], thresho
 
 def read_table(path: str | Path, what: str) -> "pd.DataFrame":
     """A csv/json/jsonl/parquet file via data.read_local; UsageError when missing or unreadable."""
-    from tune_app.data import LOCAL_FORMATS, read_local
+    from tune_app.spec.data import read_local
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -277,8 +200,6 @@ def write_table(df: "pd.DataFrame", path: str | Path) -> None:
 
 
 def check_output(path: str | Path) -> None:
-    from tune_app.data import LOCAL_FORMATS
-
     p = Path(path).expanduser()
     if p.suffix.lower() not in LOCAL_FORMATS:
         raise UsageError(f"--output {path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
@@ -368,7 +289,7 @@ def baseline_spec(checkpoint: str):
     is loaded or scored."""
     from transformers import AutoConfig
 
-    from tune_app.trial import ModelSpec
+    from tune_app.train.model import ModelSpec
 
     if is_local_path(checkpoint) and not (folder := Path(checkpoint).expanduser()).is_dir():
         what = "is a file, not a model folder" if folder.exists() else \
@@ -385,13 +306,14 @@ def baseline_spec(checkpoint: str):
 
 
 def baseline_probs(spec, bundle: Bundle, texts: list[str], device: str | None) -> tuple[np.ndarray, str]:
-    """A checkpoint alone (no adapter), loaded as a trial loads its base (`trial.load_base`: labels, head rows
+    """A checkpoint alone (no adapter), loaded as a trial loads its base (`train.model.load_base`: labels, head rows
     matched by label name, pad token): `spec` is the bundle's own base (`base_spec`) or --baseline CHECKPOINT
     (`baseline_spec`). Probabilities, and a note on where its classification head came from."""
     import torch
 
-    from tune_app.families import fresh_weights
-    from tune_app.trial import _autocast_factory, load_base, quiet_libraries
+    from tune_app.spec.families import fresh_weights
+    from tune_app.train.model import load_base, quiet_libraries
+    from tune_app.train.precision import autocast_factory
 
     quiet_libraries()
     dev = _device(device)
@@ -403,7 +325,7 @@ def baseline_probs(spec, bundle: Bundle, texts: list[str], device: str | None) -
         note = f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
     else:  # the checkpoint has a classification head: kept (rows matched by label name) or replaced
         note = base.head_note or "its own trained classification head"
-    autocast, _ = _autocast_factory(dev, bundle.manifest["inference"]["precision"])
+    autocast, _ = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     model.to(dev)
     logits = text_logits(model, tokenizer, texts, pad_id=pad_id, max_length=int(bundle.manifest["data"]["max_length"]),
                          batch_size=int(bundle.manifest["inference"]["batch_size"]), device=dev, autocast=autocast)
@@ -451,7 +373,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  {titles[key]}: {report[key]['rule']}"
                      + (f" ({report[key]['checkpoint']}: {report[key]['note']})" if key == "baseline" else ""))
     rows = [["metric", *(titles[k] for k in columns)]]
-    for metric in ("f1", "precision", "recall", "accuracy"):
+    for metric in SCORES:
         rows.append([metric, *(f"{report[k][metric]:.4f}" for k in columns)])
     lines += ["", *_table(rows)]
     tuned = report["tuned"]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tune_app.errors import UnknownFamilyError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -42,7 +44,7 @@ class Family:
     """Target layers store weights as (in, out) (GPT-2's Conv1D), which LoRA must be told."""
     prepared_mask: bool = True
     """The model takes a ready 4D additive attention mask as it is (transformers' masking_utils). Training hands it
-    one (`trial.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at all,
+    one (`train.model.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at all,
     a device->host sync in every forward. DeBERTa-v2 builds its own mask from the 2D one, without a sync."""
 
     def target_modules(self, preset: str) -> str:
@@ -92,10 +94,6 @@ FAMILIES: dict[str, Family] = {
         attention_qv=("attn.c_attn",), attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"), head=("score",)),
 }
-
-
-class UnknownFamilyError(ValueError):
-    """A checkpoint whose model_type is not in FAMILIES and no explicit target_modules."""
 
 
 def unknown_family_message(model_type: str, where: str = "models.<name>") -> str:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_app.results import STUDY, SUMMARY, TRIALS, failure_line, resume_command, unfinished
-from tune_app.space import HYPERPARAMETERS
+from tune_app.errors import ReportError
+from tune_app.spec.metrics import better
+from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS, failure_line, open_results, resume_command, unfinished
+from tune_app.spec.space import HYPERPARAMETERS, is_distribution
 
 REPORT = "report.md"
 PLOTS = {
@@ -30,10 +32,6 @@ PLOTS = {
     "history": "plot_learning_curves.png",
 }
 """Plot name -> file written in the run directory."""
-
-
-class ReportError(Exception):
-    """The run directory cannot be reported on (no summary.json, unreadable trials.csv)."""
 
 
 @dataclass
@@ -65,7 +63,7 @@ class RunData:
         once per report, however many plots ask."""
         import yaml
 
-        from tune_app.config import from_dict
+        from tune_app.spec.config import from_dict
 
         try:
             raw = yaml.safe_load((self.run_dir / STUDY).read_text(encoding="utf-8"))
@@ -174,8 +172,6 @@ def searched_hyperparameters(run: RunData) -> list[str]:
     """Hyperparameters the study searched for at least one model (a distribution in study.yaml, even when every
     trial drew the same value), and any whose value differs between trials of a model (all of them, without
     study.yaml)."""
-    from tune_app.space import is_distribution
-
     cfg = run.config
     in_space = set()
     if cfg is not None and cfg.models is not None:
@@ -195,8 +191,6 @@ def searched_hyperparameters(run: RunData) -> list[str]:
 
 def log_scaled(run: RunData, name: str) -> bool | None:
     """Whether the study searched `name` on a log scale (loguniform) for any model; None without study.yaml."""
-    from tune_app.space import is_distribution
-
     cfg = run.config
     if cfg is None or cfg.models is None:
         return None
@@ -389,7 +383,7 @@ def _colors(models: list[str]) -> dict[str, Any]:
 def _running_best(values: list[float], mode: str) -> list[float]:
     out, best = [], None
     for v in values:
-        best = v if best is None or (v > best if mode == "max" else v < best) else best
+        best = v if best is None or better(v, best, mode) else best
         out.append(best)
     return out
 
@@ -544,8 +538,6 @@ def plot_history(run: RunData, path: Path) -> None:
 def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Path:
     """Write report.md and the plots into the run directory; returns report.md's path. A remote run's results
     are downloaded first and the report uploaded into it; the path returned is then the local copy."""
-    from tune_app.study import open_results
-
     try:
         where = open_results(run_dir)
     except ValueError as e:

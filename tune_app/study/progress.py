@@ -7,6 +7,9 @@ import time
 
 from ray.tune import Callback
 
+from tune_app.spec.metrics import better
+from tune_app.spec.space import MODEL_KEY
+
 
 class ProgressPrinter(Callback):
     def __init__(self, metric: str, mode: str, total: int, stream=None):
@@ -17,9 +20,6 @@ class ProgressPrinter(Callback):
         self.best: dict[str, tuple[float, str]] = {}
         self.start = time.monotonic()
 
-    def _better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
-
     def _line(self, text: str, trials, finished=None) -> None:
         # Tune calls on_trial_complete before it marks the trial TERMINATED (on_trial_error after it marks the
         # trial ERROR): count a finished trial as done already.
@@ -27,7 +27,7 @@ class ProgressPrinter(Callback):
         for t in trials:  # trials restored by a resume bring their results (Tune's metric_analysis) with them
             seen = (getattr(t, "metric_analysis", None) or {}).get(self.metric)
             if seen and seen.get(self.mode) is not None:
-                self._consider(t.config.get("model", "?"), seen[self.mode], t.trial_id)
+                self._consider(t.config.get(MODEL_KEY, "?"), seen[self.mode], t.trial_id)
         counts = (f"running {states.count('RUNNING')}, done {states.count('TERMINATED')}, "
                   f"failed {states.count('ERROR')}, pending {states.count('PENDING')} of {self.total}")
         best = "; ".join(f"{m} {v:.4f}" for m, (v, _) in sorted(self.best.items()))
@@ -36,11 +36,11 @@ class ProgressPrinter(Callback):
               file=self.stream or sys.stdout, flush=True)
 
     def _consider(self, model: str, value: float, trial_id: str) -> None:
-        if model not in self.best or self._better(value, self.best[model][0]):
+        if model not in self.best or better(value, self.best[model][0], self.mode):
             self.best[model] = (value, trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        model = trial.config.get("model", "?")
+        model = trial.config.get(MODEL_KEY, "?")
         value = result.get(self.metric)
         if value is not None:
             self._consider(model, value, trial.trial_id)
@@ -48,8 +48,8 @@ class ProgressPrinter(Callback):
                    f"{self.metric}={value:.4f}" if value is not None else f"{model} {trial.trial_id}", trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} finished", trials, finished=trial)
+        self._line(f"{trial.config.get(MODEL_KEY, '?')} {trial.trial_id} finished", trials, finished=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"{trial.config.get('model', '?')} {trial.trial_id} FAILED (traceback in the run directory)",
+        self._line(f"{trial.config.get(MODEL_KEY, '?')} {trial.trial_id} FAILED (traceback in the run directory)",
                    trials)

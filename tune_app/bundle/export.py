@@ -35,19 +35,23 @@ from typing import Any, Callable
 import numpy as np
 
 from tune_app import __version__
-from tune_app.cli import UsageError
-from tune_app.config import StudyConfig, is_local_checkpoint, resolve_checkpoint
-from tune_app.metrics import weighted_cross_entropy
-from tune_app.predict import (ADAPTER_FILES, BUNDLE_FILE, LABELS_FILE, MERGED_DIR, METRICS_FILE, best_threshold,
-                              classify, load_classifier, open_bundle, probabilities, score, text_logits)
-from tune_app.results import BEST_CONFIG, STUDY, SUMMARY, TRIALS, resume_command, retrain_yaml, unfinished
-from tune_app.space import HYPERPARAMETERS
+from tune_app.bundle.format import (ADAPTER_FILES, BUNDLE_FILE, CARD, LABELS_FILE, MERGED_DIR, METRICS_FILE,
+                                    open_bundle)
+from tune_app.bundle.predict import best_threshold, classify, load_classifier, probabilities, score, text_logits
+from tune_app.errors import UsageError
+from tune_app.spec import config as config_mod
+from tune_app.spec.config import StudyConfig
+from tune_app.spec.metrics import METRICS
+from tune_app.spec.paths import hub_options, is_local_checkpoint, resolve_checkpoint
+from tune_app.spec.rundir import (BEST_CONFIG, CHECKPOINT_METRICS, STUDY, SUMMARY, TRIALS, open_results, resume_command,
+                                  retrain_yaml, unfinished)
+from tune_app.spec.space import HYPERPARAMETERS
+from tune_app.train.metrics import weighted_cross_entropy
 
 DEFAULT_OUT = "best"
 """`tune-app export RUN_DIR` (and the end of `tune-app run`) write the overall best here, inside RUN_DIR."""
 ROUND_TRIP_TOLERANCE = 0.005
 """How far the bundle's validation F1 may be from the F1 its trial reported."""
-CARD = "README.md"
 
 
 @dataclass
@@ -89,10 +93,6 @@ def _trial_rows(run_dir: Path) -> list[dict[str, str]]:
 
 def select(run_dir: str | Path, *, model: str | None = None, trial: str | None = None) -> Selection:
     """The overall best trial, the best of `model`, or trial `trial`; UsageError naming what is missing."""
-    from tune_app import config as config_mod
-    from tune_app.study import open_results
-    from tune_app.trial import METRICS_FILE as CHECKPOINT_METRICS
-
     try:
         run = open_results(run_dir)
     except ValueError as e:
@@ -196,10 +196,10 @@ def write_tokenizer(sel: Selection, out: Path) -> None:
     """The base tokenizer with the pad token and padding side training used (the family's pad policy)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from tune_app.families import FAMILIES, prepare_tokenizer
+    from tune_app.spec.families import FAMILIES, prepare_tokenizer
 
     model = sel.cfg.models[sel.model]
-    load = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
+    load = hub_options(model)
     path = resolve_checkpoint(model.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(path, **load)
     prepare_tokenizer(tokenizer, FAMILIES.get(AutoConfig.from_pretrained(path, **load).model_type))
@@ -254,7 +254,7 @@ def bundle_best_config(sel: Selection) -> str:
 
 def validation_split(sel: Selection):
     """The study's validation split, loaded exactly as the run loaded it."""
-    from tune_app.data import load_splits
+    from tune_app.spec.data import load_splits
 
     splits = load_splits(sel.cfg.data)
     if splits.label_names != list(sel.summary["data"]["label_names"]):
@@ -269,7 +269,7 @@ def validation_metrics(sel: Selection, labels: np.ndarray, logits: np.ndarray, n
     probs = probabilities(logits)
     reproduced = score(labels, probs, names, None)
     reproduced["eval_loss"] = weighted_cross_entropy(logits, labels, weights if sel.cfg.train.weighted_loss else None)
-    reported = {m: sel.reported.get(m) for m in ("f1", "precision", "recall", "accuracy", "eval_loss")}
+    reported = {m: sel.reported.get(m) for m in METRICS}
     out: dict[str, Any] = {
         "split": "validation", "rows": int(len(labels)), "epoch": sel.reported.get("epoch"),
         "reported_by_trial": reported, "reproduced_by_bundle": reproduced,
@@ -408,7 +408,7 @@ def model_card(sel: Selection, info: dict[str, Any], labels: dict[str, Any], met
     split = (f"validation file `{data.validation}`" if data.validation else
              f"{int(data.val_size * 100)}% held out with seed {data.split_seed}")
     rows = "\n".join(f"| {m} | {_fmt(reported[m])} | {_fmt(reproduced[m])} |"
-                     for m in ("f1", "precision", "recall", "accuracy", "eval_loss"))
+                     for m in METRICS)
     hp = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sel.params.items() if v is not None)
     weights = ", ".join(f"{n}: {w:.4f}" for n, w in zip(labels["label_names"], labels["class_weights"]))
     threshold = ""

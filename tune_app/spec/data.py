@@ -7,8 +7,6 @@ at module level.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,34 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.config import is_hub_name, is_local_path, written_as_path
+from tune_app.errors import DataError
+from tune_app.spec.paths import LOCAL_FORMATS, written_as_file, is_hub_name, is_local_source, validation_is_file
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tune_app.config import DataConfig
-
-LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(Exception):
-    """A data problem found after validation (for example while loading a Hub dataset)."""
-
-
-def is_local_source(name: str) -> bool:
-    """A data source is a local file when written as a path, when it exists, or when it has a file extension."""
-    return is_local_path(name) or Path(name).suffix.lower() in LOCAL_FORMATS
-
-
-def validation_is_file(source: str, validation: str) -> bool:
-    """Whether data.validation names a local file rather than a split of a Hub data.source: with a local source
-    always; with a Hub source only when written as a path or with a data file's extension (a split called `test`
-    stays a split even where a folder `test` exists)."""
-    return is_local_source(source) or _written_as_file(validation)
-
-
-def _written_as_file(name: str) -> bool:
-    return written_as_path(name) or Path(name).suffix.lower() in LOCAL_FORMATS
+    from tune_app.spec.config import DataConfig
 
 
 def read_local(path: str | os.PathLike) -> "pd.DataFrame":
@@ -122,7 +99,7 @@ def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str
 def check_source(data: "DataConfig") -> list[str]:
     """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
     errors: list[str] = []
-    if data.validation is not None and is_local_source(data.source) and not _written_as_file(data.validation) \
+    if data.validation is not None and is_local_source(data.source) and not written_as_file(data.validation) \
             and not Path(data.validation).expanduser().is_file():
         return [f"data.validation: {data.validation!r} is neither an existing local file nor usable as a split name: "
                 f"split names select a split of a Hub dataset, and data.source is a local file; pass a validation "
@@ -274,66 +251,3 @@ def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Spl
     )
 
 
-@dataclass
-class TokenizedSplit:
-    """Token ids of many texts as one flat int32 array plus offsets: cheap to store, share and slice."""
-
-    ids: np.ndarray
-    offsets: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def row(self, i: int) -> np.ndarray:
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
-
-    @classmethod
-    def from_lists(cls, input_ids: list[list[int]], labels: np.ndarray) -> "TokenizedSplit":
-        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
-        offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-        return cls(ids=ids, offsets=offsets, labels=np.asarray(labels, dtype=np.int64))
-
-
-@dataclass
-class TokenizedData:
-    """What a trial receives by reference: both splits tokenized by one tokenizer."""
-
-    key: str
-    train: TokenizedSplit
-    val: TokenizedSplit
-
-
-def tokenizer_key(tokenizer: Any, max_length: int) -> str:
-    """Same key <=> same token ids: the fast tokenizer's full definition (or its class and vocab) plus max_length."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # Calling a fast tokenizer leaves its last truncation/padding settings in the backend: not part of its
-        # definition (max_length is added below), so equal tokenizers get equal keys whatever they encoded before.
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        definition = json.dumps(spec, sort_keys=True)
-    else:
-        definition = type(tokenizer).__name__ + repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha1(f"{definition}|{max_length}".encode()).hexdigest()[:16]
-
-
-def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of texts, truncated, unpadded: how training, evaluation and exported bundles all tokenize."""
-    return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"] if texts else []
-
-
-def tokenize(tokenizer: Any, splits: Splits, max_length: int) -> TokenizedData:
-    """Tokenize both splits once, without padding (trials pad each batch dynamically)."""
-    return TokenizedData(
-        key=tokenizer_key(tokenizer, max_length),
-        train=TokenizedSplit.from_lists(encode(tokenizer, splits.train_texts, max_length), splits.train_labels),
-        val=TokenizedSplit.from_lists(encode(tokenizer, splits.val_texts, max_length), splits.val_labels),
-    )

@@ -1,25 +1,39 @@
-"""One loaded base model kept in a trial worker between its trials (`tune.reuse_actors`).
+"""A trial worker's memory: what one trial leaves for the next, and the one base model a worker keeps.
 
-A worker that ran a trial of a model keeps that model's base (weights on the device, tokenizer) when the trial ends,
-stripped of the trial's LoRA layers and trained head copy, so its next trial of the same model skips the load:
-from_pretrained and the move to the GPU, seconds to tens of seconds for a 7B model. The next trial starts as a fresh
-load would: the same weights, every base parameter the adapter trained (lora_bias) restored, and the CPU and CUDA
-random states as they were right after that first load, so LoRA's init and dropout draw what they would have
-drawn. A trial repeats exactly whichever worker runs it (tests/test_trial.py).
+The rule, as an invariant: **after its first report a trial frees nothing; the next trial in the process frees
+what the last one left.** Once Tune has a trial's report it may end the worker at any moment, without waiting for
+the trial's thread (an ASHA stop, max_t, the end of the study); a thread that frees CUDA memory while the process
+exits aborts it. So:
 
-At most one base is kept: a trial of another model drops it before loading its own. A trial that fails before its
-last report, or one whose base was changed in ways stripping does not undo (compiled blocks, gradient checkpointing
-turned on after an OOM), gives nothing back, and the next trial loads afresh.
+- `keep(...)` holds the running trial's model, optimizer and graphs from its first report on;
+- a trial gives its base back (`Lease.give_back`) before its last report, and giving back frees no tensor: what
+  it strips out stays referenced until the next `take`;
+- `release_memory()`, called when the next trial starts (and by `take` when it drops a base of another model),
+  drops all of it and returns the cached GPU blocks to the trials sharing the GPU.
 
-Giving back frees no tensor: the trained values and gradients it replaces stay referenced until the next `take`, in
-the next trial, because a trial may give back after a report, when Tune may already be ending its worker
-(`trial.train_trial`).
+The kept base (`tune.reuse_actors`): a worker that ran a trial of a model keeps that model's base (weights on the
+device, tokenizer), stripped of the trial's LoRA layers and trained head copy, so its next trial of the same model
+skips from_pretrained and the move to the GPU. That trial starts as a fresh load would: the same weights, every base
+parameter the adapter trained (lora_bias) restored, and the CPU and CUDA random states as they were right after
+the first load, so LoRA's init and dropout draw what they would have drawn. At most one base is kept; a base changed
+in ways stripping does not undo (compiled blocks, gradient checkpointing after an OOM) is not kept.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
+
+from tune_app.train.model import activation_checkpointing
+
+OOM_TEST_ENV = "TUNE_APP_TEST_OOM_ABOVE"
+"""Fault injection for tests only: raise a CUDA-style OOM when a training micro-batch, or the widest evaluation
+batch, exceeds this many rows."""
+_last_trial: list = []
+"""The running or last trial's model, optimizer and graphs, held from its first report until this worker's next
+trial starts (`release_memory`)."""
+
 
 _kept: Lease | None = None
 """The base this process keeps for its next trial."""
@@ -84,7 +98,7 @@ def take(key: Hashable, load: Callable[[], Any]) -> Lease:
         kept.reused = True
         return kept
     del kept
-    _release()
+    release_memory()
     base = load()
     return Lease(key, base, _random_state())
 
@@ -93,14 +107,12 @@ def clear() -> None:
     """Drop the kept base (the benchmark, between models it times from a cold start)."""
     global _kept
     _kept = None
-    _release()
+    release_memory()
 
 
 def reusable(model) -> bool:
     """Whether stripping the adapter gives back the base as loaded: not after regional compilation (the blocks stay
     compiled for the trial's modules) or gradient checkpointing (turned on by an OOM retry)."""
-    from tune_app.trial import activation_checkpointing
-
     if activation_checkpointing(model):
         return False
     return not any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
@@ -141,7 +153,34 @@ def _set_random_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _release() -> None:
-    from tune_app.trial import release_memory
+def keep(*objects: Any) -> None:
+    """Hold the running trial's model, optimizer and graphs until the next trial starts (see the invariant above)."""
+    _last_trial[:] = objects
 
-    release_memory()
+
+def release_memory() -> None:
+    """Free what the last trial left in this process (`keep`, and objects in reference cycles) and hand the GPU
+    blocks cached for it back to the trials sharing the GPU."""
+    import gc
+
+    import torch
+
+    _last_trial.clear()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:  # per-stream cuBLAS workspaces, e.g. of a trial's CUDA-graph stream
+            clear_workspaces()
+        torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether an error is the device running out of memory (torch's type, or a library's message saying so)."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def oom_test_limit() -> int:
+    """Rows above which a batch raises a test OOM (OOM_TEST_ENV); 0 when off."""
+    return int(os.environ.get(OOM_TEST_ENV, "0"))

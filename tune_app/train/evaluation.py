@@ -1,0 +1,65 @@
+"""Evaluation: logits for every row of a split (the same code an exported bundle predicts with), and the
+validation metrics a trial reports after each epoch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tune_app.train.batching import CPU_INFERENCE_ROWS, collate, inference_batches
+from tune_app.train.memory import is_oom, oom_test_limit
+from tune_app.train.metrics import classification_metrics, weighted_cross_entropy
+from tune_app.train.tokens import TokenizedSplit
+
+
+def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
+                   autocast) -> tuple[np.ndarray, int]:
+    """Logits for every row of a split (in row order), in `inference_batches` (of at most CPU_INFERENCE_ROWS rows
+    on a CPU), and the batch size that fit: out of memory, the batches halve (a trial whose training fit only after
+    its micro-batch halved must not fail in evaluation), and the caller keeps the size that fit for its next
+    evaluation."""
+    import torch
+
+    if device.type == "cpu":
+        batch_size = min(batch_size, CPU_INFERENCE_ROWS)
+    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    test_limit = oom_test_limit()
+    model.eval()
+    while True:
+        try:
+            with torch.inference_mode(), autocast():
+                for rows in inference_batches(split.lengths, batch_size):
+                    if test_limit and batch_size > test_limit:  # rows of the widest batch, as tokens go
+                        raise torch.OutOfMemoryError(f"CUDA out of memory (test: batch {batch_size} > "
+                                                     f"{test_limit})")
+                    ids, mask, _ = collate(split, rows, pad_id)
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    out[rows] = logits.float().cpu().numpy()
+            return out, batch_size
+        except Exception as error:  # noqa: BLE001 - only OOM is retried
+            if not is_oom(error) or batch_size == 1:
+                raise
+        # Out of the except block: the failed forward's tensors are released before the cache is emptied.
+        batch_size //= 2
+        print(f"[tune_app] out of memory in evaluation: batches of {batch_size} rows of the longest", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
+             loss_weights: np.ndarray | None) -> dict[str, float]:
+    """Validation metrics, the (class-weighted) cross-entropy, and eval_batch_size: the batch size that fit."""
+    logits, fitted = predict_logits(model, split, pad_id, batch_size, device, autocast)
+    metrics = classification_metrics(split.labels, logits.argmax(-1), model.config.num_labels)
+    return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights),
+            "eval_batch_size": fitted}
+
+
+def _eager():
+    """Evaluation runs eagerly: large batches amortise launches, and no eval-shape graphs need compiling."""
+    import contextlib
+
+    import torch
+
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()
