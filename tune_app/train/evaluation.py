@@ -36,7 +36,7 @@ def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, d
                     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                     out[rows] = logits.float().cpu().numpy()
             return out, batch_size
-        except Exception as error:  # noqa: BLE001 - only OOM is retried
+        except Exception as error:
             if not is_oom(error) or batch_size == 1:
                 raise
         # Out of the except block: the failed forward's tensors are released before the cache is emptied.
@@ -55,7 +55,7 @@ def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
             "eval_batch_size": fitted}
 
 
-def _eager():
+def eager():
     """Evaluation runs eagerly: large batches amortise launches, and no eval-shape graphs need compiling."""
     import contextlib
 
