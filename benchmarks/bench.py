@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -128,8 +127,14 @@ def reference(name: str, folder: str, data, class_weights, steps: int, warmup: i
     """The blog's recipe: Trainer + PEFT LoRA + weighted CE; samples/s after `warmup` steps."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from tune_app.spec.families import family_for
 

@@ -28,23 +28,32 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from tune_app import __version__
-from tune_app.bundle.format import (ADAPTER_FILES, BUNDLE_FILE, CARD, LABELS_FILE, MERGED_DIR, METRICS_FILE,
-                                    open_bundle)
+from tune_app.bundle.format import ADAPTER_FILES, BUNDLE_FILE, CARD, LABELS_FILE, MERGED_DIR, METRICS_FILE, open_bundle
 from tune_app.bundle.predict import best_threshold, classify, load_classifier, probabilities, score, text_logits
 from tune_app.errors import UsageError
 from tune_app.spec import config as config_mod
 from tune_app.spec.config import StudyConfig
 from tune_app.spec.metrics import METRICS
 from tune_app.spec.paths import hub_options, is_local_checkpoint, resolve_checkpoint
-from tune_app.spec.rundir import (BEST_CONFIG, CHECKPOINT_METRICS, STUDY, SUMMARY, TRIALS, open_results, resume_command,
-                                  retrain_yaml, unfinished)
+from tune_app.spec.rundir import (
+    BEST_CONFIG,
+    CHECKPOINT_METRICS,
+    STUDY,
+    SUMMARY,
+    TRIALS,
+    open_results,
+    resume_command,
+    retrain_yaml,
+    unfinished,
+)
 from tune_app.spec.space import HYPERPARAMETERS
 from tune_app.train.metrics import weighted_cross_entropy
 

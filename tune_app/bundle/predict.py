@@ -1,9 +1,9 @@
 """Use an exported bundle: load it, classify texts, score labelled data.
 
 Inference goes through the very code the trials evaluated with: `train.tokens.encode` (truncated, unpadded token
-ids), `train.evaluation.predict_logits` / `train.batching.collate` (longest rows first, right padding to a multiple of 8, the trial's
-autocast), and a model built by `train.model.build_model` with the bundle's adapter loaded into it. So a bundle
-scored on its own validation split reproduces the F1 its trial reported.
+ids), `train.evaluation.predict_logits` / `train.batching.collate` (longest rows first, right padding to a multiple
+of 8, the trial's autocast), and a model built by `train.model.build_model` with the bundle's adapter loaded into
+it. So a bundle scored on its own validation split reproduces the F1 its trial reported.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def score(labels: np.ndarray, probs: np.ndarray, label_names: list[str], thresho
 # --------------------------------------------------------------------------------------------- tables and files
 
 
-def read_table(path: str | Path, what: str) -> "pd.DataFrame":
+def read_table(path: str | Path, what: str) -> pd.DataFrame:
     """A csv/json/jsonl/parquet file via data.read_local; UsageError when missing or unreadable."""
     from tune_app.spec.data import read_local
 
@@ -165,13 +165,13 @@ def read_table(path: str | Path, what: str) -> "pd.DataFrame":
         raise UsageError(f"{what} {path}: cannot read it ({e})") from None
 
 
-def require_column(df: "pd.DataFrame", column: str, path: str, option: str) -> None:
+def require_column(df: pd.DataFrame, column: str, path: str, option: str) -> None:
     if column not in df.columns:
         raise UsageError(f"{path}: no column {column!r} (columns: {', '.join(map(str, df.columns))}); "
                          f"name the right one with {option}")
 
 
-def texts_of(df: "pd.DataFrame", column: str, path: str) -> list[str]:
+def texts_of(df: pd.DataFrame, column: str, path: str) -> list[str]:
     """The text column as strings; UsageError naming the rows whose text is missing or blank."""
     values = df[column].tolist()
     empty = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and np.isnan(v))
@@ -184,7 +184,7 @@ def texts_of(df: "pd.DataFrame", column: str, path: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def write_table(df: "pd.DataFrame", path: str | Path) -> None:
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """Write predictions in the format the file name says (csv/json/jsonl/parquet)."""
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
@@ -221,7 +221,7 @@ def decision_note(bundle: Bundle, threshold: float | None) -> str:
     return f"decision: label {names[1]!r} when P({names[1]}) >= {threshold:.4f} ({origin}); otherwise {names[0]!r}"
 
 
-def prediction_frame(bundle: Bundle, probs: np.ndarray, threshold: float | None) -> "pd.DataFrame":
+def prediction_frame(bundle: Bundle, probs: np.ndarray, threshold: float | None) -> pd.DataFrame:
     """label_id, label and one prob_<label> column per class."""
     import pandas as pd
 
@@ -234,7 +234,7 @@ def prediction_frame(bundle: Bundle, probs: np.ndarray, threshold: float | None)
 
 def predict(bundle_path: str, *, texts: list[str] | None = None, input_path: str | None = None,
             output_path: str | None = None, text_column: str | None = None, threshold: float | None = None,
-            device: str | None = None) -> "pd.DataFrame":
+            device: str | None = None) -> pd.DataFrame:
     """Classify --text strings or a file's text column; writes --output when given and returns the predictions."""
     import pandas as pd
 

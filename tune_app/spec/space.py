@@ -13,8 +13,9 @@ This module imports neither Ray nor torch: `validate` and `show` use it. `to_tun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 

@@ -21,13 +21,20 @@ from typing import Any
 from tune_app.errors import ConfigError
 from tune_app.spec.config import StudyConfig
 from tune_app.spec.paths import resolve_checkpoint
-from tune_app.spec.rundir import (BEST_CONFIG, CHECKPOINT_PREFIX, SCHEDULER_STATE, SUMMARY, TRIALS, WANDB_DIR, RunDir,
-                                  resume_command)
+from tune_app.spec.rundir import (
+    BEST_CONFIG,
+    CHECKPOINT_PREFIX,
+    SCHEDULER_STATE,
+    SUMMARY,
+    TRIALS,
+    WANDB_DIR,
+    RunDir,
+    resume_command,
+)
 from tune_app.spec.space import MODEL_KEY
 from tune_app.study.cluster import check_trials_fit, connect_ray, warn_if_lost_in_job
 from tune_app.study.prepare import PreparedData, prepare_data
 from tune_app.study.storage import load_run_config, new_run_dir, save_study
-
 
 # --------------------------------------------------------------------------------------------- run directory
 

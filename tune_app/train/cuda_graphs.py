@@ -25,7 +25,7 @@ copied out before the next call, so one graph's temporaries may reuse another's.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 WARMUP_STEPS = 2
 """Eager runs of a new shape on the capture stream before its capture (lazy library initialisation happens there,
@@ -115,7 +115,7 @@ class StepGraphs:
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     loss = self.step(*inputs)
-            except Exception as error:  # noqa: BLE001 - sorted below: out of memory, or not capturable
+            except Exception as error:
                 if (oom := _out_of_memory(error)) is not None:
                     raise oom from None
                 raise CaptureFailed(f"{type(error).__name__}: {error}") from error

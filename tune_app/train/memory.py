@@ -22,8 +22,9 @@ in ways stripping does not undo (compiled blocks, gradient checkpointing after a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 from tune_app.train.model import activation_checkpointing
 

@@ -8,11 +8,18 @@ trial was. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from tune_app.spec.families import (FAMILIES, align_head, checkpoint_head_labels, family_for, modules_to_save,
-                                     prepare_tokenizer)
+from tune_app.spec.families import (
+    FAMILIES,
+    align_head,
+    checkpoint_head_labels,
+    family_for,
+    modules_to_save,
+    prepare_tokenizer,
+)
 from tune_app.spec.paths import hub_options
 from tune_app.spec.space import resolve_alpha
 from tune_app.train.precision import dtype_of, torch_dtype

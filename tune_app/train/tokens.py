@@ -36,7 +36,7 @@ class TokenizedSplit:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
     @classmethod
-    def from_lists(cls, input_ids: list[list[int]], labels: np.ndarray) -> "TokenizedSplit":
+    def from_lists(cls, input_ids: list[list[int]], labels: np.ndarray) -> TokenizedSplit:
         lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
         offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
