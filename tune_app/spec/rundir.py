@@ -163,7 +163,7 @@ def open_filesystem(location: str, what: str):
                            f"a URI such as file:///abs/path, s3://bucket/prefix, gs://bucket/prefix"]) from None
 
 
-def _run_dir_at(location: str, what: str) -> RunDir:
+def run_dir_at(location: str, what: str) -> RunDir:
     import pyarrow.fs
 
     fs, path = open_filesystem(location, what)
@@ -177,7 +177,7 @@ def open_results(location: str | Path) -> RunDir:
     """A run directory to export from or report on, local or remote (`download` brings a remote one's results
     here); ValueError naming the problem when there is nothing at `location`."""
     try:
-        run = _run_dir_at(str(location), "RUN_DIR")
+        run = run_dir_at(str(location), "RUN_DIR")
         found = run.has()
     except ConfigError as e:
         raise ValueError(e.errors[0]) from None
@@ -191,7 +191,7 @@ def open_results(location: str | Path) -> RunDir:
 def open_run_dir(location: str) -> RunDir:
     """An existing run directory (for resume); ValueError naming the problem when it is not one."""
     try:
-        run = _run_dir_at(location, "RUN_DIR")
+        run = run_dir_at(location, "RUN_DIR")
     except ConfigError as e:
         raise ValueError(e.errors[0]) from None
     if not run.has():

@@ -4,9 +4,8 @@
     -> Tuner(with_parameters(train_trial, ctx), PerModelSearch(TPE per model), PerModelASHA) -> fit
     -> results (summary.json, trials.csv, best_config.yaml)
 
-A run directory is `<output_dir>/<name>-<timestamp>`, where output_dir is a local folder or any URI pyarrow
-filesystems understand (file://, s3://, gs://, ...). It holds `study.yaml` (the merged study, written first, so
-that `tune-app resume` can rebuild the trainable), Ray Tune's experiment state and one folder per trial.
+The run directory (`tune_app.spec.rundir`, made by `tune_app.study.storage`) holds `study.yaml` (written first,
+so that `tune-app resume` can rebuild the trainable), Ray Tune's experiment state and one folder per trial.
 """
 
 from __future__ import annotations
@@ -36,10 +35,7 @@ from tune_app.study.cluster import check_trials_fit, connect_ray, warn_if_lost_i
 from tune_app.study.prepare import PreparedData, prepare_data
 from tune_app.study.storage import load_run_config, new_run_dir, save_study
 
-# --------------------------------------------------------------------------------------------- run directory
-
-
-# --------------------------------------------------------------------------------------------- data and Ray
+# --------------------------------------------------------------------------------------------- the study
 
 
 def trial_resources(cfg: StudyConfig, gpus_available: float, prepared: PreparedData | None = None,

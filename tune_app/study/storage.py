@@ -13,7 +13,7 @@ from tune_app.errors import ConfigError
 from tune_app.spec import config as config_mod
 from tune_app.spec.config import StudyConfig, dump
 from tune_app.spec.paths import absolute_paths, is_uri
-from tune_app.spec.rundir import STUDY, SUMMARY, RunDir, _run_dir_at, resume_command
+from tune_app.spec.rundir import STUDY, SUMMARY, RunDir, resume_command, run_dir_at
 
 
 def new_run_dir(cfg: StudyConfig) -> RunDir:
@@ -22,7 +22,7 @@ def new_run_dir(cfg: StudyConfig) -> RunDir:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, n = f"{cfg.name}-{stamp}", 1
     try:
-        while (run := _run_dir_at(f"{root.rstrip('/')}/{name}", "output_dir")).has():
+        while (run := run_dir_at(f"{root.rstrip('/')}/{name}", "output_dir")).has():
             n += 1
             name = f"{cfg.name}-{stamp}-{n}"
     except OSError as e:  # a bucket that does not exist, missing credentials, no permission ...
