@@ -164,6 +164,8 @@ def open_filesystem(location: str, what: str):
 
 
 def run_dir_at(location: str, what: str) -> RunDir:
+    """The run directory at a local path or URI (whether or not it exists yet): a local one is used in place, a
+    remote one gets a staging folder under $TMPDIR/tune_app/<name>; ConfigError naming `what` for a bad URI."""
     import pyarrow.fs
 
     fs, path = open_filesystem(location, what)
