@@ -20,6 +20,24 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_TWEETS = REPO.parent / "shared" / "data" / "disaster_tweets" / "train.csv"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped without a CUDA device (a test's own skipif, where it has one, says why more
+    precisely: pytest reports the skipif's reason first). torch is imported only when a `gpu` test is collected."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_tests:
+        return
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tweets_csv() -> Path:
     if not SHARED_TWEETS.is_file():

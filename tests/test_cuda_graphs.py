@@ -9,7 +9,10 @@ import torch
 
 from tune_app.train.cuda_graphs import StepGraphs, _out_of_memory
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+def gpu(test):
+    """The `gpu` marker (tests/conftest.py skips it without a CUDA device), with this file's own reason."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")(test))
 
 
 def _linear_step(layer, sync_width: int | None = None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -103,6 +104,57 @@ def test_the_run_wrote_its_report(encoder_decoder_run):
         assert number(row["best F1"]) == pytest.approx(best["best_f1"], abs=5e-5)
         assert number(row["accuracy"]) == pytest.approx(best["best_accuracy"], abs=5e-5)
         assert number(row["trainable params"]) == best["trainable_params"]
+
+
+def _confusion_scores(cm) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per-class precision / recall / F1 and their macro averages (sklearn's: F1 averaged over classes, a class
+    with nothing to count scores 0), plus accuracy, from a confusion matrix (rows true, columns predicted)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    hits, predicted, actual = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
+
+    def ratio(num, den):
+        return np.array([n / d if d else 0.0 for n, d in zip(num, den, strict=True)])
+
+    per_class = {"precision": ratio(hits, predicted), "recall": ratio(hits, actual),
+                 "f1": ratio(2 * hits, predicted + actual)}
+    return per_class, {**{m: float(v.mean()) for m, v in per_class.items()}, "accuracy": float(hits.sum() / cm.sum())}
+
+
+def test_reported_macro_metrics_are_those_of_the_confusion_matrix(encoder_decoder_run, tmp_path):
+    """3 classes: each model's best trial, exported, is scored again on the validation split; the confusion matrix
+    of those predictions gives the macro F1 / precision / recall and the accuracy that trials.csv and summary.json
+    report for the trial (the same predictions on CPU in fp32: to 1e-9), and that the bundle reproduces."""
+    from tune_app.bundle.export import export
+    from tune_app.spec import config, data
+
+    run_dir, trials, summary = (encoder_decoder_run[k] for k in ("dir", "trials", "summary"))
+    names = summary["data"]["label_names"]
+    for model in ("bert", "llama"):
+        best = summary["models"][model]
+        row = trials[trials["trial_id"] == best["best_trial"]].iloc[0]
+        bundle = export(run_dir, model=model, out=tmp_path / model, echo=lambda line: None)
+        metrics = json.loads((bundle / "metrics.json").read_text())
+        reported, reproduced = metrics["reported_by_trial"], metrics["reproduced_by_bundle"]
+        cm = np.asarray(reproduced["confusion_matrix"])
+
+        # The matrix counts every validation row once, each in its true class (labels from the data, not a model).
+        cfg = config.load(bundle / "best_config.yaml")
+        val_labels = data.load_splits(cfg.data).val_labels
+        assert cm.shape == (3, 3) and cm.sum() == metrics["rows"] == summary["data"]["validation_rows"]
+        assert cm.sum(axis=1).tolist() == np.bincount(val_labels, minlength=3).tolist()
+
+        per_class, macro = _confusion_scores(cm)
+        for i, name in enumerate(names):  # scikit-learn's per-class report of the same predictions
+            sk = reproduced["per_class"][name]
+            assert sk["support"] == cm[i].sum()
+            for ours, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+                assert sk[theirs] == pytest.approx(per_class[ours][i], abs=1e-9), (model, name, ours)
+        for m, value in macro.items():
+            assert reproduced[m] == pytest.approx(value, abs=1e-9), (model, m)  # the bundle's own scoring
+            # What the run reports for the trial: its checkpoint, trials.csv's best row, summary.json.
+            assert reported[m] == pytest.approx(row[f"best_{m}"], abs=1e-12), (model, m)
+            assert best["metrics"][m] == pytest.approx(row[f"best_{m}"], abs=1e-12), (model, m)
+            assert row[f"best_{m}"] == pytest.approx(value, abs=1e-9), (model, m, "trial vs confusion matrix")
 
 
 def test_non_contiguous_integer_labels(tmp_path, tiny_models, tweets_csv, ray_session):

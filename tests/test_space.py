@@ -7,12 +7,13 @@ import pytest
 import yaml
 
 from tune_app.spec import config, space
+from tune_app.study.search import to_tune
 
 
 def test_choice_becomes_tune_choice():
     from ray.tune.search.sample import Categorical
 
-    domain = space.to_tune({"choice": [4, 8, 16]})
+    domain = to_tune({"choice": [4, 8, 16]})
     assert isinstance(domain, Categorical)
     assert domain.categories == [4, 8, 16]
 
@@ -21,7 +22,7 @@ def test_choice_becomes_tune_choice():
 def test_float_distributions(kind, sampler):
     from ray.tune.search.sample import Float
 
-    domain = space.to_tune({kind: [1.0e-5, 2.0e-4]})
+    domain = to_tune({kind: [1.0e-5, 2.0e-4]})
     assert isinstance(domain, Float)
     assert (domain.lower, domain.upper) == (1.0e-5, 2.0e-4)
     assert type(domain.get_sampler()).__name__ == sampler
@@ -35,7 +36,7 @@ def test_int_includes_its_upper_bound():
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.search.sample import Integer
 
-    domain = space.to_tune({"int": [2, 4]})
+    domain = to_tune({"int": [2, 4]})
     assert isinstance(domain, Integer)
     assert sorted(set(domain.sample(size=300, random_state=np.random.default_rng(0)))) == [2, 3, 4]
     optuna_space = OptunaSearch.convert_search_space({"lora_rank": domain})
@@ -47,9 +48,9 @@ def test_float_bounds_reach_optuna_unchanged():
     from ray.tune.search.optuna import OptunaSearch
 
     converted = OptunaSearch.convert_search_space({
-        "learning_rate": space.to_tune({"loguniform": [1.0e-5, 5.0e-4]}),
-        "lora_dropout": space.to_tune({"uniform": [0.0, 0.1]}),
-        "lora_alpha": space.to_tune({"choice": [16, 32, 64]}),
+        "learning_rate": to_tune({"loguniform": [1.0e-5, 5.0e-4]}),
+        "lora_dropout": to_tune({"uniform": [0.0, 0.1]}),
+        "lora_alpha": to_tune({"choice": [16, 32, 64]}),
     })
     assert converted["learning_rate"] == FloatDistribution(1.0e-5, 5.0e-4, log=True)
     assert converted["lora_dropout"] == FloatDistribution(0.0, 0.1)
@@ -58,7 +59,7 @@ def test_float_bounds_reach_optuna_unchanged():
 
 @pytest.mark.parametrize("value", [8, 0.05, "cosine", True, None, [1, 2]])
 def test_fixed_values_pass_through(value):
-    assert space.to_tune(value) == value
+    assert to_tune(value) == value
     assert not space.is_distribution(value)
 
 

@@ -304,6 +304,7 @@ def test_compiled_blocks_train_like_eager(tiny_models):
     assert live_models() == 0  # torch.compile's caches keep no trained model alive for the next trial
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_train_like_eager(tiny_models, monkeypatch):
     """train.cuda_graphs replays one captured forward+backward per padding bucket (16/32/64 here) and trains what
@@ -325,6 +326,7 @@ def test_cuda_graphs_train_like_eager(tiny_models, monkeypatch):
         torch.testing.assert_close(runs[True][-1][1][name], tensor, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with loss scaling is for GPUs")
 def test_fp16_trains_with_loss_scaling(tiny_models):
     """train.precision fp16 (GPUs without bf16): the loss is scaled up before the backward so that small fp16

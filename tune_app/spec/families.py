@@ -128,27 +128,6 @@ def local_family_problem(folder: str | Path, where: str) -> str | None:
     return None if model_type in FAMILIES else unknown_family_message(model_type, where)
 
 
-def unmatched_targets(hf_config: Any, names: list[str], *, trust_remote_code: bool = False
-                      ) -> tuple[list[str], list[str]]:
-    """Of explicit LoRA target names, those that match no layer LoRA can adapt (PEFT's rule for a list: a module
-    whose path is the name or ends in '.name'), and the names of the model's linear layers to choose from. The
-    model is built from its config on the meta device: no weights are read, no memory is taken."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from transformers.pytorch_utils import Conv1D
-
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
-    head = head_modules(FAMILIES.get(hf_config.model_type))  # trained in full (modules_to_save): never LoRA targets
-    layers = [(path, module) for path, module in model.named_modules() if not any(_inside(path, h) for h in head)]
-    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
-    paths = [path for path, module in layers if isinstance(module, adaptable)]
-    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
-    linear = sorted({path.rsplit(".", 1)[-1] for path, module in layers
-                     if isinstance(module, (torch.nn.Linear, Conv1D))})
-    return missing, linear
-
-
 # ------------------------------------------------------------------------------------ tokenizer and head
 
 
@@ -180,59 +159,10 @@ def checkpoint_head_labels(hf_config: Any) -> list[str] | None:
         return None
 
 
-def _inside(module: str, head: str) -> bool:
+def inside(module: str, head: str) -> bool:
     """Whether module path `module` is the module `head` or lies inside it (`roberta.classifier.out_proj`)."""
     parts, sub = module.split("."), head.split(".")
     return any(parts[i:i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1))
-
-
-def _label_layer(model: Any, family: Family | None, num_labels: int):
-    """The head's last linear layer with one output per label (classifier / classifier.out_proj / score)."""
-    import torch
-
-    heads = family.head if family else ("classifier", "score")
-    found = None
-    for name, module in model.named_modules():
-        in_head = any(_inside(name, h) for h in heads)
-        if in_head and isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
-            found = module
-    return found
-
-
-def align_head(model: Any, family: Family | None, checkpoint_labels: list[str] | None,
-               label_names: list[str]) -> str | None:
-    """Keep a checkpoint's trained head when its labels are the data's labels, else make sure it is fresh.
-
-    Same label set (any order): the head's rows are reordered to the data's class ids, nothing re-initialised
-    (twitter-roberta-base-sentiment-latest on negative/neutral/positive data). Same size but other labels: the
-    label layer is re-initialised. Other size: transformers already made a fresh one. Returns a log line, or
-    None for a base checkpoint.
-    """
-    import torch
-
-    if checkpoint_labels is None:
-        return None
-    if sorted(checkpoint_labels) == sorted(label_names) and len(set(label_names)) == len(label_names):
-        layer = _label_layer(model, family, len(label_names))
-        order = [checkpoint_labels.index(name) for name in label_names]
-        if layer is not None and order != list(range(len(order))):
-            with torch.no_grad():
-                layer.weight.copy_(layer.weight[order].clone())
-                if layer.bias is not None:
-                    layer.bias.copy_(layer.bias[order].clone())
-        return (f"keeping the checkpoint's trained {len(label_names)}-label head ({', '.join(checkpoint_labels)})"
-                + ("" if order == list(range(len(order))) else f", rows reordered to the data's ids "
-                                                                f"({', '.join(label_names)})"))
-    if len(checkpoint_labels) == len(label_names):
-        layer = _label_layer(model, family, len(label_names))
-        if layer is not None:
-            std = getattr(model.config, "initializer_range", 0.02)
-            with torch.no_grad():
-                layer.weight.normal_(0.0, std)
-                if layer.bias is not None:
-                    layer.bias.zero_()
-    return (f"replacing the checkpoint's {len(checkpoint_labels)}-label head ({', '.join(checkpoint_labels)}) "
-            f"with a fresh {len(label_names)}-label head ({', '.join(label_names)}): the labels differ")
 
 
 def fresh_weights(loading_info: dict[str, Any]) -> list[str]:
@@ -255,6 +185,6 @@ def modules_to_save(family: Family | None, loading_info: dict[str, Any]) -> list
     names = head_modules(family)
     for key in fresh_weights(loading_info):
         module = key.rsplit(".", 1)[0]
-        if not any(_inside(module, h) for h in names):
+        if not any(inside(module, h) for h in names):
             names.append(module)
     return names

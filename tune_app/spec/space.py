@@ -7,7 +7,8 @@ In a study YAML every hyperparameter is either a scalar (fixed) or a one-key map
     learning_rate: {loguniform: [1.0e-5, 5.0e-4]}  # float, log scale, low > 0
     warmup_steps: {int: [0, 100]}               # integer, both ends included
 
-This module imports neither Ray nor torch: `validate` and `show` use it. `to_tune` imports Ray lazily.
+This module imports neither Ray nor torch: `validate` and `show` use it (`study.search.to_tune` turns a searched
+value into Ray Tune's domain).
 """
 
 from __future__ import annotations
@@ -169,23 +170,6 @@ def describe(value: Any) -> str:
     if kind == "choice":
         return "choice " + ", ".join(repr(v) for v in args)
     return f"{kind} [{args[0]}, {args[1]}]"
-
-
-def to_tune(value: Any) -> Any:
-    """A validated YAML value as a Ray Tune domain (or the fixed value itself)."""
-    if not is_distribution(value):
-        return value
-    from ray import tune
-
-    kind, args = next(iter(value.items()))
-    if kind == "choice":
-        return tune.choice(list(args))
-    if kind == "uniform":
-        return tune.uniform(float(args[0]), float(args[1]))
-    if kind == "loguniform":
-        return tune.loguniform(float(args[0]), float(args[1]))
-    # tune.randint excludes its upper bound; our YAML's int includes it.
-    return tune.randint(int(args[0]), int(args[1]) + 1)
 
 
 def alpha_from_ratio(params: dict[str, Any]) -> bool:

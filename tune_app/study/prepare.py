@@ -29,7 +29,8 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
     """Load and split the data once; tokenize it once per distinct tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from tune_app.spec.families import family_for, unmatched_targets
+    from tune_app.spec.families import family_for
+    from tune_app.train.model import unmatched_targets
 
     splits = load_splits(cfg.data)
     tokenized: dict[str, TokenizedData] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -36,7 +37,7 @@ class PerModelSearch(Searcher):
         self.fixed = {m: {k: v for k, v in s.items() if not space_mod.is_distribution(v)} for m, s in spaces.items()}
         self.searchers: dict[str, OptunaSearch | None] = {}
         for index, (model, spec) in enumerate(spaces.items()):
-            domains = {k: space_mod.to_tune(v) for k, v in space_mod.searched(spec).items()}
+            domains = {k: to_tune(v) for k, v in space_mod.searched(spec).items()}
             if not domains:
                 self.searchers[model] = None  # nothing to search: every trial uses the fixed values
                 continue
@@ -206,3 +207,18 @@ class PerModelASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "\n".join(f"{m}: {s.debug_string()}" for m, s in self.schedulers.items()) or "FIFO (no ASHA)"
+
+
+def to_tune(value: Any) -> Any:
+    """A validated YAML value as a Ray Tune domain (or the fixed value itself)."""
+    if not space_mod.is_distribution(value):
+        return value
+    kind, args = next(iter(value.items()))
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "uniform":
+        return tune.uniform(float(args[0]), float(args[1]))
+    if kind == "loguniform":
+        return tune.loguniform(float(args[0]), float(args[1]))
+    # tune.randint excludes its upper bound; our YAML's int includes it.
+    return tune.randint(int(args[0]), int(args[1]) + 1)

@@ -14,9 +14,11 @@ from typing import Any
 
 from tune_app.spec.families import (
     FAMILIES,
-    align_head,
+    Family,
     checkpoint_head_labels,
     family_for,
+    head_modules,
+    inside,
     modules_to_save,
     prepare_tokenizer,
 )
@@ -191,3 +193,76 @@ def compiled_graphs() -> int:
         return int(counters["stats"]["unique_graphs"])
     except Exception:  # noqa: BLE001 - private counter moved: report nothing rather than fail a trial
         return -1
+
+
+# --------------------------------------------------------------------------------------------- head and targets
+
+
+def unmatched_targets(hf_config: Any, names: list[str], *, trust_remote_code: bool = False
+                      ) -> tuple[list[str], list[str]]:
+    """Of explicit LoRA target names, those that match no layer LoRA can adapt (PEFT's rule for a list: a module
+    whose path is the name or ends in '.name'), and the names of the model's linear layers to choose from. The
+    model is built from its config on the meta device: no weights are read, no memory is taken."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=trust_remote_code)
+    head = head_modules(FAMILIES.get(hf_config.model_type))  # trained in full (modules_to_save): never LoRA targets
+    layers = [(path, module) for path, module in model.named_modules() if not any(inside(path, h) for h in head)]
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    paths = [path for path, module in layers if isinstance(module, adaptable)]
+    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    linear = sorted({path.rsplit(".", 1)[-1] for path, module in layers
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+    return missing, linear
+
+
+def _label_layer(model: Any, family: Family | None, num_labels: int):
+    """The head's last linear layer with one output per label (classifier / classifier.out_proj / score)."""
+    import torch
+
+    heads = family.head if family else ("classifier", "score")
+    found = None
+    for name, module in model.named_modules():
+        in_head = any(inside(name, h) for h in heads)
+        if in_head and isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
+            found = module
+    return found
+
+
+def align_head(model: Any, family: Family | None, checkpoint_labels: list[str] | None,
+               label_names: list[str]) -> str | None:
+    """Keep a checkpoint's trained head when its labels are the data's labels, else make sure it is fresh.
+
+    Same label set (any order): the head's rows are reordered to the data's class ids, nothing re-initialised
+    (twitter-roberta-base-sentiment-latest on negative/neutral/positive data). Same size but other labels: the
+    label layer is re-initialised. Other size: transformers already made a fresh one. Returns a log line, or
+    None for a base checkpoint.
+    """
+    import torch
+
+    if checkpoint_labels is None:
+        return None
+    if sorted(checkpoint_labels) == sorted(label_names) and len(set(label_names)) == len(label_names):
+        layer = _label_layer(model, family, len(label_names))
+        order = [checkpoint_labels.index(name) for name in label_names]
+        if layer is not None and order != list(range(len(order))):
+            with torch.no_grad():
+                layer.weight.copy_(layer.weight[order].clone())
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias[order].clone())
+        return (f"keeping the checkpoint's trained {len(label_names)}-label head ({', '.join(checkpoint_labels)})"
+                + ("" if order == list(range(len(order))) else f", rows reordered to the data's ids "
+                                                                f"({', '.join(label_names)})"))
+    if len(checkpoint_labels) == len(label_names):
+        layer = _label_layer(model, family, len(label_names))
+        if layer is not None:
+            std = getattr(model.config, "initializer_range", 0.02)
+            with torch.no_grad():
+                layer.weight.normal_(0.0, std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+    return (f"replacing the checkpoint's {len(checkpoint_labels)}-label head ({', '.join(checkpoint_labels)}) "
+            f"with a fresh {len(label_names)}-label head ({', '.join(label_names)}): the labels differ")
