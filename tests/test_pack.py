@@ -1,0 +1,119 @@
+"""Adapter packing (tune_app.train.pack): trials of one model trained in one process over one base train exactly what
+each trains alone with the same seed (fp32, CPU): the same losses, metrics and adapters, with hidden, attention and
+LoRA dropout on, different ranks, targets, learning rates and batch sizes in one pack, and a trial leaving midway."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.test_trial import make_config, make_context, run_fit
+from tune_app.train import memory
+from tune_app.train.pack import Pack, fit_pack, packable
+
+DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+"""The base's own dropout on: each trial's rows must draw their own masks, at their own widths."""
+
+TRIALS = {
+    "a": dict(lora_rank=4, learning_rate=1e-3, batch_size=8, lora_dropout=0.1),
+    "b": dict(lora_rank=8, learning_rate=5e-4, batch_size=4, lora_dropout=0.2, target_modules="attention"),
+    "c": dict(lora_rank=2, learning_rate=2e-3, batch_size=16, use_rslora=True, lora_alpha_ratio=2),
+}
+
+
+def run_pack(configs, ctx, stop_after: dict[str, int] | None = None):
+    """fit_pack with a report that keeps each trial's metrics and adapter per epoch; a trial in `stop_after` leaves
+    after that many epochs (as ASHA stops it)."""
+    from safetensors.torch import load_file
+
+    epochs = {name: [] for name in configs}
+
+    def report(name, metrics, directory):
+        epochs[name].append((metrics, load_file(os.path.join(directory, "adapter_model.safetensors")),
+                             sorted(os.listdir(directory))))
+        return len(epochs[name]) < (stop_after or {}).get(name, 10**6)
+
+    memory.clear()
+    fit_pack(configs, ctx, report=report, threads=1)
+    return epochs
+
+
+def solo_runs(configs, ctx):
+    runs = {}
+    for name, config in configs.items():
+        memory.clear()
+        runs[name] = run_fit(config, ctx)
+    return runs
+
+
+def assert_same_training(solo, packed):
+    """Every epoch's train loss and validation metrics, and the adapter and head it saved, as the solo run's."""
+    assert len(packed) == len(solo)
+    for (metrics, adapter, _), (p_metrics, p_adapter, files) in zip(solo, packed):
+        for key in ("epoch", "train_loss", "eval_loss", "f1", "accuracy"):
+            assert p_metrics[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+        assert p_adapter.keys() == adapter.keys()
+        for key, tensor in adapter.items():
+            torch.testing.assert_close(p_adapter[key], tensor, rtol=1e-5, atol=1e-6)
+        assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "trainer_state.pt"} <= set(files)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_packed_trials_train_what_each_trains_alone(tiny_models, family):
+    checkpoint = tiny_models(family, **(DROPOUT if family == "bert" else {}))
+    ctx = make_context(checkpoint, epochs=2, n_train=48, n_val=16, vocab=1000 if family == "bert" else 400)
+    configs = {name: make_config(**params) for name, params in TRIALS.items()}
+    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx)
+    for name in configs:
+        assert_same_training(solo[name], packed[name])
+    # The trials really differ: a pack that trained one adapter for all would fail above, but say so plainly too.
+    assert len({round(runs[-1][0]["train_loss"], 6) for runs in solo.values()}) == 3
+
+
+def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=40, n_val=16, vocab=1000)
+    configs = {name: make_config(**params) for name, params in TRIALS.items() if name != "c"}
+    packed = run_pack(configs, ctx, stop_after={"b": 1})
+    assert len(packed["b"]) == 1 and len(packed["a"]) == 3
+    solo = solo_runs({"a": configs["a"]}, ctx)
+    assert_same_training(solo["a"], packed["a"])
+
+
+def test_trials_join_a_running_pack_and_leave_it_empty(tiny_models):
+    """A trial that joins later starts as its solo run does (its init from the post-load random state), whatever the
+    pack trained before; the last one to leave hands the base back as it was loaded, ready for the next."""
+    from tune_app.train.model import trial_base
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=24, n_val=8, vocab=1000)
+    data = ctx.data_refs["toy"]
+    torch.manual_seed(ctx.seed)
+    base = trial_base(ctx.models["m"], ctx.label_names, precision="fp32")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    pack = Pack(base, train=data.train, epochs=1, class_weights=None, num_labels=2)
+    params = {k: v for k, v in make_config(**TRIALS["a"]).items() if k != "model"}
+    first = pack.join("first", params, 0)
+    initial = {n.replace(".first.", "."): p.detach().clone() for n, p in pack.model.named_parameters()
+               if ".first." in n}
+    first.start_epoch(data.train, 0)
+    pack.step()
+    assert any(not torch.equal(p, initial[n.replace(".first.", ".")]) for n, p in pack.model.named_parameters()
+               if ".first." in n)  # the first trial trained a step
+    pack.join("late", params, 0)
+    # Same hyperparameters, same seed: the late trial starts where the first one started, not where it is now.
+    late = {n.replace(".late.", "."): p for n, p in pack.model.named_parameters() if ".late." in n}
+    assert late.keys() == initial.keys()
+    assert all(torch.equal(late[n], p) for n, p in initial.items())
+    pack.leave("first")
+    pack.leave("late")
+    assert pack.model is None
+    after = base.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(p.requires_grad for p in base.model.parameters())
+
+
+def test_trials_that_train_the_base_biases_are_not_packed():
+    assert packable({"lora_bias": "none"}) and not packable({"lora_bias": "all"})
+    assert not packable({"lora_bias": "lora_only"})

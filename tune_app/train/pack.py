@@ -1,0 +1,561 @@
+"""Adapter packing: trials of one model train in one process over one copy of the frozen base.
+
+    pack = Pack(base, ...);  pack.join(name, params)  ...  pack.step()  ...  pack.leave(name)
+
+Each packed step takes the next micro-batch of every trial in the pack, concatenates their rows, and runs the base's
+layers once over all of them (one large matmul per layer instead of one small one per trial). Each trial's rows see
+only that trial's LoRA layers, head, loss weights and dropout; each trial then steps its own optimizer, schedule and
+gradient clipping at its own effective batch size, over its own data order.
+
+Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
+the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
+attention dropout) comes from its own random stream, in the order and shapes its solo run draws them (its own
+widths), and its attention sees only its own keys. Rows never interact in a transformer, so the shared base's
+gradients reach each trial's parameters from its own rows alone.
+
+The trials are PEFT adapters of one PeftModel (one named adapter per trial, each with its own LoraConfig: rank,
+alpha, rsLoRA, dropout, targets, and its own copy of the classification head), so each trial's checkpoint is the
+adapter a solo trial saves, and export/predict read it unchanged. Trials that train base biases (lora_bias other
+than none) cannot share a base and are not packed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tune_app.spec.families import modules_to_save
+from tune_app.spec.space import resolve_alpha
+from tune_app.train.batching import IGNORE_INDEX, collate, length_grouped_batches
+from tune_app.train.tokens import TokenizedSplit
+
+ATTENTION = "tune_app_packed"
+"""The attention implementation of a packed base whose attention drops out probabilities: per trial, each with its
+own random stream and keys (registered with transformers' AttentionInterface)."""
+
+
+def packable(params: dict[str, Any]) -> bool:
+    """Whether a trial can share its base: not when it trains the base's biases (lora_bias all or lora_only)."""
+    return params.get("lora_bias", "none") == "none"
+
+
+# --------------------------------------------------------------------------------------------- who owns which rows
+
+
+@dataclass
+class _Rows:
+    """One trial's rows in the packed batch: `start:stop`, and the width its solo run pads them to."""
+
+    slot: Slot
+    start: int
+    stop: int
+    width: int
+
+
+class _Layout(threading.local):
+    rows: list[_Rows] | None = None
+    """While a packed forward runs: whose rows are where (None outside a packed forward)."""
+
+
+_layout = _Layout()
+
+
+@contextlib.contextmanager
+def _rows_of(layout: list[_Rows]):
+    _layout.rows = layout
+    try:
+        yield
+    finally:
+        _layout.rows = None
+
+
+# --------------------------------------------------------------------------------------------- one trial
+
+
+@dataclass
+class Slot:
+    """One trial in a pack: its adapter's name, hyperparameters, optimizer and schedule, data order and progress."""
+
+    name: str
+    params: dict[str, Any]
+    seed: int
+    labels: np.ndarray
+    """The training split's labels (a batch's summed class weight is taken on the host, as the solo step does)."""
+    random_state: Any
+    """The trial's own CPU random stream (torch.get_rng_state form): its dropout draws, as in its solo run."""
+    trainable: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    loss_weight: Any = None
+    row_weights: np.ndarray | None = None
+    epoch: int = 0
+    batches: list[np.ndarray] = field(default_factory=list)
+    batch_index: int = 0
+    micro_start: int = 0
+    step_loss: Any = None
+    loss_sum: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params["batch_size"])
+
+    @contextlib.contextmanager
+    def random(self):
+        """Run with this trial's random stream as the process's (swapped in, and its advance kept)."""
+        import torch
+
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.random_state)
+        try:
+            yield
+        finally:
+            self.random_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+    def start_epoch(self, train: TokenizedSplit, epoch: int) -> None:
+        """The epoch's batches, drawn as the solo trial draws them (seed and epoch), and a fresh loss sum."""
+        import torch
+
+        self.epoch, self.batch_index, self.micro_start = epoch, 0, 0
+        self.batches = length_grouped_batches(train.lengths, self.batch_size, np.random.default_rng([self.seed, epoch]))
+        self.loss_sum = torch.zeros(())
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.batch_index >= len(self.batches)
+
+    def next_part(self) -> tuple[np.ndarray, float, bool]:
+        """The next micro-batch's rows, its effective batch's summed class weight, and whether it ends that batch."""
+        rows = self.batches[self.batch_index]
+        part = rows[self.micro_start:self.micro_start + self.batch_size]
+        total_weight = float(self.row_weights[self.labels[rows]].sum())
+        self.micro_start += len(part)
+        last = self.micro_start >= len(rows)
+        return part, total_weight, last
+
+    def optimizer_step(self) -> None:
+        """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch."""
+        import torch
+
+        max_grad_norm = float(self.params["max_grad_norm"])
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += self.step_loss
+        self.step_loss = None
+        self.batch_index += 1
+        self.micro_start = 0
+
+
+# --------------------------------------------------------------------------------------------- the pack
+
+
+class Pack:
+    """One frozen base and the trials that train on it (see the module docstring)."""
+
+    def __init__(self, base, *, train: TokenizedSplit, epochs: int, class_weights: np.ndarray | None,
+                 num_labels: int, target_modules: tuple[str, ...] | None = None):
+        import torch
+
+        self.base = base
+        """The loaded base (train.model.Base): model, family, pad_id, loading info."""
+        self.train, self.epochs = train, epochs
+        self.row_weights = class_weights if class_weights is not None else np.ones(num_labels, np.float32)
+        self.loss_weight = torch.tensor(self.row_weights)
+        self.target_modules = target_modules
+        self.model = None
+        """The PeftModel holding every trial's adapter (None while the pack is empty)."""
+        self.slots: dict[str, Slot] = {}
+        self.random_state = torch.get_rng_state()
+        """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
+        self._attention_dropout = _attention_dropout(base.model.config)
+
+    # ----------------------------------------------------------------------------------------- joining and leaving
+
+    def join(self, name: str, params: dict[str, Any], seed: int) -> Slot:
+        """Add a trial: its LoRA adapter and head copy, initialised from the post-load random state as its solo run
+        initialises them, its optimizer and schedule, and its own random stream from there on."""
+        import torch
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import get_scheduler
+
+        if not packable(params):
+            raise ValueError(f"trial {name}: lora_bias={params['lora_bias']} trains the base's biases; it cannot "
+                             f"share a base and trains alone")
+        family = self.base.family
+        targets: Any = list(self.target_modules) if self.target_modules else family.target_modules(
+            params["target_modules"])
+        lora = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=int(params["lora_rank"]), lora_alpha=resolve_alpha(params),
+            lora_dropout=float(params["lora_dropout"]), bias="none", use_rslora=bool(params["use_rslora"]),
+            target_modules=targets, fan_in_fan_out=bool(family and family.fan_in_fan_out),
+            modules_to_save=modules_to_save(family, self.base.loading))
+        torch.set_rng_state(self.random_state)
+        if self.model is None:
+            self.model = get_peft_model(self.base.model, lora, adapter_name=name)
+        else:
+            self.model.add_adapter(name, lora)
+        _install(self.model, self._attention_dropout)  # the layers this adapter added too
+        slot = Slot(name, params, seed, self.train.labels, torch.get_rng_state())
+        self.slots[name] = slot
+        self._mark_trainable()
+        slot.trainable = [p for n, p in self.model.named_parameters() if _owned_by(n, name)]
+        for p in slot.trainable:  # adapters and heads train in fp32, as a solo trial's do
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        total_steps = int(np.ceil(len(self.train) / slot.batch_size)) * self.epochs
+        slot.optimizer = torch.optim.AdamW(slot.trainable, lr=float(params["learning_rate"]),
+                                           weight_decay=float(params["weight_decay"]))
+        slot.scheduler = get_scheduler(params["lr_scheduler"], slot.optimizer,
+                                       num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
+                                       num_training_steps=total_steps)
+        slot.row_weights = self.row_weights
+        return slot
+
+    def leave(self, name: str) -> None:
+        """Remove a trial (finished, stopped or failed): its adapter and head copy go, the others train on."""
+        from tune_app.train.memory import strip_adapter
+
+        self.slots.pop(name)
+        if self.slots:
+            with warnings.catch_warnings():  # "Adapter x was active which is now deleted": none is active here
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(name)
+            self._mark_trainable()
+        else:  # the last one: the base as loaded again, for the next trial to join
+            strip_adapter(self.base.model)
+            _uninstall(self.base.model)
+            self.model = None
+
+    def _mark_trainable(self) -> None:
+        """Every trial's adapter and head copy trains, nothing else (PEFT marks only its active adapter)."""
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(any(_owned_by(n, name) for name in self.slots))
+
+    # ----------------------------------------------------------------------------------------- training
+
+    def step(self, slots: list[Slot] | None = None) -> None:
+        """One packed micro-step: the next micro-batch of each given trial (default: every trial with work left in
+        its epoch), forward and backward together; a trial whose effective batch is complete steps its optimizer."""
+        import torch
+
+        slots = [s for s in (slots or self.slots.values()) if not s.epoch_done]
+        if not slots:
+            return
+        parts = [s.next_part() for s in slots]
+        batches = [collate(self.train, part, self.base.pad_id) for part, _, _ in parts]
+        width = max(ids.shape[1] for ids, _, _ in batches)
+        layout, start = [], 0
+        for slot, (ids, _, _) in zip(slots, batches):
+            layout.append(_Rows(slot, start, start + len(ids), ids.shape[1]))
+            start += len(ids)
+        ids = torch.cat([_pad(ids, width, self.base.pad_id) for ids, _, _ in batches])
+        mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches])
+        self.model.train()
+        with _rows_of(layout):
+            logits = self.model(input_ids=ids, attention_mask=self._prepare_mask(mask)).logits
+        losses = []
+        for rows, (_, _, labels), (_, total_weight, _) in zip(layout, batches, parts):
+            loss = torch.nn.functional.cross_entropy(logits[rows.start:rows.stop].float(), labels,
+                                                     weight=self.loss_weight, reduction="sum",
+                                                     ignore_index=IGNORE_INDEX) / total_weight
+            losses.append(loss)
+        torch.stack(losses).sum().backward()
+        for slot, loss, (_, _, last) in zip(slots, losses, parts):
+            slot.step_loss = loss.detach() if slot.step_loss is None else slot.step_loss + loss.detach()
+            if last:
+                slot.optimizer_step()
+
+    def _prepare_mask(self, mask):
+        from tune_app.train.model import mask_preparer
+
+        return mask_preparer(self.model, self.base.family, "fp32")(mask)
+
+    @contextlib.contextmanager
+    def alone(self, name: str):
+        """Forwards of one trial alone (its evaluation): every row of any batch is that trial's, at the batch's own
+        width, and attention is the base's own (evaluation drops nothing out)."""
+        base = self.model.get_base_model()
+        own = getattr(base, "_packed_attention", None)
+        if own is not None:
+            base.set_attn_implementation(own)
+        try:
+            with _rows_of([_Rows(self.slots[name], 0, -1, -1)]):
+                yield
+        finally:
+            if own is not None:
+                base.set_attn_implementation(ATTENTION)
+
+    def save(self, name: str, folder: str | Path) -> None:
+        """The trial's adapter and head, as its solo run saves them (adapter_config.json,
+        adapter_model.safetensors)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[name])
+            saved = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+            for file in saved.iterdir():
+                if file.is_file():
+                    shutil.copy2(file, Path(folder) / file.name)
+
+    def load(self, name: str, folder: str | Path) -> None:
+        """A resumed trial's adapter and head from its checkpoint."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(Path(folder) / "adapter_model.safetensors")),
+                                  adapter_name=name)
+
+
+def _owned_by(parameter: str, name: str) -> bool:
+    """Whether a parameter of the PeftModel is trial `name`'s (its LoRA layers or its head copy)."""
+    return f".{name}." in parameter or parameter.endswith(f".{name}")
+
+
+def _pad(tensor, width: int, value: int):
+    import torch
+
+    if tensor.shape[1] == width:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def _attention_dropout(config) -> float:
+    return float(getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+                 or 0.0)
+
+
+# --------------------------------------------------------------------------------------------- packed forwards
+
+
+def _own_rows(layout: list[_Rows], n: int) -> list[_Rows]:
+    """The layout of a forward: a trial alone (`Pack.alone`) owns all `n` rows at their full width."""
+    if len(layout) == 1 and layout[0].stop == -1:
+        return [_Rows(layout[0].slot, 0, n, -1)]
+    return layout
+
+
+def _width_slice(x, rows: _Rows):
+    """A trial's rows of `x`, cut to its own width where `x` has a sequence axis (3D: [batch, seq, hidden];
+    4D: [batch, heads, seq, seq]), so that its random draws have its solo run's shapes."""
+    part = x[rows.start:rows.stop]
+    if rows.width < 0:
+        return part, part.shape
+    if part.dim() == 3:
+        return part[:, :rows.width], part.shape
+    if part.dim() == 4:
+        return part[:, :, :rows.width, :rows.width], part.shape
+    return part, part.shape
+
+
+def _restore_width(part, shape):
+    """A trial's rows back at the packed width (the positions past its own width are padding nobody reads)."""
+    import torch
+
+    if tuple(part.shape) == tuple(shape):
+        return part
+    out = torch.zeros(shape, dtype=part.dtype, device=part.device)
+    if part.dim() == 3:
+        out[:, :part.shape[1]] = part
+    else:
+        out[:, :, :part.shape[2], :part.shape[3]] = part
+    return out
+
+
+def _dropout_forward(module, x):
+    """nn.Dropout in a packed forward: each trial's rows dropped with its own random stream, at its own width."""
+    import torch
+
+    layout = _layout.rows
+    if layout is None or not module.training or module.p == 0:
+        return module._packed_original(x)
+    parts = []
+    for rows in _own_rows(layout, x.shape[0]):
+        part, shape = _width_slice(x, rows)
+        with rows.slot.random():
+            dropped = torch.nn.functional.dropout(part, module.p, True, module.inplace)
+        parts.append(_restore_width(dropped, shape))
+    return torch.cat(parts)
+
+
+def _lora_forward(layer, x, *args, **kwargs):
+    """A LoRA layer in a packed forward: the base layer once over every row, then each trial's own LoRA on its rows
+    (rows of trials that do not adapt this layer pass through)."""
+    import torch
+
+    layout = _layout.rows
+    if layout is None:
+        return layer._packed_original(x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    parts = []
+    for rows in _own_rows(layout, x.shape[0]):
+        name, out = rows.slot.name, result[rows.start:rows.stop]
+        if name in layer.lora_A:
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            inputs, shape = _width_slice(x, rows)
+            inputs = inputs.to(lora_a.weight.dtype)
+            dropout = layer.lora_dropout[name]
+            if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+                with rows.slot.random():
+                    inputs = torch.nn.functional.dropout(inputs, dropout.p, True)
+            delta = lora_b(lora_a(inputs)) * layer.scaling[name]
+            delta = _restore_width(delta, (*shape[:-1], delta.shape[-1])) if delta.dim() == 3 else delta
+            out = (out + delta).to(dtype)
+        parts.append(out)
+    return torch.cat(parts)
+
+
+def _head_forward(wrapper, x, *args, **kwargs):
+    """The classification head in a packed forward: each trial's own trained copy on its rows."""
+    import torch
+
+    layout = _layout.rows
+    if layout is None:
+        return wrapper._packed_original(x, *args, **kwargs)
+    return torch.cat([wrapper.modules_to_save[rows.slot.name](x[rows.start:rows.stop], *args, **kwargs)
+                      for rows in _own_rows(layout, x.shape[0])])
+
+
+def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, **kwargs):
+    """Attention of a packed forward whose probabilities drop out: per trial, over its own keys (its solo width),
+    with its own random stream; otherwise the base's own attention over every row at once."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    layout = _layout.rows
+    if layout is None or dropout == 0:
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    outputs = []
+    for rows in _own_rows(layout, query.shape[0]):
+        w = rows.width if rows.width > 0 else query.shape[2]
+        q, k, v = (t[rows.start:rows.stop, :, :w] for t in (query, key, value))
+        mask = None if attention_mask is None else attention_mask[rows.start:rows.stop, :, :w, :w] \
+            if attention_mask.shape[2] > 1 else attention_mask[rows.start:rows.stop, :, :, :w]
+        extra = {k_: (t[rows.start:rows.stop, :w] if torch.is_tensor(t) and t.dim() == 2 else t)
+                 for k_, t in kwargs.items()}
+        with rows.slot.random():
+            out, _ = sdpa(module, q, k, v, mask, dropout=dropout, **extra)
+        if w < query.shape[2]:
+            out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[2] - w))
+        outputs.append(out)
+    return torch.cat(outputs), None
+
+
+def _install(model, attention_dropout: float) -> None:
+    """Route the model's dropout, LoRA layers and head wrappers through the packed forwards (and its attention, if
+    its probabilities drop out)."""
+    import types
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        kind = _lora_forward if isinstance(module, LoraLayer) else _head_forward if isinstance(
+            module, ModulesToSaveWrapper) else _dropout_forward if type(module) is torch.nn.Dropout else None
+        if kind is not None and not hasattr(module, "_packed_original"):
+            module._packed_original = module.forward
+            module.forward = types.MethodType(kind, module)
+    base = model.get_base_model()
+    if attention_dropout > 0 and not hasattr(base, "_packed_attention"):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION, _attention)
+        base._packed_attention = base.config._attn_implementation
+        base.set_attn_implementation(ATTENTION)
+
+
+def _uninstall(model) -> None:
+    """The base as it was: its own forwards and attention."""
+    for module in model.modules():
+        if hasattr(module, "_packed_original"):
+            module.forward = module._packed_original
+            del module._packed_original
+    if (previous := getattr(model, "_packed_attention", None)) is not None:
+        model.set_attn_implementation(previous)
+        del model._packed_attention
+
+
+# --------------------------------------------------------------------------------------------- in one process
+
+
+def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, dict[str, Any], str], bool | None],
+             threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Train several trials of one model packed in this process for ctx.epochs epochs each (`fit`'s packed twin).
+
+    After each of a trial's epochs, `report(name, metrics, checkpoint_dir)` gets what `fit` reports (the same
+    checkpoint files); returning False ends that trial there (an early stop) and the others train on. Returns every
+    trial's epoch metrics."""
+    import json
+    import os
+    import time
+
+    import torch
+
+    from tune_app.spec.rundir import CHECKPOINT_METRICS, STATE_FILE
+    from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
+    from tune_app.train.evaluation import eager, evaluate
+    from tune_app.train.memory import release_memory
+    from tune_app.train.model import quiet_libraries, trial_base
+    from tune_app.train.trainable import _fetch
+
+    quiet_libraries()
+    release_memory()
+    models = {config[MODEL_KEY] for config in configs.values()}
+    if len(models) != 1:
+        raise ValueError(f"a pack trains trials of one model, got {sorted(models)}")
+    spec = ctx.models[models.pop()]
+    torch.set_num_threads(threads or 1)
+    torch.manual_seed(ctx.seed)
+    device = torch.device("cpu")
+    data = _fetch(ctx.data_refs[spec.data_key])
+    weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
+    base = trial_base(spec, ctx.label_names, precision="fp32")
+    pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
+                target_modules=spec.target_modules)
+    history: dict[str, list[dict[str, Any]]] = {}
+    started: dict[str, float] = {}
+    for name, config in configs.items():
+        slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, ctx.seed)
+        slot.start_epoch(data.train, 0)
+        history[name], started[name] = [], time.perf_counter()
+    while pack.slots:
+        for slot in [s for s in pack.slots.values() if s.epoch_done]:
+            name, epoch_seconds = slot.name, time.perf_counter() - started[slot.name]
+            train_loss = float(slot.loss_sum) / len(slot.batches)
+            pack.model.eval()
+            with pack.alone(name), eager():
+                metrics = evaluate(pack.model, data.val, base.pad_id, max(ctx.eval_batch_size, 4 * slot.batch_size),
+                                   device, contextlib.nullcontext, weights)
+            metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
+                           train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.batch_size,
+                           packed_trials=len(pack.slots), device=device.type)
+            history[name].append(metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                pack.save(name, tmp)
+                torch.save({"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
+                            "scaler": None, "micro_batch": slot.batch_size, "epoch": slot.epoch + 1,
+                            "train_seconds": sum(m["epoch_time_s"] for m in history[name])},
+                           os.path.join(tmp, STATE_FILE))
+                Path(tmp, CHECKPOINT_METRICS).write_text(json.dumps(
+                    {**metrics, "config": slot.params, MODEL_KEY: configs[name][MODEL_KEY]}, indent=2, default=str))
+                go_on = report(name, metrics, tmp) is not False
+            if not go_on or slot.epoch + 1 >= ctx.epochs:
+                pack.leave(name)
+            else:
+                slot.start_epoch(data.train, slot.epoch + 1)
+                started[name] = time.perf_counter()
+        if pack.slots:
+            pack.step()
+    return history
