@@ -337,6 +337,8 @@ def test_unknown_local_family_fails_validation_with_the_way_out(tmp_path, capsys
     folder = tmp_path / "mamba"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    for name in ("model.safetensors", "tokenizer.json"):  # a whole model folder, as far as validate looks
+        (folder / name).write_text("{}")
     with pytest.raises(config_mod.ConfigError) as error:
         config_mod.load(_study(tmp_path, folder))
     message = str(error.value)

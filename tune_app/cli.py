@@ -329,6 +329,42 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a pipe of Ray's or a subprocess's: a real failure, shown
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
         return 1
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        return _unexpected(e)
+
+
+TRACEBACK_ENV = "TUNE_APP_TRACEBACK"
+"""Set to 1 to let an unexpected exception escape with its traceback (debugging) instead of the short message."""
+
+EXIT_FAILED = 1
+
+
+def _unexpected(error: Exception) -> int:
+    """Any other exception a verb raised (a bug, or a library's failure): one line on stderr, naming the file that
+    holds the full traceback, and exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    from tune_app.errors import first_line
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        folder = Path(tempfile.gettempdir()) / "tune_app"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=time.strftime("traceback-%Y%m%d-%H%M%S-"), suffix=".txt", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        where = f"full traceback: {name}"
+    except OSError as e:  # no writable temp folder: the traceback goes to stderr instead
+        print(text, file=sys.stderr, end="")
+        where = f"traceback above; could not write it to a file: {e}"
+    message = first_line(error) if str(error).strip() else ""
+    print(f"error: {type(error).__name__}: {message} ({where})" if message
+          else f"error: {type(error).__name__} ({where})", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

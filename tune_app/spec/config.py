@@ -42,6 +42,14 @@ def _non_negative(v):
     return None if v >= 0 else f"must be >= 0, got {v!r}"
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy's and Optuna's samplers take (seeds are 0 to 2**32 - 1)."""
+
+
+def _seed(v):
+    return None if 0 <= v <= SEED_MAX else f"must be between 0 and {SEED_MAX}, got {v!r}"
+
+
 def _one_of(*allowed):
     return lambda v: None if v in allowed else f"must be one of {list(allowed)}, got {v!r}"
 
@@ -84,7 +92,7 @@ class DataConfig:
     validation: str | None = _f(None, (str,), "local file, or a split of the Hub data.source (e.g. test); "
                                 "null: split off val_size")
     val_size: float = _f(0.2, (float,), "held-out fraction when there is no validation split", check=_fraction)
-    split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle")
+    split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle", check=_seed)
     limit: int | None = _f(None, (int,), "use only N rows (seeded shuffle first): smoke runs", check=_at_least_one)
     max_length: int = _f(512, (int,), "truncate texts to this many tokens", check=_at_least_one)
     positive_label: str | int | None = _f(None, (str, int), "two classes: the label that F1, precision and recall "
@@ -115,7 +123,7 @@ class TrainConfig:
                               "8 on a CPU); shorter rows go more to a batch, up to as many tokens",
                               check=_at_least_one)
     weighted_loss: bool = _f(True, (bool,), "cross-entropy weighted by inverse class frequency of the train split")
-    seed: int = _f(0, (int,), "seed of model init, data order and dropout")
+    seed: int = _f(0, (int,), "seed of model init, data order and dropout", check=_seed)
     precision: str = _f("auto", (str,), "auto (bf16 autocast on GPUs that support it, else fp16) | bf16 | fp16 "
                         "(with loss scaling) | fp32", check=_one_of("auto", "bf16", "fp16", "fp32"))
     compile: str | bool = _f("auto", (bool, str), "torch.compile: auto (eager until compiling pays off, see "
@@ -130,7 +138,7 @@ class TuneSettings:
     num_samples: int = _f(10, (int,), "trials per model", check=_at_least_one)
     metric: str = _f("f1", (str,), f"metric to optimise: {' | '.join(METRICS)}", check=_one_of(*METRICS))
     mode: str = _f("max", (str,), "max | min", check=_one_of("max", "min"))
-    seed: int = _f(0, (int,), "TPE sampler seed: same seed, same proposals")
+    seed: int = _f(0, (int,), "TPE sampler seed: same seed, same proposals", check=_seed)
     n_startup_trials: int | None = _f(None, (int,), "random trials before TPE models the results "
                                       "(default: min(10, num_samples // 3), at least 1)", check=_at_least_one)
     max_concurrent: int | None = _f(None, (int,), "cap on trials running at once (default: as resources allow)",
@@ -263,14 +271,38 @@ def _check_checkpoint(checkpoint: str, path: str, errors: list[str], target_modu
             errors.append(f"{path}: local model folder {checkpoint!r} does not exist")
         elif not (Path(resolved) / "config.json").is_file():
             errors.append(f"{path}: {checkpoint!r} is not a model folder (no config.json inside)")
-        elif target_modules is None:  # the model family must be known (Hub checkpoints: checked before Ray)
-            from tune_app.spec.families import local_family_problem
+        else:
+            if missing := missing_model_files(Path(resolved)):
+                errors.append(f"{path}: model folder {resolved!r} has a config.json but no "
+                              f"{' and no '.join(missing)}; every trial would fail loading it: save the whole model "
+                              f"there (model.save_pretrained and tokenizer.save_pretrained)")
+            if target_modules is None:  # the model family must be known (Hub checkpoints: checked before Ray)
+                from tune_app.spec.families import local_family_problem
 
-            if why := local_family_problem(resolved, path.rsplit(".", 1)[0]):
-                errors.append(f"{path}: {why}")
+                if why := local_family_problem(resolved, path.rsplit(".", 1)[0]):
+                    errors.append(f"{path}: {why}")
     elif not is_hub_name(resolved):
         errors.append(f"{path}: {checkpoint!r} is neither an existing local folder nor a Hub name like "
                       f"'org/model'")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""A local model folder holds one of these (or another *.safetensors file): the weights transformers loads."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+"""A local model folder holds one of these (or another *.model sentencepiece file): what its tokenizer loads."""
+
+
+def missing_model_files(folder: Path) -> list[str]:
+    """What a local model folder with a config.json lacks of what a trial loads: weights, a tokenizer."""
+    missing = []
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        missing.append(f"weights ({', '.join(WEIGHT_FILES[::2])} or their .index.json)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.model")):
+        missing.append(f"tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return missing
 
 
 def parse_overrides(overrides: list[str], errors: list[str]) -> list[tuple[list[str], Any]]:
@@ -281,8 +313,11 @@ def parse_overrides(overrides: list[str], errors: list[str]) -> list[tuple[list[
         if not sep or not key or any(not part for part in key.split(".")):
             errors.append(f"override {item!r}: expected dotted.key=value (for example tune.num_samples=4)")
             continue
+        if not text.strip():  # `key=$UNSET`: the shell dropped the value; null would silently restore the default
+            errors.append(f"override {item!r}: empty value; write {key}=null to unset it, or give a value")
+            continue
         try:
-            value = yaml.load(text, Loader=_StrictLoader) if text.strip() else None  # noqa: S506 - a SafeLoader
+            value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             why = getattr(e, "problem", None) if isinstance(e, yaml.constructor.ConstructorError) else None
             errors.append(f"override {item!r}: value is not valid YAML ({why or e.__class__.__name__})")
@@ -384,9 +419,12 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if cfg is None:
         return None
     cfg.models = models
-    if isinstance(cfg.name, str) and (not cfg.name.strip() or any(sep in cfg.name for sep in "/\\")):
-        errors.append(f"name: {cfg.name!r} names the run directories (<output_dir>/<name>-<timestamp>): make it one "
-                      f"folder name, not empty and without '/' or '\\'")
+    if isinstance(cfg.name, str) and (why := _name_problem(cfg.name)):
+        shown = repr(cfg.name) if len(cfg.name) <= 60 else f"{cfg.name[:40]!r}... ({len(cfg.name)} characters)"
+        errors.append(f"name: {shown} names the run directories (<output_dir>/<name>-<timestamp>): {why}")
+    if cfg.data is not None and cfg.data.text == cfg.data.label:
+        errors.append(f"data.label: {cfg.data.label!r} is also data.text: the label would leak into the model's "
+                      f"input; name the label column in data.label and the text column in data.text")
     _check_space(cfg.space, "space", errors)
     _check_alpha_ratio(cfg, errors)
     if cfg.train.cuda_graphs is True and (cfg.train.compile is True or cfg.train.precision == "fp16"):
@@ -399,6 +437,23 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
                       f"got {cfg.tune.asha.grace_period}")
     cfg.raw = raw
     return cfg
+
+
+NAME_MAX = 200
+"""Longest study name: the run directory adds -<timestamp>, and file systems allow 255 bytes per name."""
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a study name cannot be one folder name (the run directory's), or None."""
+    if not name.strip() or any(sep in name for sep in "/\\"):
+        return "make it one folder name, not empty and without '/' or '\\'"
+    if name in (".", ".."):
+        return "'.' and '..' are not folder names; choose a name with letters or digits"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds control characters (a newline, tab or NUL); use printable characters only"
+    if len(name.encode("utf-8")) > NAME_MAX:
+        return f"{len(name.encode('utf-8'))} bytes is too long for a folder name; use at most {NAME_MAX}"
+    return None
 
 
 def _check_alpha_ratio(cfg: StudyConfig, errors: list[str]) -> None:

