@@ -117,3 +117,67 @@ def test_trials_join_a_running_pack_and_leave_it_empty(tiny_models):
 def test_trials_that_train_the_base_biases_are_not_packed():
     assert packable({"lora_bias": "none"}) and not packable({"lora_bias": "all"})
     assert not packable({"lora_bias": "lora_only"})
+
+
+# --------------------------------------------------------------------------------------------- in a Ray study
+
+
+def packed_study_raw(checkpoint: str, source, output_dir, pack) -> dict:
+    return {
+        "name": "pk",
+        "data": {"source": str(source), "text": "text", "label": "target", "limit": 160, "max_length": 32},
+        "models": {"m": {"checkpoint": checkpoint, "cpu": 1}},
+        "space": {"lora_rank": {"choice": [2, 4]}, "learning_rate": {"loguniform": [1.0e-4, 5.0e-2]},
+                  "lora_dropout": 0.1},
+        "train": {"epochs": 2, "batch_size": 16},
+        "tune": {"num_samples": 4, "seed": 0, "max_concurrent": 2, "pack": pack, "metric": "eval_loss", "mode": "min",
+                 "n_startup_trials": 4,  # seeded random proposals: TPE's would follow the results' order
+                 "asha": {"grace_period": 1, "reduction_factor": 2}},
+        "output_dir": str(output_dir), "wandb": {"mode": "disabled"},
+    }
+
+
+@pytest.mark.slow
+def test_a_packed_study_trains_what_the_same_study_trains_unpacked(ray_session, tiny_models, tweets_csv, tmp_path,
+                                                                    capsys):
+    """tune.pack: 2 on this 2-core machine: both running trials of the model train in one pack actor, each still an
+    ordinary Tune trial (TPE proposes it, ASHA stops it, it reports per epoch with its own checkpoint), and every
+    configuration trains the epochs it trains unpacked to the same metrics."""
+    import json
+
+    import yaml
+
+    from tune_app.cli import main
+    from tune_app.spec.rundir import SUMMARY
+
+    checkpoint = tiny_models("bert", **DROPOUT)
+    runs = {}
+    for pack in ("off", 2):
+        root = tmp_path / str(pack)
+        root.mkdir()
+        (root / "study.yaml").write_text(yaml.safe_dump(packed_study_raw(checkpoint, tweets_csv, root / "runs", pack)))
+        assert main(["run", str(root / "study.yaml")]) == 0
+        out = capsys.readouterr().out
+        (run_dir,) = (root / "runs").iterdir()
+        epochs = {}  # (rank, learning rate, epoch) -> that epoch's result
+        for path in run_dir.glob("m_*/result.json"):
+            for line in path.read_text().splitlines():
+                result = json.loads(line)
+                epochs[(result["config"]["lora_rank"], result["config"]["learning_rate"], result["epoch"])] = result
+        runs[pack] = (out, epochs, json.loads((run_dir / SUMMARY).read_text()))
+    out, epochs, summary = runs[2]
+    assert "packing: m: up to 2 trials per node in one process over one base" in out
+    assert "packing: none (tune.pack off)" in runs["off"][0]
+    assert max(r["packed_trials"] for r in epochs.values()) == 2  # two trials trained in one pack at once
+    assert summary["models"]["m"]["trials"] == 4 and summary["models"]["m"]["failed"] == 0
+    assert summary["models"]["m"]["stopped_early"] >= 1  # ASHA stops packed trials as it stops any
+    assert summary["best"] is not None
+    # The same proposals (TPE seeded); every epoch both runs trained ended with the same metrics (which trials ASHA
+    # stops depends on the order results arrive in, so a trial may reach its second epoch in one run only).
+    unpacked = runs["off"][1]
+    assert {k[:2] for k in epochs} == {k[:2] for k in unpacked}
+    shared = epochs.keys() & unpacked.keys()
+    assert len(shared) >= 4
+    for key in shared:
+        for metric in ("train_loss", "eval_loss", "f1", "accuracy"):
+            assert epochs[key][metric] == pytest.approx(unpacked[key][metric], rel=1e-5, abs=1e-6), (key, metric)

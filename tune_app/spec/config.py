@@ -66,6 +66,12 @@ def _fraction(v):
     return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v!r}"
 
 
+def _pack(v):
+    if v is False or v in ("off", "auto") or (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+        return None  # YAML reads a bare `off` as false
+    return f"must be off, auto or a number of trials per pack (2 or more), got {v!r}"
+
+
 def _gpu(v):
     if v == "auto":
         return None
@@ -147,6 +153,9 @@ class TuneSettings:
     keep_checkpoints: int = _f(1, (int,), "adapter checkpoints kept per trial (the best)", check=_at_least_one)
     reuse_actors: bool = _f(True, (bool,), "run the next trial in a finished trial's worker process (same resources): "
                             "no process start or imports per trial")
+    pack: str | int = _f("off", (str, int, bool), "adapter packing: trials of a model that share a GPU train in one "
+                         "process over one copy of its base: off | auto (where trials share a GPU) | N (N trials per "
+                         "GPU; on CPU-only clusters, up to N per node)", check=_pack)
     asha: AshaConfig = _f(None, (dict,), "ASHA early stopping")
 
 
@@ -435,6 +444,8 @@ def from_dict(raw: dict, errors: list[str]) -> StudyConfig | None:
     if cfg.tune.asha.grace_period > cfg.train.epochs:
         errors.append(f"tune.asha.grace_period: must be <= train.epochs ({cfg.train.epochs}), "
                       f"got {cfg.tune.asha.grace_period}")
+    if cfg.tune.pack is False:  # `pack: off` unquoted
+        cfg.tune.pack = "off"
     cfg.raw = raw
     return cfg
 

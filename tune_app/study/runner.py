@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tune_app.spec.rundir import (
     resume_command,
 )
 from tune_app.spec.space import MODEL_KEY
+from tune_app.study import packing
 from tune_app.study.cluster import check_trials_fit, connect_ray, warn_if_lost_in_job
 from tune_app.study.prepare import PreparedData, prepare_data
 from tune_app.study.storage import load_run_config, new_run_dir, save_study
@@ -76,6 +77,9 @@ class Session:
     prepared: PreparedData
     resources: dict[str, dict[str, float]]
     trainable: Any
+    packs: dict[str, packing.PackPlan] = field(default_factory=dict)
+    """Model -> how its trials are packed (tune.pack); models not listed train one trial per process."""
+    pack_actors: list = field(default_factory=list)
 
 
 class _NoTunerRestoreHint(logging.Filter):
@@ -102,11 +106,15 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
     resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    plans = packing.plan(cfg, resources, max((n.get("CPU", 0) for n in nodes), default=0))
+    resources = packing.apply(resources, plans)
     check_trials_fit(resources)
     ctx = build_context(cfg, prepared, data_refs)
+    actors = packing.start(ctx, plans, resources)  # before the context goes to the object store with the trainable
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
                                     resources=lambda config: resources[config[MODEL_KEY]])
-    return Session(prepared, resources, trainable)
+    return Session(prepared, resources, trainable, plans, actors)
 
 
 def wandb_callback(cfg: StudyConfig, run_dir: Path):
@@ -165,7 +173,17 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
+          f"{_packing_line(cfg, session)}\n"
           f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
+
+
+def _packing_line(cfg: StudyConfig, session: Session) -> str:
+    """How trials are packed, per model (tune.pack)."""
+    if not session.packs:
+        return f"packing: none (tune.pack {cfg.tune.pack}): each trial trains in its own process"
+    packed = "; ".join(f"{name}: {plan.describe()}" for name, plan in session.packs.items())
+    alone = [name for name in cfg.models if name not in session.packs]
+    return f"packing: {packed}" + (f"; {', '.join(alone)}: one trial per process" if alone else "")
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:

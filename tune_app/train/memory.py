@@ -185,3 +185,17 @@ def is_oom(error: BaseException) -> bool:
 def oom_test_limit() -> int:
     """Rows above which a batch raises a test OOM (OOM_TEST_ENV); 0 when off."""
     return int(os.environ.get(OOM_TEST_ENV, "0"))
+
+
+def peak_memory_mb(on_gpu: bool) -> dict[str, float]:
+    """Peak memory of the trial since its warm-up: on a GPU the most allocated at once (graphs' captures included,
+    so eager and graphed trials compare) as peak_memory_mb, and the most the allocator reserved (what neighbours
+    on a shared GPU could not use) as peak_reserved_mb; on CPU the process's peak RSS."""
+    if on_gpu:
+        import torch
+
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux

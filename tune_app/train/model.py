@@ -137,7 +137,6 @@ def mask_preparer(model, family, precision: str) -> Callable:
 
 def quiet_libraries() -> None:
     """Keep trial logs to what matters: no per-load weight reports or progress bars from transformers."""
-    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -146,6 +145,13 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     # transformers' own internals warn about their deprecated names (is_gradient_checkpointing) once per trial.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    quiet_ray()
+
+
+def quiet_ray() -> None:
+    """No line per checkpoint from Ray Train/Tune in a trial's log ("Checkpoint successfully created ...")."""
+    import logging
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 

@@ -36,7 +36,8 @@ import numpy as np
 from tune_app.spec.families import modules_to_save
 from tune_app.spec.space import resolve_alpha
 from tune_app.train.batching import IGNORE_INDEX, collate, length_grouped_batches
-from tune_app.train.tokens import TokenizedSplit
+from tune_app.train.memory import peak_memory_mb
+from tune_app.train.tokens import TokenizedSplit, fetch
 
 ATTENTION = "tune_app_packed"
 """The attention implementation of a packed base whose attention drops out probabilities: per trial, each with its
@@ -121,13 +122,18 @@ class Slot:
             self.random_state = torch.get_rng_state()
             torch.set_rng_state(saved)
 
-    def start_epoch(self, train: TokenizedSplit, epoch: int) -> None:
+    def start_epoch(self, train: TokenizedSplit, epoch: int, device=None) -> None:
         """The epoch's batches, drawn as the solo trial draws them (seed and epoch), and a fresh loss sum."""
         import torch
 
         self.epoch, self.batch_index, self.micro_start = epoch, 0, 0
         self.batches = length_grouped_batches(train.lengths, self.batch_size, np.random.default_rng([self.seed, epoch]))
-        self.loss_sum = torch.zeros(())
+        self.loss_sum = torch.zeros((), device=device)
+
+    def restart_batch(self) -> None:
+        """Take the current effective batch again from its first micro-batch (after a packed step raised)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_loss, self.micro_start = None, 0
 
     @property
     def epoch_done(self) -> bool:
@@ -165,14 +171,16 @@ class Pack:
     """One frozen base and the trials that train on it (see the module docstring)."""
 
     def __init__(self, base, *, train: TokenizedSplit, epochs: int, class_weights: np.ndarray | None,
-                 num_labels: int, target_modules: tuple[str, ...] | None = None):
+                 num_labels: int, target_modules: tuple[str, ...] | None = None, autocast=contextlib.nullcontext,
+                 precision: str = "fp32"):
         import torch
 
         self.base = base
-        """The loaded base (train.model.Base): model, family, pad_id, loading info."""
-        self.train, self.epochs = train, epochs
+        """The loaded base (train.model.Base) on its device: model, family, pad_id, loading info."""
+        self.device = next(base.model.parameters()).device
+        self.train, self.epochs, self.autocast, self.precision = train, epochs, autocast, precision
         self.row_weights = class_weights if class_weights is not None else np.ones(num_labels, np.float32)
-        self.loss_weight = torch.tensor(self.row_weights)
+        self.loss_weight = torch.tensor(self.row_weights, device=self.device)
         self.target_modules = target_modules
         self.model = None
         """The PeftModel holding every trial's adapter (None while the pack is empty)."""
@@ -216,7 +224,7 @@ class Pack:
                 p.data = p.data.float()
         total_steps = int(np.ceil(len(self.train) / slot.batch_size)) * self.epochs
         slot.optimizer = torch.optim.AdamW(slot.trainable, lr=float(params["learning_rate"]),
-                                           weight_decay=float(params["weight_decay"]))
+                                           weight_decay=float(params["weight_decay"]), fused=self.device.type == "cuda")
         slot.scheduler = get_scheduler(params["lr_scheduler"], slot.optimizer,
                                        num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                                        num_training_steps=total_steps)
@@ -237,6 +245,14 @@ class Pack:
             strip_adapter(self.base.model)
             _uninstall(self.base.model)
             self.model = None
+
+    def sizes(self, name: str) -> dict[str, int]:
+        """A trial's trainable parameters, and the parameters of its model as a solo run counts them (the base and
+        its own adapter and head copy)."""
+        own = sum(p.numel() for p in self.slots[name].trainable)
+        base = sum(p.numel() for n, p in self.model.named_parameters()
+                   if not any(_owned_by(n, other) for other in self.slots))
+        return {"trainable_params": own, "total_params": base + own}
 
     def _mark_trainable(self) -> None:
         """Every trial's adapter and head copy trains, nothing else (PEFT marks only its active adapter)."""
@@ -260,14 +276,14 @@ class Pack:
         for slot, (ids, _, _) in zip(slots, batches):
             layout.append(_Rows(slot, start, start + len(ids), ids.shape[1]))
             start += len(ids)
-        ids = torch.cat([_pad(ids, width, self.base.pad_id) for ids, _, _ in batches])
-        mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches])
+        ids = torch.cat([_pad(ids, width, self.base.pad_id) for ids, _, _ in batches]).to(self.device)
+        mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches]).to(self.device)
         self.model.train()
-        with _rows_of(layout):
+        with _rows_of(layout), self.autocast():
             logits = self.model(input_ids=ids, attention_mask=self._prepare_mask(mask)).logits
         losses = []
         for rows, (_, _, labels), (_, total_weight, _) in zip(layout, batches, parts):
-            loss = torch.nn.functional.cross_entropy(logits[rows.start:rows.stop].float(), labels,
+            loss = torch.nn.functional.cross_entropy(logits[rows.start:rows.stop].float(), labels.to(self.device),
                                                      weight=self.loss_weight, reduction="sum",
                                                      ignore_index=IGNORE_INDEX) / total_weight
             losses.append(loss)
@@ -280,7 +296,7 @@ class Pack:
     def _prepare_mask(self, mask):
         from tune_app.train.model import mask_preparer
 
-        return mask_preparer(self.model, self.base.family, "fp32")(mask)
+        return mask_preparer(self.model, self.base.family, self.precision)(mask)
 
     @contextlib.contextmanager
     def alone(self, name: str):
@@ -508,7 +524,6 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     from tune_app.train.evaluation import eager, evaluate
     from tune_app.train.memory import release_memory
     from tune_app.train.model import quiet_libraries, trial_base
-    from tune_app.train.trainable import _fetch
 
     quiet_libraries()
     release_memory()
@@ -519,7 +534,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     torch.set_num_threads(threads or 1)
     torch.manual_seed(ctx.seed)
     device = torch.device("cpu")
-    data = _fetch(ctx.data_refs[spec.data_key])
+    data = fetch(ctx.data_refs[spec.data_key])
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
     base = trial_base(spec, ctx.label_names, precision="fp32")
     pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
@@ -540,7 +555,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
                                    device, contextlib.nullcontext, weights)
             metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
                            train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.batch_size,
-                           packed_trials=len(pack.slots), device=device.type)
+                           **pack.sizes(name), packed_trials=len(pack.slots), device=device.type)
             history[name].append(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 pack.save(name, tmp)
@@ -559,3 +574,261 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         if pack.slots:
             pack.step()
     return history
+
+
+# --------------------------------------------------------------------------------------------- as a Ray actor
+
+
+def pack_name(prefix: str, node_id: str, device: str) -> str:
+    """The Ray actor name of the pack of a study's model on one node's device ('cpu', or a GPU's Ray id)."""
+    return f"{prefix}-{node_id[:12]}-{device}"
+
+
+@dataclass
+class _Trial:
+    """A Tune trial's state in a pack server: its results waiting to be collected, and its lease."""
+
+    result: dict[str, Any] | None = None
+    paused: bool = False
+    """Its epoch ended and its result waits for the trial: it trains on only once the trial asks for the next."""
+    paused_since: float = 0.0
+    checkpoint: str | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+    """Its setup's timings, as a solo trial reports them (the base loads once, for the pack's first trial)."""
+    epochs_done: int = 0
+    started: float = 0.0
+    train_seconds: float = 0.0
+
+
+class PackServer:
+    """The body of a pack's Ray actor: one per model and device, created by the driver (an actor dies with its
+    creator, and the driver outlives every trial); thin Tune trials join it, collect one result per epoch, and
+    leave. It trains in its own thread while any joined trial has work.
+
+    A trial that Tune ends without a word (ray.kill skips `finally`) stops asking for results: once its result
+    has waited LEASE_S seconds, the trial is dropped and its slot is free. A packed step that raises is taken again
+    trial by trial; a trial whose own step raises, or whose loss is not finite, fails alone."""
+
+    LEASE_S = 600.0
+
+    def __init__(self, ctx, model: str, device: str, threads: int):
+        self.ctx, self.model_name, self.device_id, self.threads = ctx, model, device, threads
+        self.cond = threading.Condition()
+        self.trials: dict[str, _Trial] = {}
+        self.pack: Pack | None = None
+        self.thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------------------------------- called by trials
+
+    def join(self, trial_id: str, config: dict[str, Any], resume_dir: str | None = None) -> None:
+        import time
+
+        import torch
+
+        from tune_app.spec.rundir import STATE_FILE
+        from tune_app.spec.space import HYPERPARAMETERS
+
+        t0 = time.perf_counter()
+        with self.cond:
+            loaded = self.pack is None
+            if loaded:
+                self._load()
+            t_load = time.perf_counter()
+            slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS}, self.ctx.seed)
+            trial = self.trials[trial_id] = _Trial(started=time.perf_counter())
+            trial.setup = dict(setup_time_s=trial.started - t0, imports_s=0.0, data_fetch_s=0.0,
+                               model_load_s=t_load - t0 if loaded else 0.0, base_reused=not loaded, compile_time_s=0.0)
+            start_epoch = 0
+            if resume_dir:
+                self.pack.load(trial_id, resume_dir)
+                state = torch.load(str(Path(resume_dir) / STATE_FILE), map_location=self.device, weights_only=False)
+                slot.optimizer.load_state_dict(state["optimizer"])
+                slot.scheduler.load_state_dict(state["scheduler"])
+                start_epoch, trial.train_seconds = state["epoch"], state["train_seconds"]
+            trial.epochs_done = start_epoch
+            if start_epoch >= self.ctx.epochs:  # resumed after its last epoch: nothing to train or report
+                trial.result = {"last": True, "metrics": None}
+                self.pack.leave(trial_id)
+            else:
+                slot.start_epoch(self.data.train, start_epoch, self.device)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="tune_app-pack", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def next_result(self, trial_id: str) -> dict[str, Any]:
+        """The trial's next epoch result ({metrics, checkpoint, last} or {error}); asking for it means the trial
+        goes on (Tune took the previous report), so a paused trial trains its next epoch."""
+        import time
+
+        with self.cond:
+            trial = self.trials.get(trial_id)
+            if trial is None:
+                return {"error": f"trial {trial_id} is not in this pack (dropped after {self.LEASE_S:.0f} s without "
+                                 f"asking for its result)"}
+            if trial.paused:
+                self._discard_checkpoint(trial)
+                trial.paused = False
+                self.cond.notify_all()
+            while trial.result is None:
+                self.cond.wait(timeout=5.0)
+            result, trial.result = trial.result, None
+            if result.get("error"):
+                self.trials.pop(trial_id, None)
+            else:  # its checkpoint stays until the trial asks again or leaves (it reports from that folder)
+                trial.paused, trial.paused_since = True, time.monotonic()
+            return result
+
+    def leave(self, trial_id: str) -> None:
+        """A trial ends (stopped by Tune, or failed in its own process): its slot is free."""
+        with self.cond:
+            trial = self.trials.pop(trial_id, None)
+            if trial is not None:
+                self._discard_checkpoint(trial)
+            if self.pack is not None and trial_id in self.pack.slots:
+                self.pack.leave(trial_id)
+            self.cond.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        with self.cond:
+            return {"trials": len(self.trials), "slots": len(self.pack.slots) if self.pack else 0}
+
+    # ----------------------------------------------------------------------------------------- the training thread
+
+    def _load(self) -> None:
+        import os
+
+        import torch
+
+        from tune_app.train.model import quiet_libraries, trial_base
+        from tune_app.train.precision import autocast_factory
+
+        quiet_libraries()
+        torch.set_num_threads(self.threads)
+        if self.device_id == "cpu":
+            self.device = torch.device("cpu")
+        else:  # Ray's GPU id, as listed in this node's CUDA_VISIBLE_DEVICES when that is set
+            visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            index = visible.index(self.device_id) if self.device_id in visible else int(self.device_id)
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
+        spec = self.ctx.models[self.model_name]
+        torch.manual_seed(self.ctx.seed)
+        self.data = fetch(self.ctx.data_refs[spec.data_key])
+        self.weights = np.asarray(self.ctx.class_weights, dtype=np.float32) if self.ctx.weighted_loss else None
+        self.autocast, precision = autocast_factory(self.device, self.ctx.precision)
+        base = trial_base(spec, self.ctx.label_names, on_gpu=self.device.type == "cuda", precision=precision)
+        base.model.to(self.device)
+        self.pack = Pack(base, train=self.data.train, epochs=self.ctx.epochs, class_weights=self.weights,
+                         num_labels=len(self.ctx.label_names), target_modules=spec.target_modules,
+                         autocast=self.autocast, precision=precision)
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self.cond:
+                self._drop_expired()
+                for slot in [s for s in self.pack.slots.values() if s.epoch_done]:
+                    self._finish_epoch(slot)
+                active = [s for s in self.pack.slots.values()
+                          if not s.epoch_done and not self.trials[s.name].paused]
+                if not active:
+                    if not self.trials:
+                        return  # nobody left: the thread ends, the next join starts it again
+                    self.cond.wait(timeout=5.0)
+                    continue
+                try:
+                    self.pack.step(active)
+                except Exception:  # noqa: BLE001 - sorted out trial by trial below
+                    self._step_alone(active)
+            time.sleep(0)  # let trials' calls take the lock between steps
+
+    def _step_alone(self, slots: list[Slot]) -> None:
+        """A packed step raised: each trial's effective batch again from its start, each trial on its own; a trial
+        whose own step raises fails, the others train on."""
+        import traceback
+
+        for slot in slots:
+            slot.restart_batch()
+        for slot in slots:
+            try:
+                self.pack.step([slot])
+            except Exception:  # noqa: BLE001 - this trial's own failure: it fails alone
+                self._fail(slot.name, traceback.format_exc())
+
+    def _fail(self, name: str, error: str) -> None:
+        trial = self.trials.get(name)
+        if name in self.pack.slots:
+            self.pack.leave(name)
+        if trial is not None:
+            trial.result = {"error": error}
+        self.cond.notify_all()
+
+    def _finish_epoch(self, slot: Slot) -> None:
+        """Evaluate the trial, write its checkpoint as a solo trial does, and hold its result for it."""
+        import json
+        import math
+        import time
+
+        import torch
+
+        from tune_app.spec.rundir import CHECKPOINT_METRICS, STATE_FILE
+        from tune_app.spec.space import MODEL_KEY
+        from tune_app.train.evaluation import eager, evaluate
+
+        trial, name = self.trials[slot.name], slot.name
+        train_loss = float(slot.loss_sum) / len(slot.batches)
+        if not math.isfinite(train_loss):
+            self._fail(name, f"the training loss of epoch {slot.epoch + 1} is {train_loss}: this trial diverged "
+                             f"(lower its learning rate); the other trials of its pack train on")
+            return
+        epoch_seconds = time.perf_counter() - trial.started
+        trial.train_seconds += epoch_seconds
+        self.pack.model.eval()
+        t0 = time.perf_counter()
+        with self.pack.alone(name), eager():
+            metrics = evaluate(self.pack.model, self.data.val, self.pack.base.pad_id,
+                               max(self.ctx.eval_batch_size, 4 * slot.batch_size), self.device,
+                               self.autocast, self.weights)
+        metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, train_time_s=trial.train_seconds,
+                       epoch_time_s=epoch_seconds, eval_time_s=time.perf_counter() - t0, **trial.setup,
+                       train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
+                       micro_batch_size=slot.batch_size, autocast=self.pack.precision, compiled=False,
+                       compiled_graphs=0, cuda_graphs=0, device=self.device.type, threads=torch.get_num_threads(),
+                       packed_trials=len(self.pack.slots), **peak_memory_mb(self.device.type == "cuda"))
+        folder = tempfile.mkdtemp(prefix="tune_app-pack-")
+        self.pack.save(name, folder)
+        torch.save({"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
+                    "scaler": None, "micro_batch": slot.batch_size, "epoch": slot.epoch + 1,
+                    "train_seconds": trial.train_seconds}, str(Path(folder) / STATE_FILE))
+        Path(folder, CHECKPOINT_METRICS).write_text(json.dumps(
+            {**metrics, "config": slot.params, MODEL_KEY: self.model_name}, indent=2, default=str))
+        last = slot.epoch + 1 >= self.ctx.epochs
+        trial.checkpoint, trial.epochs_done = folder, slot.epoch + 1
+        trial.result = {"metrics": metrics, "checkpoint": folder, "last": last}
+        if last:
+            self.pack.leave(name)
+        else:
+            slot.start_epoch(self.data.train, slot.epoch + 1, self.device)
+            trial.started = time.perf_counter()
+        self.cond.notify_all()
+
+    def _drop_expired(self) -> None:
+        import time
+
+        now = time.monotonic()
+        for name, trial in list(self.trials.items()):
+            if trial.paused and now - trial.paused_since > self.LEASE_S:
+                print(f"[tune_app] pack: trial {name} did not ask for its next epoch in {self.LEASE_S:.0f} s; its "
+                      f"slot is free", flush=True)
+                self.trials.pop(name)
+                self._discard_checkpoint(trial)
+                if name in self.pack.slots:
+                    self.pack.leave(name)
+
+    @staticmethod
+    def _discard_checkpoint(trial: _Trial) -> None:
+        if trial.checkpoint:
+            shutil.rmtree(trial.checkpoint, ignore_errors=True)
+            trial.checkpoint = None

@@ -80,3 +80,12 @@ def tokenize(tokenizer: Any, splits: Splits, max_length: int) -> TokenizedData:
         train=TokenizedSplit.from_lists(encode(tokenizer, splits.train_texts, max_length), splits.train_labels),
         val=TokenizedSplit.from_lists(encode(tokenizer, splits.val_texts, max_length), splits.val_labels),
     )
+
+
+def fetch(ref: Any):
+    """A TokenizedData from a Ray object reference (or the object itself, outside Ray)."""
+    if type(ref).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(ref)
+    return ref

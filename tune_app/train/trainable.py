@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,20 @@ from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
 from tune_app.train import memory
 from tune_app.train.batching import bucket_widths, length_grouped_batches
 from tune_app.train.evaluation import eager, evaluate
-from tune_app.train.memory import release_memory
-from tune_app.train.model import ModelSpec, build_model, compile_blocks, compiled_graphs, quiet_libraries, trial_base
+from tune_app.train.memory import peak_memory_mb, release_memory
+from tune_app.train.model import (
+    ModelSpec,
+    build_model,
+    compile_blocks,
+    compiled_graphs,
+    quiet_libraries,
+    quiet_ray,
+    trial_base,
+)
+from tune_app.train.pack import pack_name, packable
 from tune_app.train.precision import autocast_factory
 from tune_app.train.step import TrainStep
+from tune_app.train.tokens import fetch
 
 
 @dataclass
@@ -50,10 +60,13 @@ class TrialContext:
     cuda_graphs: str | bool = "auto"
     max_length: int = 512
     max_oom_retries: int = 3
+    packs: dict[str, str] = field(default_factory=dict)
+    """Model -> the name prefix of its packs (tune.pack): its trials train in the pack on their node's device."""
 
 
 def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch."""
+    """Ray Tune function trainable: `fit` with Tune's checkpoint to resume from and `tune.report` per epoch; a
+    trial of a packed model trains in its node's pack instead (`train_in_pack`)."""
     from ray import tune
 
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
@@ -61,7 +74,40 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     checkpoint = tune.get_checkpoint()
     resume_dir = checkpoint.to_directory() if checkpoint else None
+    if config[MODEL_KEY] in ctx.packs and packable(config) and train_in_pack(config, ctx, resume_dir):
+        return
     fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
+
+
+def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | None) -> bool:
+    """A thin trial: join the pack of this trial's model on the device Ray placed it on, report each epoch's result
+    the pack sends, and leave. False when this node has no pack (a node that joined after the study started): the
+    trial then trains alone."""
+    import ray
+    from ray import tune
+
+    quiet_ray()  # the thin trial imports no model library: only Ray's loggers need quieting
+    gpus = ray.get_gpu_ids()
+    device = str(gpus[0]) if gpus else "cpu"
+    name = pack_name(ctx.packs[config[MODEL_KEY]], ray.get_runtime_context().get_node_id(), device)
+    try:
+        pack = ray.get_actor(name)
+    except ValueError:
+        print(f"[tune_app] no pack {name} on this node: this trial trains alone", flush=True)
+        return False
+    trial_id = tune.get_context().get_trial_id()
+    ray.get(pack.join.remote(trial_id, config, resume_dir))
+    try:
+        while True:
+            result = ray.get(pack.next_result.remote(trial_id))
+            if result.get("error"):
+                raise RuntimeError(f"in its pack: {result['error']}")
+            if result["metrics"] is not None:
+                tune.report(result["metrics"], checkpoint=tune.Checkpoint.from_directory(result["checkpoint"]))
+            if result["last"]:
+                return True
+    finally:  # stopped by Tune (SystemExit in its report), failed, or done: its slot is free
+        pack.leave.remote(trial_id)
 
 
 def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str, Any], str], None],
@@ -84,7 +130,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     torch.manual_seed(ctx.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    data = _fetch(ctx.data_refs[spec.data_key])
+    data = fetch(ctx.data_refs[spec.data_key])
     clock["data"] = time.perf_counter()
 
     # Set up: the base (kept from this worker's last trial of the model, or loaded), LoRA, the step.
@@ -145,7 +191,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             trainable_params=n_trainable, total_params=n_total, micro_batch_size=step.micro_batch,
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
             cuda_graphs=len(step.graphs or ()), device=device.type, threads=torch.get_num_threads(),
-            **_peak_memory_mb(on_gpu))
+            **peak_memory_mb(on_gpu))
         _checkpoint_and_report(model, step, lease, metrics, {"config": params, MODEL_KEY: config[MODEL_KEY]},
                                train_seconds=train_seconds, last=epoch + 1 == ctx.epochs, report=report)
         history.append(metrics)
@@ -233,24 +279,3 @@ def _assigned_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _fetch(ref: Any):
-    """A TokenizedData from a Ray object reference (or the object itself, outside Ray)."""
-    if type(ref).__name__ == "ObjectRef":
-        import ray
-
-        return ray.get(ref)
-    return ref
-
-
-def _peak_memory_mb(on_gpu: bool) -> dict[str, float]:
-    """Peak memory of the trial since its warm-up: on a GPU the most allocated at once (graphs' captures included,
-    so eager and graphed trials compare) as peak_memory_mb, and the most the allocator reserved (what neighbours
-    on a shared GPU could not use) as peak_reserved_mb; on CPU the process's peak RSS."""
-    if on_gpu:
-        import torch
-
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-    import resource
-
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
