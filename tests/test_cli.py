@@ -16,7 +16,6 @@ from tests.conftest import REPO
 from tune_app.cli import main
 
 
-
 def _python(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,

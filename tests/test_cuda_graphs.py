@@ -89,7 +89,8 @@ def test_an_out_of_memory_error_behind_a_capture_failure_is_found():
         try:
             raise oom
         except torch.OutOfMemoryError:
-            raise RuntimeError("operation failed due to a previous error during capture")
+            # The implicit __context__ (no `from`) is what a failed capture leaves: the point of this test.
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
     except RuntimeError as capture_error:
         assert _out_of_memory(capture_error) is oom
     assert _out_of_memory(RuntimeError("operation not permitted when stream is capturing")) is None

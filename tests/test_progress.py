@@ -26,7 +26,8 @@ def test_a_trial_that_just_ended_counts_as_done_or_failed():
     assert lines == [
         "m a1 epoch 1: f1=0.5000 | running 2, done 0, failed 0, pending 0 of 2 | best f1: m 0.5000",
         "m a1 finished | running 1, done 1, failed 0, pending 0 of 2 | best f1: m 0.5000",
-        "m b2 FAILED (traceback in the run directory) | running 0, done 1, failed 1, pending 0 of 2 | best f1: m 0.5000",
+        "m b2 FAILED (traceback in the run directory) | running 0, done 1, failed 1, pending 0 of 2 "
+        "| best f1: m 0.5000",
     ]
 
 

@@ -8,8 +8,18 @@ import pytest
 from transformers import AutoConfig, LlamaConfig, RobertaConfig
 
 from tune_app.spec.config import ModelConfig
-from tune_app.study.resources import (GIB, GPU_MEMORY_ENV, auto_estimate, estimate_trial_memory, gpu_memory_bytes,
-                                      gpu_share, lora_parameters, padded_length, share_for, trials_per_gpu)
+from tune_app.study.resources import (
+    GIB,
+    GPU_MEMORY_ENV,
+    auto_estimate,
+    estimate_trial_memory,
+    gpu_memory_bytes,
+    gpu_share,
+    lora_parameters,
+    padded_length,
+    share_for,
+    trials_per_gpu,
+)
 from tune_app.train.precision import checkpoint_dtype, count_parameters, weights_dtype
 
 ROBERTA_LARGE = RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

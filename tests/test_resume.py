@@ -24,7 +24,6 @@ from tune_app import cli
 from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS
 
 
-
 class StudyProcess:
     """`python -m tune_app ...` in its own process group (its local Ray cluster too), output read line by line."""
 
@@ -33,7 +32,7 @@ class StudyProcess:
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
 
-    def __enter__(self) -> "StudyProcess":
+    def __enter__(self) -> StudyProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "tune_app", *self.args], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "WANDB_MODE": "disabled", **(self.env or {})})

@@ -84,7 +84,8 @@ def test_searched_keeps_only_distributions():
     ("batch_size", 8.5, "must be an integer, got 8.5"),
     ("learning_rate", float("inf"), "must be finite, got inf"),
     # Integer knobs: a float distribution would train int(19.37) and record 19.37 in best_config.yaml.
-    ("lora_rank", {"uniform": [4, 32]}, "lora_rank takes integers, and uniform draws fractions: use {int: [low, high]}"),
+    ("lora_rank", {"uniform": [4, 32]},
+     "lora_rank takes integers, and uniform draws fractions: use {int: [low, high]}"),
     ("batch_size", {"loguniform": [4, 64]}, "batch_size takes integers, and loguniform draws fractions"),
     ("learning_rate", {"loguniform": ["1e-5", 1.0e-3]},
      "loguniform bound '1e-5': must be a number, got the text '1e-5' (YAML reads 1e-5 as text: write 1.0e-5)"),

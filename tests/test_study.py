@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tune_app.spec import config, rundir, space
 from tune_app.cli import main
+from tune_app.spec import config, rundir, space
 
 EPOCHS = 3
 FAKE_API_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # the 40-character form of a W&B key

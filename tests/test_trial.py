@@ -14,8 +14,15 @@ import torch
 from tune_app.spec.rundir import STATE_FILE
 from tune_app.spec.space import HYPERPARAMETERS
 from tune_app.train import memory as base_cache
-from tune_app.train.batching import (CPU_INFERENCE_ROWS, IGNORE_INDEX, bucket_widths, collate, inference_batches,
-                                     length_grouped_batches, padded_width)
+from tune_app.train.batching import (
+    CPU_INFERENCE_ROWS,
+    IGNORE_INDEX,
+    bucket_widths,
+    collate,
+    inference_batches,
+    length_grouped_batches,
+    padded_width,
+)
 from tune_app.train.evaluation import predict_logits
 from tune_app.train.memory import OOM_TEST_ENV
 from tune_app.train.model import ModelSpec, build_model, trial_base
