@@ -595,6 +595,9 @@ class _Trial:
     checkpoint: str | None = None
     setup: dict[str, Any] = field(default_factory=dict)
     """Its setup's timings, as a solo trial reports them (the base loads once, for the pack's first trial)."""
+    joined: float = 0.0
+    first_step_s: float | None = None
+    """From its join call to the end of its first packed step: a trial joining a running pack loads nothing."""
     epochs_done: int = 0
     started: float = 0.0
     train_seconds: float = 0.0
@@ -617,6 +620,20 @@ class PackServer:
         self.trials: dict[str, _Trial] = {}
         self.pack: Pack | None = None
         self.thread: threading.Thread | None = None
+        self.callers = 0
+        """Trials' calls waiting for the lock: the training thread lets them in between two steps."""
+        self._callers_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """The lock, for a trial's call: the training thread, which would take it again at once after every step
+        (a lock is not fair), waits for such calls between its steps, so a joining trial steps within a step."""
+        with self._callers_lock:
+            self.callers += 1
+        with self.cond:
+            with self._callers_lock:
+                self.callers -= 1
+            yield
 
     # ----------------------------------------------------------------------------------------- called by trials
 
@@ -629,15 +646,17 @@ class PackServer:
         from tune_app.spec.space import HYPERPARAMETERS
 
         t0 = time.perf_counter()
-        with self.cond:
+        running = self.pack is not None  # read without the lock: only a pack being loaded can change it
+        with self._turn():
             loaded = self.pack is None
             if loaded:
                 self._load()
             t_load = time.perf_counter()
             slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS}, self.ctx.seed)
-            trial = self.trials[trial_id] = _Trial(started=time.perf_counter())
+            trial = self.trials[trial_id] = _Trial(started=time.perf_counter(), joined=t0)
             trial.setup = dict(setup_time_s=trial.started - t0, imports_s=0.0, data_fetch_s=0.0,
-                               model_load_s=t_load - t0 if loaded else 0.0, base_reused=not loaded, compile_time_s=0.0)
+                               model_load_s=t_load - t0 if loaded else 0.0, base_reused=not loaded, compile_time_s=0.0,
+                               joined_running_pack=running)
             start_epoch = 0
             if resume_dir:
                 self.pack.load(trial_id, resume_dir)
@@ -661,7 +680,7 @@ class PackServer:
         goes on (Tune took the previous report), so a paused trial trains its next epoch."""
         import time
 
-        with self.cond:
+        with self._turn():
             trial = self.trials.get(trial_id)
             if trial is None:
                 return {"error": f"trial {trial_id} is not in this pack (dropped after {self.LEASE_S:.0f} s without "
@@ -681,7 +700,7 @@ class PackServer:
 
     def leave(self, trial_id: str) -> None:
         """A trial ends (stopped by Tune, or failed in its own process): its slot is free."""
-        with self.cond:
+        with self._turn():
             trial = self.trials.pop(trial_id, None)
             if trial is not None:
                 self._discard_checkpoint(trial)
@@ -690,7 +709,7 @@ class PackServer:
             self.cond.notify_all()
 
     def stats(self) -> dict[str, Any]:
-        with self.cond:
+        with self._turn():
             return {"trials": len(self.trials), "slots": len(self.pack.slots) if self.pack else 0}
 
     # ----------------------------------------------------------------------------------------- the training thread
@@ -742,7 +761,12 @@ class PackServer:
                     self.pack.step(active)
                 except Exception:  # noqa: BLE001 - sorted out trial by trial below
                     self._step_alone(active)
-            time.sleep(0)  # let trials' calls take the lock between steps
+                now = time.perf_counter()
+                for slot in active:
+                    if (trial := self.trials.get(slot.name)) is not None and trial.first_step_s is None:
+                        trial.first_step_s = now - trial.joined
+                while self.callers:  # trials' calls first (wait releases the lock to them)
+                    self.cond.wait(timeout=0.01)
 
     def _step_alone(self, slots: list[Slot]) -> None:
         """A packed step raised: each trial's effective batch again from its start, each trial on its own; a trial
@@ -796,7 +820,8 @@ class PackServer:
                        train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
                        micro_batch_size=slot.batch_size, autocast=self.pack.precision, compiled=False,
                        compiled_graphs=0, cuda_graphs=0, device=self.device.type, threads=torch.get_num_threads(),
-                       packed_trials=len(self.pack.slots), **peak_memory_mb(self.device.type == "cuda"))
+                       packed_trials=len(self.pack.slots), first_step_s=trial.first_step_s,
+                       **peak_memory_mb(self.device.type == "cuda"))
         folder = tempfile.mkdtemp(prefix="tune_app-pack-")
         self.pack.save(name, folder)
         torch.save({"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
