@@ -254,10 +254,61 @@ def trial_clock():
     return TrialClock()
 
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+"""Dense bf16 tensor-core peak by GPU name (for the MFU estimate); other devices get no estimate."""
+
+
+def mfu(samples_per_s: float, folder: str, tokens_per_sample: float) -> float | None:
+    """Model FLOP utilisation of LoRA training over a frozen base: about 4 x parameters x tokens per sample (forward,
+    and the backward to the activations; the frozen weights get no gradient) over the GPU's bf16 peak."""
+    import torch
+    from transformers import AutoConfig
+
+    from tune_app.train.precision import count_parameters
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    if peak is None:
+        return None
+    return samples_per_s * 4 * count_parameters(AutoConfig.from_pretrained(folder)) * tokens_per_sample / peak
+
+
+class WorkerMemory:
+    """The peak of the summed resident memory of Ray's worker processes (`ray::...`: trials, packs, the logging
+    actor), sampled every 0.5 s while a study runs."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            total = 0
+            for proc in psutil.process_iter(["name", "memory_info"]):
+                if (proc.info["name"] or "").startswith("ray::") and proc.info["memory_info"] is not None:
+                    total += proc.info["memory_info"].rss
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
           limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
-          compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto") -> dict:
-    """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use."""
+          compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto", pack: str = "off") -> dict:
+    """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use, and the
+    peak resident memory of Ray's worker processes (trials, and packs under tune.pack)."""
     import yaml
 
     from tune_app.spec import config as config_mod
@@ -273,7 +324,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "space": HPARAMS,
         "train": {"epochs": epochs, "compile": SWITCH[compile_], "cuda_graphs": SWITCH[cuda_graphs]},
         "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False},
-                 "reuse_actors": reuse_actors},
+                 "reuse_actors": reuse_actors, "pack": int(pack) if pack.isdigit() else pack},
         "output_dir": str(workdir / "runs"), "wandb": {"mode": wandb},
     }))
     cfg = config_mod.load(yaml_path)
@@ -282,7 +333,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     clock = trial_clock()
     tuner = study_mod.build_tuner(cfg, new_run_dir(cfg), session.trainable, callbacks=(clock,))
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    with WorkerMemory() as memory:
+        grid = tuner.fit()
     t_end = time.perf_counter()
     wall = t_end - t0
     trials = []
@@ -301,7 +353,10 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
                            samples=int(len(prepared.splits.train_texts) * len(df)),
                            samples_per_s=float(df["train_samples_per_s"].mean()),
                            compiled_graphs=int(last["compiled_graphs"]), cuda_graphs=int(last["cuda_graphs"]),
-                           peak_memory_mb=float(last["peak_memory_mb"])))
+                           peak_memory_mb=float(last["peak_memory_mb"]),
+                           first_step_s=float(last["first_step_s"]) if "first_step_s" in last else None,
+                           joined_running=bool(last["joined_running_pack"]) if "joined_running_pack" in last else False,
+                           packed_trials=int(df["packed_trials"].max()) if "packed_trials" in df else 0))
     train_total = sum(t["train_time_s"] for t in trials)
     slots = min(k, n_trials)
     n = max(1, len(trials))
@@ -314,10 +369,19 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     in_trial_rest = mean("in_trial_s") - mean("setup_time_s") - mean("train_time_s") - mean("eval_time_s")
     tail = sum(t_end - t["done"] for t in sorted(trials, key=lambda t: t["done"])[-slots:]) / n
     between = overhead - mean("setup_time_s") - in_trial_rest - tail
-    return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall,
+    tokens = float(next(iter(prepared.tokenized.values())).train.lengths.mean())
+    samples_per_s = sum(t["samples"] for t in trials) / wall
+    first_steps = [t["first_step_s"] for t in trials if t["first_step_s"] is not None]
+    joiners = [t["first_step_s"] for t in trials if t["first_step_s"] is not None and t["joined_running"]]
+    return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall, pack=pack,
+                mfu=mfu(samples_per_s, folder, tokens), tokens_per_sample=tokens,
+                first_step_s=max(first_steps, default=None),
+                first_step_after_the_first_s=max(joiners, default=None),
+                packed_trials=max((t["packed_trials"] for t in trials), default=0),
+                workers_peak_rss_mb=memory.peak_mb,
                 gpu_share=resources[name]["gpu"], cpus_per_trial=resources[name]["cpu"],
                 reuse_actors=cfg.tune.reuse_actors, wandb=cfg.wandb.mode,
-                samples_per_s=sum(t["samples"] for t in trials) / wall, utilisation=train_total / (wall * slots),
+                samples_per_s=samples_per_s, utilisation=train_total / (wall * slots),
                 overhead_per_trial_s=overhead, setup_per_trial_s=mean("setup_time_s"),
                 imports_per_trial_s=mean("imports_s"), model_load_per_trial_s=mean("model_load_s"),
                 bases_reused=sum(t["base_reused"] for t in trials), compile_per_trial_s=mean("compile_time_s"),
@@ -351,7 +415,13 @@ def table(results: dict) -> str:
                         f"setup {p['setup_time_s']:.1f}s (model load {p['model_load_s']:.2f}s, reused base "
                         f"{p['model_load_reused_s']:.2f}s), threads {p['threads']}")
             else:
-                note = (f"k={p['k']}, {p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
+                mfu_text = f"MFU {p['mfu']:.3f}, " if p.get("mfu") is not None else ""
+                first = p.get("first_step_after_the_first_s")
+                first_text = f"a trial joining a running pack: first step within {first:.2f}s, " \
+                    if first is not None else ""
+                note = (f"k={p['k']}, pack {p.get('pack', 'off')} ({p.get('packed_trials', 0)} per pack at most), "
+                        f"{mfu_text}{first_text}workers' peak RSS {p.get('workers_peak_rss_mb', 0):.0f} MB, "
+                        f"{p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "
                         f"incl. imports {p['imports_per_trial_s']:.1f}, model load {p['model_load_per_trial_s']:.1f} "
                         f"({p['bases_reused']} of {p['trials']} reused) and compile/capture "
@@ -382,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", choices=("disabled", "offline"), default="disabled",
                     help="study's wandb.mode (offline: tune_app's default, one W&B run per trial)")
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
+    ap.add_argument("--pack", default="off", help="study's tune.pack: off, auto or N trials per pack")
     ap.add_argument("--compile", choices=tuple(SWITCH), default="auto", help="trials' train.compile")
     ap.add_argument("--cuda-graphs", choices=tuple(SWITCH), default="auto", help="trials' train.cuda_graphs")
     ap.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
@@ -428,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.cpus_per_trial or max(1, cores // k), args.max_length, args.limit,
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
                                     reuse_actors=args.reuse_actors == "on", wandb=args.wandb,
-                                    compile_=args.compile, cuda_graphs=args.cuda_graphs, dtype=args.dtype)
+                                    compile_=args.compile, cuda_graphs=args.cuda_graphs, dtype=args.dtype,
+                                    pack=args.pack)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
                 import traceback
 
