@@ -95,13 +95,13 @@ def take(key: Hashable, load: Callable[[], Any]) -> Lease:
     if kept is not None:
         kept._replaced = []
     if kept is not None and kept.key == key:
-        _set_random_state(kept.random_state)
+        set_random_state(kept.random_state)
         kept.reused = True
         return kept
     del kept
     release_memory()
     base = load()
-    return Lease(key, base, _random_state())
+    return Lease(key, base, random_state())
 
 
 def clear() -> None:
@@ -139,13 +139,15 @@ def strip_adapter(model) -> None:
     model.__dict__.pop("peft_config", None)
 
 
-def _random_state() -> tuple:
+def random_state() -> tuple:
+    """The process's random state: the CPU generator's and every CUDA device's."""
     import torch
 
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def _set_random_state(state: tuple) -> None:
+def set_random_state(state: tuple) -> None:
+    """Set what `random_state` returned."""
     import torch
 
     cpu, cuda = state

@@ -36,7 +36,7 @@ import numpy as np
 from tune_app.spec.families import modules_to_save
 from tune_app.spec.space import resolve_alpha
 from tune_app.train.batching import IGNORE_INDEX, collate, length_grouped_batches
-from tune_app.train.memory import peak_memory_mb
+from tune_app.train.memory import peak_memory_mb, random_state, set_random_state
 from tune_app.train.tokens import TokenizedSplit, fetch
 
 ATTENTION = "tune_app_packed"
@@ -92,7 +92,7 @@ class Slot:
     labels: np.ndarray
     """The training split's labels (a batch's summed class weight is taken on the host, as the solo step does)."""
     random_state: Any
-    """The trial's own CPU random stream (torch.get_rng_state form): its dropout draws, as in its solo run."""
+    """The trial's own random streams (CPU and CUDA, `memory.random_state`): its dropout draws, as in its solo run."""
     trainable: list = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
@@ -111,16 +111,14 @@ class Slot:
 
     @contextlib.contextmanager
     def random(self):
-        """Run with this trial's random stream as the process's (swapped in, and its advance kept)."""
-        import torch
-
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self.random_state)
+        """Run with this trial's random streams as the process's (swapped in, and their advance kept)."""
+        saved = random_state()
+        set_random_state(self.random_state)
         try:
             yield
         finally:
-            self.random_state = torch.get_rng_state()
-            torch.set_rng_state(saved)
+            self.random_state = random_state()
+            set_random_state(saved)
 
     def start_epoch(self, train: TokenizedSplit, epoch: int, device=None) -> None:
         """The epoch's batches, drawn as the solo trial draws them (seed and epoch), and a fresh loss sum."""
@@ -185,7 +183,7 @@ class Pack:
         self.model = None
         """The PeftModel holding every trial's adapter (None while the pack is empty)."""
         self.slots: dict[str, Slot] = {}
-        self.random_state = torch.get_rng_state()
+        self.random_state = random_state()
         """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
         self._attention_dropout = _attention_dropout(base.model.config)
 
@@ -209,13 +207,13 @@ class Pack:
             lora_dropout=float(params["lora_dropout"]), bias="none", use_rslora=bool(params["use_rslora"]),
             target_modules=targets, fan_in_fan_out=bool(family and family.fan_in_fan_out),
             modules_to_save=modules_to_save(family, self.base.loading))
-        torch.set_rng_state(self.random_state)
+        set_random_state(self.random_state)
         if self.model is None:
             self.model = get_peft_model(self.base.model, lora, adapter_name=name)
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
-        slot = Slot(name, params, seed, self.train.labels, torch.get_rng_state())
+        slot = Slot(name, params, seed, self.train.labels, random_state())
         self.slots[name] = slot
         self._mark_trainable()
         slot.trainable = [p for n, p in self.model.named_parameters() if _owned_by(n, name)]
