@@ -89,6 +89,22 @@ def test_packing_respects_memory_and_cores():
     assert trials_per_gpu(llama, 80 * 10**9, cpus_per_gpu=16, cpus_per_trial=1) in (3, 4)
 
 
+def test_packed_trials_plan_memory_for_one_base_and_k_adapters():
+    """tune.pack: one copy of the base and one process per GPU, plus each trial's adapter and activations: on an
+    80 GB GPU, a 7B model's packed trials are as many as fit that sum, over four times the unpacked count."""
+    llama = estimate_trial_memory(LLAMA_7B, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
+                                  weights_bytes=2, activation_bytes=2)
+    usable = 0.9 * 80 * 10**9
+    alone = trials_per_gpu(llama, 80 * 10**9, cpus_per_gpu=None, cpus_per_trial=1)
+    packed = trials_per_gpu(llama, 80 * 10**9, cpus_per_gpu=None, cpus_per_trial=1, packed=True)
+    assert alone * llama.total <= usable < (alone + 1) * llama.total
+    per_trial = llama.trainable + llama.activations
+    assert llama.weights + llama.overhead + packed * per_trial <= usable < llama.weights + llama.overhead + (
+        packed + 1) * per_trial
+    assert packed > 4 * alone
+    assert trials_per_gpu(llama, 80 * 10**9, cpus_per_gpu=4, cpus_per_trial=1, packed=True) == 4  # cores still cap
+
+
 def test_explicit_fractions_are_honoured_and_auto_packs():
     est = estimate_trial_memory(ROBERTA_LARGE, batch_size=8, seq_len=64, lora_rank=8, preset="attention_qv",
                                 weights_bytes=4, activation_bytes=2)

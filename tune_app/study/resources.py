@@ -132,9 +132,15 @@ def gpu_memory_bytes() -> int:
     return int(DEFAULT_GPU_MEMORY_GB * 1e9)
 
 
-def trials_per_gpu(estimate: MemoryEstimate, gpu_memory: int, cpus_per_gpu: float | None, cpus_per_trial: int) -> int:
-    """How many trials share one GPU: as many as fit its usable memory, no more than its CPU cores can run."""
+def trials_per_gpu(estimate: MemoryEstimate, gpu_memory: int, cpus_per_gpu: float | None, cpus_per_trial: int,
+                   *, packed: bool = False) -> int:
+    """How many trials share one GPU: as many as fit its usable memory, no more than its CPU cores can run. Packed
+    (tune.pack), the trials share one process and one copy of the base: one base's weights and one process's
+    overhead, plus each trial's adapter, optimizer and activations."""
     by_memory = int(USABLE_MEMORY * gpu_memory // estimate.total)
+    if packed:
+        shared = estimate.weights + estimate.cast_weights + estimate.overhead
+        by_memory = int((USABLE_MEMORY * gpu_memory - shared) // (estimate.trainable + estimate.activations))
     by_cpu = int(cpus_per_gpu // cpus_per_trial) if cpus_per_gpu else MAX_TRIALS_PER_GPU
     return max(1, min(by_memory, by_cpu, MAX_TRIALS_PER_GPU))
 
@@ -162,7 +168,7 @@ def auto_estimate(model, space: dict[str, Any], max_length: int, longest: int | 
 
 
 def gpu_share(model, gpus_available: float, *, estimate: MemoryEstimate | None = None,
-              cpus_available: float | None = None, gpu_memory: int | None = None) -> float:
+              cpus_available: float | None = None, gpu_memory: int | None = None, packed: bool = False) -> float:
     """The model's GPU share per trial, or 0 on a cluster without GPUs (the same YAML then runs on CPU).
     `gpu: auto` needs `estimate`; without one it falls back to a whole GPU."""
     if gpus_available <= 0:
@@ -172,7 +178,7 @@ def gpu_share(model, gpus_available: float, *, estimate: MemoryEstimate | None =
     if estimate is None:
         return 1.0
     cpus_per_gpu = cpus_available / gpus_available if cpus_available else None
-    n = trials_per_gpu(estimate, gpu_memory or gpu_memory_bytes(), cpus_per_gpu, model.cpu)
+    n = trials_per_gpu(estimate, gpu_memory or gpu_memory_bytes(), cpus_per_gpu, model.cpu, packed=packed)
     return share_for(n)
 
 
@@ -187,5 +193,5 @@ def trial_resources(cfg, gpus_available: float, *, cpus_available: float | None 
             estimate = auto_estimate(m, cfg.model_space(name), cfg.data.max_length, (longest or {}).get(name),
                                      num_labels, precision=cfg.train.precision)
         plan[name] = {"cpu": m.cpu, "gpu": gpu_share(m, gpus_available, estimate=estimate,
-                                                     cpus_available=cpus_available)}
+                                                     cpus_available=cpus_available, packed=cfg.tune.pack != "off")}
     return plan
