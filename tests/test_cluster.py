@@ -213,3 +213,60 @@ def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys
     assert "output_dir 'runs' is relative" in capsys.readouterr().out
     warn_if_lost_in_job(StudyConfig(name="x", output_dir="s3://bucket/runs"))
     assert capsys.readouterr().out == ""
+
+
+TWO_NODES = '''
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+worker = cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+try:
+    from tune_app.cli import main
+    code = main(["run", sys.argv[1], "--address", cluster.address])
+    Path(sys.argv[2]).write_text(json.dumps({"code": code, "worker": worker.node_id,
+                                             "head": cluster.head_node.node_id}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+'''
+"""A head without CPUs (as cluster.yaml's) and a worker node with 2, both on this machine (Ray's Cluster helper),
+running a study given as argv[1] from this process as its driver; argv[2] gets the exit code and the nodes' ids."""
+
+
+@pytest.mark.slow
+def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny_models, tweets_csv):
+    """tune.pack on a cluster whose head holds no CPUs: both trials Ray placed on the worker train in the worker's
+    one pack."""
+    study = {
+        "name": "two", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"},
+        "data": {"source": str(tweets_csv), "text": "text", "label": "target", "limit": 160, "max_length": 32},
+        "models": {"m": {"checkpoint": tiny_models("bert"), "cpu": 1}},
+        "space": {"lora_rank": {"choice": [2, 4]}, "learning_rate": {"loguniform": [1.0e-4, 5.0e-2]}},
+        "train": {"epochs": 1, "batch_size": 16},
+        "tune": {"num_samples": 2, "max_concurrent": 2, "pack": 2},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    (tmp_path / "two_nodes.py").write_text(TWO_NODES)
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "two_nodes.py"), str(tmp_path / "study.yaml"), str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        log, _ = proc.communicate(timeout=420)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the cluster's own processes are in this group too
+    assert proc.returncode == 0 and out.is_file(), log[-4000:]
+    nodes = json.loads(out.read_text())
+    assert nodes["code"] == 0, log[-4000:]
+    assert "packing: m: up to 2 trials per node in one process over one base" in log
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = [json.loads(path.read_text().splitlines()[-1]) for path in run_dir.glob("m_*/result.json")]
+    assert len(results) == 2
+    packs = {r["pack"] for r in results}
+    assert len(packs) == 1 and nodes["worker"][:12] in packs.pop()  # the worker's pack; the head has no CPU
+    assert max(r["packed_trials"] for r in results) == 2

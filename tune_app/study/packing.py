@@ -81,9 +81,10 @@ def start(ctx, plans: dict[str, PackPlan], resources: dict[str, dict[str, float]
             devices = [str(i) for i in range(int(offered.get("GPU", 0)))] if p.on_gpu else ["cpu"]
             threads = max(1, int(min(offered.get("CPU", 1), need["cpu"] * p.per_device) // len(devices)))
             for device in devices:
+                name = pack_name(prefix, node["NodeID"], device)
                 handles.append(server.options(
-                    name=pack_name(prefix, node["NodeID"], device), num_cpus=0, num_gpus=0, max_concurrency=256,
+                    name=name, num_cpus=0, num_gpus=0, max_concurrency=256,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                ).remote(ctx, model, device, threads))
+                ).remote(ctx, model, device, threads, name))
         ctx.packs[model] = prefix
     return handles

@@ -612,8 +612,8 @@ class PackServer:
 
     LEASE_S = 600.0
 
-    def __init__(self, ctx, model: str, device: str, threads: int):
-        self.ctx, self.model_name, self.device_id, self.threads = ctx, model, device, threads
+    def __init__(self, ctx, model: str, device: str, threads: int, name: str = ""):
+        self.ctx, self.model_name, self.device_id, self.threads, self.name = ctx, model, device, threads, name
         self.cond = threading.Condition()
         self.trials: dict[str, _Trial] = {}
         self.pack: Pack | None = None
@@ -818,7 +818,7 @@ class PackServer:
                        train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
                        micro_batch_size=slot.batch_size, autocast=self.pack.precision, compiled=False,
                        compiled_graphs=0, cuda_graphs=0, device=self.device.type, threads=torch.get_num_threads(),
-                       packed_trials=len(self.pack.slots), first_step_s=trial.first_step_s,
+                       packed_trials=len(self.pack.slots), pack=self.name, first_step_s=trial.first_step_s,
                        **peak_memory_mb(self.device.type == "cuda"))
         folder = tempfile.mkdtemp(prefix="tune_app-pack-")
         self.pack.save(name, folder)
