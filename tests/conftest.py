@@ -60,7 +60,9 @@ def ray_session():
     from tune_app.study.cluster import trial_env_vars
 
     if not ray.is_initialized():  # trials get the environment a real run gives them
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a Ray of its own, never a cluster another process runs on this machine (ray.init would
+        # join the last one `ray start` or Ray's Cluster helper started, and refuse num_cpus for it).
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level="WARNING", runtime_env={"env_vars": trial_env_vars()})
     yield ray
     # Shut down at session end only: every test shares this one Ray.
