@@ -116,13 +116,24 @@ def test_run_with_target_modules_that_match_nothing_stops_before_ray(study, tmp_
 
 
 def test_a_local_run_whose_trial_this_machine_cannot_hold_stops_and_writes_nothing(study, tmp_path):
-    """More cores per trial than this machine offers: a local Ray would wait for a node forever. Once Ray says
-    what it has, run stops with exit 2 naming the key, before the run directory is made."""
-    done = _python("-m", "tune_app", "run", str(study), "models.minilm.cpu=999", cwd=tmp_path, timeout=240)
-    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    """More cores per trial than this machine has: a local Ray would wait for a node forever. A run without a
+    cluster address stops with exit 2 naming the key, before Ray starts or the run directory is made."""
+    done = _python("-c", RUN_BEFORE_RAY, "run", str(study), "models.minilm.cpu=999", cwd=tmp_path, timeout=240)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"rc": 2, "ray": False, "torch": False}, done.stderr
     assert "Traceback" not in done.stderr
-    assert "models.minilm.cpu: one trial needs 999 CPU, but this machine offers Ray" in done.stderr, done.stderr
+    assert "models.minilm.cpu: one trial needs 999 cores, but this machine has" in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ray_itself_still_refuses_a_trial_no_node_holds(ray_session, monkeypatch):
+    """The check Ray's own view makes once it runs (cgroup limits included): still there behind the early one."""
+    from tune_app.errors import ConfigError
+    from tune_app.study import cluster
+
+    monkeypatch.setattr(cluster._connection, "local", True)
+    with pytest.raises(ConfigError, match="one trial needs 999 CPU, but this machine offers Ray"):
+        cluster.check_trials_fit({"minilm": {"cpu": 999, "gpu": 0.0}})
 
 
 def test_run_with_a_hub_model_that_cannot_load_stops_before_ray_and_writes_nothing(study, tmp_path):

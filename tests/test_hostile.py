@@ -47,6 +47,13 @@ class Study:
         path.write_text("".join(json.dumps({"text": f"tweet {i}", "target": v}) + "\n" for i, v in enumerate(labels)))
         return str(path)
 
+    def csv_file(self, name: str, texts: list[str], labels: list) -> str:
+        import pandas as pd
+
+        path = self.root / name
+        pd.DataFrame({"text": texts, "target": labels}).to_csv(path, index=False)
+        return str(path)
+
     def snapshot(self) -> dict[str, str]:
         """Every file under the study's folder with a hash of its content (folders too, as '<dir>')."""
         found = {}
@@ -124,8 +131,47 @@ CASES = {
         ["no-weights' has a config.json but no weights (", "every trial would fail loading it"]),
 }
 
+CASES.update({
+    # output folders nothing can be made in (root may 'write' /proc, so an access check alone lets it through)
+    "output_dir under /proc": (lambda s: ["output_dir=/proc/runs"], 2,
+                               ["output_dir: '/proc/runs' cannot be made: '/proc' is on a virtual filesystem"]),
+    "output_dir /proc itself": (lambda s: ["output_dir=/proc"], 2,
+                                ["output_dir: '/proc' is on a virtual filesystem (no storage, like /proc or /sys)"]),
+    # a JSON file that holds no rows
+    "json holding a string": (lambda s: [f"data.source={_write(s, 'one.json', chr(34) + 'hello' + chr(34))}"], 2,
+                              ["data.source: cannot read", "holds a single JSON str, not rows"]),
+})
+
+# Found only where the study loads its data and models (run, before Ray starts): the split, the tokenized rows,
+# this machine's cores.
+RUN_CASES = {
+    "more cores per trial than this machine has": (lambda s: ["models.m.cpu=999"], 2,
+                                                   ["models.m.cpu: one trial needs 999 cores, but this machine has"]),
+    "rows longer than the model's positions": (
+        lambda s: [f"data.source={s.csv_file('long.csv', ['word ' * 700] * 20, [0, 1] * 10)}",
+                   "data.max_length=1000"], 2,
+        ["data.max_length: 1000 lets rows of", "tokens through, but model m", "has positions for 512 tokens; set "
+         "data.max_length=512 or less"]),
+    "a class with no training row": (
+        lambda s: [f"data.source={s.csv_file('few.csv', ['a b', 'c d', 'e f', 'g h'], ['x', 'x', 'x', 'y'])}",
+                   "data.val_size=0.25", "data.split_seed=2"], 2,
+        ["data.label: class(es) ['y'] have no training row in the split (val_size=0.25, split_seed=2) of 4 row(s)"]),
+    "a class with no validation row": (
+        lambda s: [f"data.source={s.csv_file('few.csv', ['a b', 'c d', 'e f', 'g h'], ['x', 'x', 'x', 'y'])}",
+                   "data.val_size=0.25", "data.split_seed=0"], 2,
+        ["data.label: class(es) ['y'] have no validation row", "every class needs rows in both splits"]),
+}
+
+
+def _write(s: Study, name: str, text: str) -> str:
+    (s.root / name).write_text(text)
+    return str(s.root / name)
+
+
 if not Path("/dev/null").exists() or Path("/dev/null").is_file():  # pragma: no cover - not a POSIX machine
     del CASES["source /dev/null"]
+if not Path("/proc").is_dir() or not hasattr(os, "statvfs"):  # pragma: no cover - not Linux
+    del CASES["output_dir under /proc"], CASES["output_dir /proc itself"]
 
 
 @pytest.mark.parametrize("verb", ["validate", "run"])
@@ -144,6 +190,61 @@ def test_hostile_input_is_refused_cleanly(study, capsys, verb, build, code, phra
     assert not study.output_dir.exists()
     if not ray_before:  # run refused before importing Ray (where no earlier test imported it)
         assert "ray" not in sys.modules
+
+
+@pytest.mark.parametrize("build, code, phrases", RUN_CASES.values(), ids=RUN_CASES.keys())
+def test_hostile_input_found_loading_the_study_is_refused_before_ray(study, capsys, build, code, phrases):
+    overrides = build(study)
+    before = study.snapshot()
+    ray_before = "ray" in sys.modules
+    rc = main(["run", str(study.yaml), *overrides])
+    out, err = capsys.readouterr()
+    assert rc == code, f"expected exit {code}, got {rc}; stdout={out!r} stderr={err!r}"
+    assert "Traceback" not in out and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, f"{phrase!r} not in {err!r}"
+    assert study.snapshot() == before  # nothing made, nothing changed
+    assert not study.output_dir.exists()
+    if not ray_before:
+        assert "ray" not in sys.modules
+
+
+def test_json_in_any_layout_pandas_writes_is_read_as_its_rows(study, capsys):
+    """DataFrame.to_json()'s default layout (by columns) was read as ONE row; now every layout pandas writes is
+    read as the rows it holds."""
+    import pandas as pd
+
+    from tune_app.spec.config import DataConfig
+    from tune_app.spec.data import load_splits, read_local
+
+    frame = pd.read_csv(study.csv)
+    for orient in ("columns", "records", "split", "index-lines"):
+        path = study.root / f"{orient}.json"
+        path.write_text(frame.to_json(orient="records", lines=True) if orient == "index-lines" else
+                        frame.to_json(orient=orient))
+        read = read_local(path)
+        assert len(read) == len(frame) and list(read["text"]) == list(frame["text"]), orient
+    assert main(["validate", str(study.yaml), f"data.source={study.root / 'columns.json'}"]) == 0
+    splits = load_splits(DataConfig(source=str(study.root / "columns.json"), label="target"))
+    assert len(splits.train_texts) + len(splits.val_texts) == len(frame)
+
+
+def test_a_decoder_tokenizer_whose_pad_lies_past_the_embeddings_pads_with_eos(tiny_models):
+    """transformers 5's Qwen2Tokenizer adds <|endoftext|> as a NEW pad token when the files name none: its id is
+    past the model's embeddings (IndexError in every trial). A decoder family then pads with eos."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tune_app.spec.families import FAMILIES, prepare_tokenizer
+
+    folder = tiny_models("qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = AutoConfig.from_pretrained(folder).vocab_size
+    tokenizer.add_special_tokens({"pad_token": "<|added-pad|>"})
+    assert tokenizer.pad_token_id >= vocab_size  # as the Qwen2 tokenizer leaves it
+    pad = prepare_tokenizer(tokenizer, FAMILIES["qwen2"], vocab_size)
+    assert pad == tokenizer.eos_token_id < vocab_size
+    kept = AutoTokenizer.from_pretrained(tiny_models("bert"))  # an encoder's own pad stays
+    assert prepare_tokenizer(kept, FAMILIES["bert"], 10**6) == kept.pad_token_id
 
 
 # 1. an unexpected exception: one line naming the traceback's file, exit 1

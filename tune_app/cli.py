@@ -69,6 +69,11 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args)  # every check before Ray starts or anything is written
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # Ray on this machine: its cores are all there is
+        from tune_app.spec.machine import cores_problems
+
+        if problems := cores_problems(cfg.models):
+            raise ConfigError(problems)
     _print_notes(cfg)
     from tune_app.study.cluster import disconnect_ray
     from tune_app.study.runner import run_study

@@ -211,7 +211,8 @@ def write_tokenizer(sel: Selection, out: Path) -> None:
     load = hub_options(model)
     path = resolve_checkpoint(model.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(path, **load)
-    prepare_tokenizer(tokenizer, FAMILIES.get(AutoConfig.from_pretrained(path, **load).model_type))
+    hf_config = AutoConfig.from_pretrained(path, **load)
+    prepare_tokenizer(tokenizer, FAMILIES.get(hf_config.model_type), getattr(hf_config, "vocab_size", None))
     tokenizer.save_pretrained(str(out))
 
 

@@ -7,6 +7,7 @@ at module level.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -35,9 +36,34 @@ def read_local(path: str | os.PathLike) -> pd.DataFrame:
     if fmt == "parquet":
         return pd.read_parquet(p)
     if fmt == "json":
-        lines = p.suffix.lower() == ".jsonl" or p.read_text(encoding="utf-8")[:1] != "["
-        return pd.read_json(p, lines=lines)
+        return _read_json(p)
     raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
+
+
+def _read_json(p: Path) -> pd.DataFrame:
+    """Rows from a .json/.jsonl file in any layout pandas writes: JSON lines, a list of records, or a table by
+    columns (`DataFrame.to_json()`'s default: {"text": {"0": ...}}) or split ({"columns", "index", "data"})."""
+    import io
+
+    import pandas as pd
+
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".jsonl":
+        return pd.read_json(io.StringIO(text), lines=True)
+    try:
+        parsed = json.loads(text)
+    except ValueError:  # several JSON values: JSON lines in a .json file
+        return pd.read_json(io.StringIO(text), lines=True)
+    if isinstance(parsed, dict) and {"columns", "data"} <= parsed.keys():
+        return pd.read_json(io.StringIO(text), orient="split")
+    if isinstance(parsed, dict) and parsed and all(isinstance(v, (dict, list)) for v in parsed.values()):
+        return pd.read_json(io.StringIO(text), orient="columns")
+    if isinstance(parsed, dict):  # one JSON line: one row
+        return pd.read_json(io.StringIO(text), lines=True)
+    if isinstance(parsed, list):
+        return pd.read_json(io.StringIO(text))
+    raise DataError(f"{p}: holds a single JSON {type(parsed).__name__}, not rows; write a list of records, JSON "
+                    f"lines, or a table as pandas writes it (DataFrame.to_json)")
 
 
 def _label_kind(value: Any) -> str:
@@ -254,6 +280,21 @@ def _refuse_mixed_labels(frame: pd.DataFrame, data: DataConfig, where: str) -> N
         raise DataError(f"data.label: column {data.label!r} of {where!r} {why}")
 
 
+def _refuse_empty_classes(order: list[Any], train: np.ndarray, val: np.ndarray, data: DataConfig) -> None:
+    """Every class needs training rows (it is never learned otherwise: its class weight would be 0) and, in the
+    split tune_app draws itself, validation rows (its F1 would be scored on nothing)."""
+    for split, labels in (("training", train), ("validation", val)):
+        if split == "validation" and data.validation is not None:
+            continue  # the user's own validation file: what it holds is theirs to choose
+        empty = [order[i] for i, n in enumerate(np.bincount(labels, minlength=len(order))) if n == 0]
+        if empty:
+            drawn = (f"data.source's {len(train)} row(s)" if data.validation is not None else
+                     f"the split (val_size={data.val_size}, split_seed={data.split_seed}) of "
+                     f"{len(train) + len(val)} row(s)")
+            raise DataError(f"data.label: class(es) {empty} have no {split} row in {drawn}; every class needs rows "
+                            f"in both splits: use more rows (data.limit), another data.val_size, or drop the class")
+
+
 def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Splits:
     """Load, limit, split and map labels exactly as the study YAML says."""
     import datasets
@@ -281,6 +322,8 @@ def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Split
         raise DataError(f"data.label: labels {unseen} are not among the known labels {order}")
     train_labels = np.array([index[v] for v in train[data.label]], dtype=np.int64)
     val_labels = np.array([index[v] for v in val[data.label]], dtype=np.int64)
+    if not label_order:
+        _refuse_empty_classes(order, train_labels, val_labels, data)
     return Splits(
         train_texts=[str(t) for t in train[data.text]], train_labels=train_labels,
         val_texts=[str(t) for t in val[data.text]], val_labels=val_labels,

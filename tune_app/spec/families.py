@@ -42,6 +42,10 @@ class Family:
     on either side, and right padding keeps position ids of real tokens unchanged."""
     fan_in_fan_out: bool = False
     """Target layers store weights as (in, out) (GPT-2's Conv1D), which LoRA must be told."""
+    positions: tuple[str, int] | None = ("max_position_embeddings", 0)
+    """Learned absolute positions: the config key of their count and how many of them real tokens cannot use
+    (RoBERTa's start at padding_idx + 1); a batch longer than what is left fails. None: rotary or relative
+    positions, no such limit."""
     prepared_mask: bool = True
     """The model takes a ready 4D additive attention mask as it is (transformers' masking_utils). Training hands it
     one (`train.model.attention_bias`): from a 2D mask, transformers first asks whether the batch has any padding at
@@ -61,7 +65,7 @@ _BERT_LIKE = dict(
     mlp=("intermediate.dense", "output.dense"),
 )
 _LLAMA_LIKE = dict(
-    decoder=True, layers=r".*layers\.\d+", pad="eos",
+    decoder=True, layers=r".*layers\.\d+", pad="eos", positions=None,
     attention_qv=("self_attn.q_proj", "self_attn.v_proj"),
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), head=("score",),
@@ -71,29 +75,40 @@ FAMILIES: dict[str, Family] = {
     # BERT: the pooler is pretrained (NSP) in BERT checkpoints; if one lacks it, build_model saves it too.
     "bert": Family(**_BERT_LIKE, head=("classifier",)),
     # RoBERTa's head is classifier.dense + classifier.out_proj (no pooler).
-    "roberta": Family(**_BERT_LIKE, head=("classifier",)),
-    "xlm-roberta": Family(**_BERT_LIKE, head=("classifier",)),
+    "roberta": Family(**_BERT_LIKE, head=("classifier",), positions=("max_position_embeddings", 2)),
+    "xlm-roberta": Family(**_BERT_LIKE, head=("classifier",), positions=("max_position_embeddings", 2)),
     # DeBERTa-v2/v3: a fresh ContextPooler (pooler.dense) sits before the classifier.
     "deberta-v2": Family(
         decoder=False, layers=r".*encoder\.layer\.\d+",
         attention_qv=("query_proj", "value_proj"),
         attention=("query_proj", "key_proj", "value_proj", "attention.output.dense"),
-        mlp=("intermediate.dense", "output.dense"), head=("pooler", "classifier"), prepared_mask=False),
+        mlp=("intermediate.dense", "output.dense"), head=("pooler", "classifier"), prepared_mask=False,
+        positions=None),  # relative attention (v3 as published: position_biased_input false)
     # DistilBERT: pre_classifier (fresh) then classifier.
     "distilbert": Family(
         decoder=False, layers=r".*transformer\.layer\.\d+",
         attention_qv=("q_lin", "v_lin"), attention=("q_lin", "k_lin", "v_lin", "out_lin"),
         mlp=("ffn.lin1", "ffn.lin2"), head=("pre_classifier", "classifier")),
-    "llama": Family(**_LLAMA_LIKE),
+    "llama": Family(**_LLAMA_LIKE),  # _LLAMA_LIKE: rotary positions
     "mistral": Family(**_LLAMA_LIKE),
     "qwen2": Family(**_LLAMA_LIKE),
     "gemma": Family(**_LLAMA_LIKE),
     # GPT-2: q, k, v are one fused Conv1D (c_attn), so attention_qv adapts all three.
     "gpt2": Family(
-        decoder=True, layers=r".*h\.\d+", pad="eos", fan_in_fan_out=True,
+        decoder=True, layers=r".*h\.\d+", pad="eos", fan_in_fan_out=True, positions=("n_positions", 0),
         attention_qv=("attn.c_attn",), attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"), head=("score",)),
 }
+
+
+def position_limit(model_type: str | None, config: dict[str, Any]) -> int | None:
+    """The most tokens a row of this checkpoint can have (learned absolute positions), from its config.json's
+    values; None when its family has no such limit or the config does not say."""
+    family = FAMILIES.get(model_type or "")
+    if family is None or family.positions is None:
+        return None
+    count = config.get(family.positions[0])
+    return int(count) - family.positions[1] if isinstance(count, int) and count > 0 else None
 
 
 def unknown_family_message(model_type: str, where: str = "models.<name>") -> str:
@@ -131,14 +146,17 @@ def local_family_problem(folder: str | Path, where: str) -> str | None:
 # ------------------------------------------------------------------------------------ tokenizer and head
 
 
-def prepare_tokenizer(tokenizer: Any, family: Family | None) -> int:
+def prepare_tokenizer(tokenizer: Any, family: Family | None, vocab_size: int | None = None) -> int:
     """Apply the family's pad policy and padding side to a tokenizer; returns the pad token id.
 
     Decoder checkpoints (Llama, Mistral, GPT-2) ship without a pad token: pad = eos, or batches > 1 fail
-    (transformers#34055). The model side (`config.pad_token_id`) must get the same id.
+    (transformers#34055). The model side (`config.pad_token_id`) must get the same id. A pad token the tokenizer
+    class adds by itself beyond the model's embeddings (`vocab_size`; transformers 5's Qwen2Tokenizer adds
+    <|endoftext|> as a new token when the files name none) would index past them: such a decoder pads with eos too.
     """
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None and (family is None or family.pad == "eos"
-                                                                              or family.decoder):
+    eos_pad = family is None or family.pad == "eos" or family.decoder
+    outside = vocab_size is not None and tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab_size
+    if (tokenizer.pad_token is None or outside) and tokenizer.eos_token is not None and eos_pad:
         tokenizer.pad_token = tokenizer.eos_token
     if family is not None:
         tokenizer.padding_side = family.padding_side

@@ -9,6 +9,16 @@ import importlib.util
 import os
 
 
+def cores_problems(models: dict) -> list[str]:
+    """A study run on this machine alone (no cluster address): trials asking for more cores than it has would wait
+    forever. One problem per model, before Ray starts (Ray's own view, which follows cgroup limits, is checked again
+    once it runs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return [f"models.{name}.cpu: one trial needs {model.cpu} cores, but this machine has {cores}; lower "
+            f"models.{name}.cpu, or run the study on a cluster that has such nodes (ray job submit, or tune-app run "
+            f"--address)" for name, model in models.items() if model.cpu > cores]
+
+
 def wandb_problems(mode: str) -> list[str]:
     """W&B logging needs the wandb package on the driver's machine, and online mode the user's own API key
     (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes). Nothing is imported and no server is asked."""

@@ -122,15 +122,18 @@ def cannot_make_folder(path: str | os.PathLike) -> str | None:
         if p.exists():
             if not p.is_dir():
                 return f"{str(path)!r} is a file, not a folder"
-            return None if os.access(p, os.W_OK | os.X_OK) else f"{str(path)!r}: this user cannot write in it"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{str(path)!r}: this user cannot write in it"
+            return f"{str(path)!r} is on a virtual filesystem (no storage, like /proc or /sys)" if _virtual(p) else None
     except OSError as e:  # a parent this user may not look into
         return f"{str(path)!r} cannot be checked ({e.strerror or e})"
     return cannot_make_file(path)
 
 
 def cannot_make_file(path: str | os.PathLike) -> str | None:
-    """Why a new file or folder `path` cannot be created here (its nearest existing parent is a file, or a place
-    this user cannot write in), or None. Missing parent folders are fine: they are made."""
+    """Why a new file or folder `path` cannot be created here (its nearest existing parent is a file, a place this
+    user cannot write in, or a virtual filesystem such as /proc, which root may 'write' but nothing can be made in),
+    or None. Missing parent folders are fine: they are made."""
     parent = Path(path).expanduser().absolute().parent
     try:
         while not parent.exists():
@@ -141,4 +144,15 @@ def cannot_make_file(path: str | os.PathLike) -> str | None:
         return f"{str(path)!r} cannot be made ({e.strerror or e})"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{str(path)!r} cannot be made: this user cannot write in {str(parent)!r}"
+    if _virtual(parent):
+        return (f"{str(path)!r} cannot be made: {str(parent)!r} is on a virtual filesystem (no storage, like /proc or "
+                f"/sys)")
     return None
+
+
+def _virtual(folder: Path) -> bool:
+    """Whether `folder` lies on a filesystem without storage (procfs, sysfs: zero blocks)."""
+    try:
+        return os.statvfs(folder).f_blocks == 0
+    except (OSError, AttributeError):  # no statvfs here (Windows): nothing to tell
+        return False

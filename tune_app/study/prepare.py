@@ -25,6 +25,17 @@ class PreparedData:
     """Model name -> tokenizer key."""
 
 
+def _check_positions(name: str, checkpoint: str, hf_config, data: TokenizedData, max_length: int) -> None:
+    """A row longer than the model's learned positions fails every trial's forward: ConfigError before Ray."""
+    from tune_app.spec.families import position_limit
+
+    limit = position_limit(getattr(hf_config, "model_type", None), hf_config.to_dict())
+    longest = max(int(data.train.lengths.max(initial=0)), int(data.val.lengths.max(initial=0)))
+    if limit is not None and longest > limit:
+        raise ConfigError([f"data.max_length: {max_length} lets rows of {longest} tokens through, but model {name} "
+                           f"({checkpoint}) has positions for {limit} tokens; set data.max_length={limit} or less"])
+
+
 def prepare_data(cfg: StudyConfig) -> PreparedData:
     """Load and split the data once; tokenize it once per distinct tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
@@ -59,4 +70,5 @@ def prepare_data(cfg: StudyConfig) -> PreparedData:
             log.info("tokenized %d + %d rows for %s (tokenizer %s)", len(splits.train_texts),
                      len(splits.val_texts), name, key)
         model_keys[name] = key
+        _check_positions(name, model.checkpoint, hf_config, tokenized[key], cfg.data.max_length)
     return PreparedData(splits, tokenized, model_keys)

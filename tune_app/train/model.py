@@ -64,7 +64,7 @@ def load_base(spec: ModelSpec, label_names: list[str], *, on_gpu: bool = False, 
     hf_config = AutoConfig.from_pretrained(spec.checkpoint, **load)
     family = family_for(hf_config.model_type) if family_required else FAMILIES.get(hf_config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, **load)
-    pad_id = prepare_tokenizer(tokenizer, family)  # decoders: pad = eos
+    pad_id = prepare_tokenizer(tokenizer, family, getattr(hf_config, "vocab_size", None))  # decoders: pad = eos
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         spec.checkpoint, num_labels=len(label_names),
         id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
