@@ -125,11 +125,13 @@ def cmd_resume(args) -> int:
 
     try:
         run = open_run_dir(args.run_dir)
+        _check_summary(run)
         if (done := finished_summary(run)) is not None:
             print(f"{run.uri}: study {done['study']} already finished ({done.get('finished_trials', '?')} trials); "
                   f"nothing to resume, nothing changed")
             return 0
         check_resumable(run)
+        _check_study(run)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
@@ -139,6 +141,29 @@ def cmd_resume(args) -> int:
     code = _report(summary)
     _after_run(summary)  # a resumed study ends as a run does: best bundle and report
     return code
+
+
+def _check_summary(run) -> None:
+    """A run's summary.json (when the study finished or was interrupted), checked before resume reads it, so that
+    a damaged one is named."""
+    from tune_app.bundle.runfiles import parse_summary
+    from tune_app.spec.rundir import SUMMARY
+
+    if run.has(SUMMARY):
+        parse_summary(run.read_text(SUMMARY), f"{run.uri}/{SUMMARY}", run.uri)
+
+
+def _check_study(run) -> None:
+    """The schema of a local run's study.yaml, checked before resume loads it, so that a hand-edited one is named
+    (its data is checked when the study is loaded)."""
+    from tune_app.bundle.runfiles import study_error
+    from tune_app.spec.rundir import STUDY
+
+    if not run.remote:
+        try:
+            config_mod.load(run.local / STUDY, check_data=False)
+        except ConfigError as e:
+            raise study_error(run.local / STUDY, e, "be resumed") from None
 
 
 def _after_run(summary: dict) -> None:

@@ -21,7 +21,6 @@ resolve again on whatever machine the bundle is used.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import os
@@ -36,13 +35,23 @@ from typing import Any
 import numpy as np
 
 from tune_app import __version__
-from tune_app.bundle.format import ADAPTER_FILES, BUNDLE_FILE, CARD, LABELS_FILE, MERGED_DIR, METRICS_FILE, open_bundle
+from tune_app.bundle.format import (
+    ADAPTER_FILES,
+    BUNDLE_FILE,
+    CARD,
+    LABELS_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    open_bundle,
+    safetensors_header,
+)
 from tune_app.bundle.predict import best_threshold, classify, load_classifier, probabilities, score, text_logits
-from tune_app.errors import UsageError
+from tune_app.bundle.runfiles import read_summary, read_trials, study_error
+from tune_app.errors import ConfigError, UsageError
 from tune_app.spec import config as config_mod
 from tune_app.spec.config import StudyConfig
 from tune_app.spec.metrics import METRICS
-from tune_app.spec.paths import hub_options, is_local_checkpoint, resolve_checkpoint
+from tune_app.spec.paths import cannot_make_folder, hub_options, is_local_checkpoint, resolve_checkpoint
 from tune_app.spec.rundir import (
     BEST_CONFIG,
     CHECKPOINT_METRICS,
@@ -88,16 +97,18 @@ class Selection:
 # --------------------------------------------------------------------------------------------- what to export
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_checkpoint_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's metrics.json or adapter_config.json, a JSON object; UsageError naming it otherwise."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: unreadable ({e})") from None
-
-
-def _trial_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / TRIALS, newline="") as f:
-        return list(csv.DictReader(f))
+        value, why = None, f"not valid JSON ({e})"
+    else:
+        why = None if isinstance(value, dict) else f"holds a JSON {type(value).__name__}, not an object"
+    if why:
+        raise UsageError(f"{path}: {why}; this checkpoint is damaged: export another trial (--trial ID, see "
+                         f"{TRIALS}) or run the study again")
+    return value
 
 
 def select(run_dir: str | Path, *, model: str | None = None, trial: str | None = None) -> Selection:
@@ -108,14 +119,17 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
         raise UsageError(str(e)) from None
     run.download(histories=False)  # a remote run: its results here; of its checkpoints, the one exported below
     root = run.local
+    if not run.remote and not root.is_dir():
+        raise UsageError(f"{run_dir}: is a file, not a run directory; pass the folder `tune-app run` printed as "
+                         f"'run directory'")
     if not (root / SUMMARY).is_file():
         if (root / STUDY).is_file():
             raise UsageError(f"{run_dir}: no {SUMMARY} inside: the run has not finished; continue it with "
                              f"{resume_command(run_dir)}")
         raise UsageError(f"{run_dir}: no {SUMMARY} inside: not a tune-app run directory; pass the folder "
                          f"`tune-app run` printed as 'run directory'")
-    summary = _read_json(root / SUMMARY)
-    rows = _trial_rows(root) if (root / TRIALS).is_file() else []
+    summary = read_summary(root, run_dir)
+    rows = read_trials(root, run_dir)
     best = summary.get("best") or {}
     if trial is not None:
         row = next((r for r in rows if r["trial_id"] == trial and (model is None or r["model"] == model)), None)
@@ -126,7 +140,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
     elif model is not None:
         if model not in summary.get("models", {}):
             raise UsageError(f"--model {model}: not in this run; models: {', '.join(summary.get('models', {}))}")
-        trial = summary["models"][model]["best_trial"]
+        trial = summary["models"][model].get("best_trial")
         row = next((r for r in rows if r["trial_id"] == trial), None)
     else:
         model, trial = best.get("model"), best.get("trial_id")
@@ -138,16 +152,38 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
                          f"({failed} trial(s){of} failed: see failed_trials in {SUMMARY} and report.md)")
     if row is None or not row.get("checkpoint"):
         raise UsageError(f"{run_dir}: trial {trial} has no checkpoint to export (failed before its first epoch?)")
+    data = summary.get("data") or {}
+    if not data.get("label_names") or not isinstance(data.get("class_weights"), list):
+        raise UsageError(f"{root / SUMMARY}: 'data' lacks label_names or class_weights, which a bundle's labels.json "
+                         f"is made of; restore {SUMMARY}, or run the study again")
     run.fetch(row["checkpoint"])
     checkpoint = root / row["checkpoint"]
     missing = [n for n in (*ADAPTER_FILES, CHECKPOINT_METRICS) if not (checkpoint / n).is_file()]
     if missing:
-        raise UsageError(f"{checkpoint}: checkpoint lacks {', '.join(missing)}")
+        gone = "is gone" if not checkpoint.is_dir() else f"lacks {', '.join(missing)}"
+        raise UsageError(f"{checkpoint}: the checkpoint of trial {trial} {gone}; export another trial (--trial ID, "
+                         f"see {TRIALS}) or run the study again")
+    try:
+        safetensors_header(checkpoint / ADAPTER_FILES[1])
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{checkpoint / ADAPTER_FILES[1]}: {e}; this checkpoint is damaged: export another trial "
+                         f"(--trial ID, see {TRIALS}) or run the study again") from None
+    _read_checkpoint_json(checkpoint / ADAPTER_FILES[0])
+    reported = _read_checkpoint_json(checkpoint / CHECKPOINT_METRICS)
+    if not isinstance(reported.get("config"), dict):
+        raise UsageError(f"{checkpoint / CHECKPOINT_METRICS}: lacks the trial's 'config' (its hyperparameters); this "
+                         f"checkpoint is damaged: export another trial (--trial ID, see {TRIALS})")
     if not (root / STUDY).is_file():
         raise UsageError(f"{run_dir}: no {STUDY} inside (made by an older tune-app); export needs the study "
                          f"the run was started with")
-    cfg = config_mod.load(root / STUDY)  # ConfigError (exit 2) when its data or base model has moved
-    return Selection(root, run, cfg, summary, model, trial, checkpoint, _read_json(checkpoint / CHECKPOINT_METRICS),
+    try:
+        cfg = config_mod.load(root / STUDY)  # also when its data or base model has moved since the run
+    except ConfigError as e:
+        raise study_error(root / STUDY, e, "be exported") from None
+    if model not in cfg.models:
+        raise UsageError(f"{root / STUDY}: has no model {model!r}, which {SUMMARY} and {TRIALS} name; restore the "
+                         f"{STUDY} the run wrote")
+    return Selection(root, run, cfg, summary, model, trial, checkpoint, reported,
                      is_best=(model, trial) == (best.get("model"), best.get("trial_id")))
 
 
@@ -175,6 +211,8 @@ def _bundle_in(folder: Path) -> tuple[str, str] | None:
 def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; a bundle is a folder: choose a new or empty folder")
+    if why := cannot_make_folder(out):
+        raise UsageError(f"--out {why}; choose a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: already exists and is not empty; nothing is overwritten: choose another "
                          f"folder or remove it")

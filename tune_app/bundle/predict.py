@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.bundle.format import ADAPTER_FILES, BUNDLE_FILE, Bundle, base_checkpoint, open_bundle
+from tune_app.bundle.format import ADAPTER_FILES, AGAIN, BUNDLE_FILE, Bundle, base_checkpoint, open_bundle
 from tune_app.errors import UsageError, first_line
 from tune_app.spec.metrics import SCORES
 from tune_app.spec.paths import LOCAL_FORMATS, cannot_make_file, is_local_path, resolve_checkpoint
@@ -61,6 +61,7 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
     """Base model + LoRA + head exactly as the trial built them, with the bundle's adapter weights loaded."""
     import torch
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -75,7 +76,11 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
         warnings.simplefilter("ignore", FutureWarning)
         model, _family, pad_id = build_model(spec, bundle.manifest["hyperparameters"], bundle.label_names,
                                              on_gpu=dev.type == "cuda")
-    result = set_peft_model_state_dict(model, load_file(str(bundle.path / ADAPTER_FILES[1])))
+    try:  # open_bundle checked the file and its head; this is for what a header cannot show
+        result = set_peft_model_state_dict(model, load_file(str(bundle.path / ADAPTER_FILES[1])))
+    except (SafetensorError, RuntimeError, ValueError, OSError) as e:  # safetensors' errors, a tensor of the wrong size
+        raise UsageError(f"{bundle.path / ADAPTER_FILES[1]}: its weights do not load into the model built from "
+                         f"{BUNDLE_FILE} ({first_line(e)}); the bundle is damaged: {AGAIN}") from None
     if result.unexpected_keys:
         raise UsageError(f"{bundle.path}: adapter weights do not fit the model built from {BUNDLE_FILE} "
                          f"(unexpected: {result.unexpected_keys[:3]} ...); export the bundle again")
@@ -155,14 +160,25 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
     from tune_app.spec.data import read_local
 
     p = Path(path).expanduser()
-    if not p.is_file():
+    kinds = ", ".join(LOCAL_FORMATS)
+    if p.is_dir():
+        raise UsageError(f"{what} {path}: is a folder, not a file; pass a {kinds} file")
+    if not p.exists():
         raise UsageError(f"{what} {path}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{what} {path}: not a regular file (a device or pipe); pass a {kinds} file")
     if p.suffix.lower() not in LOCAL_FORMATS:
-        raise UsageError(f"{what} {path}: unsupported file type {p.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
+        raise UsageError(f"{what} {path}: unsupported file type {p.suffix!r}; use one of {kinds}")
+    if p.stat().st_size == 0:
+        raise UsageError(f"{what} {path}: the file is empty (0 bytes); it needs a header row and at least one row")
     try:
-        return read_local(p)
+        frame = read_local(p)
     except Exception as e:  # noqa: BLE001 - any parse failure is a user-facing input problem
-        raise UsageError(f"{what} {path}: cannot read it ({e})") from None
+        raise UsageError(f"{what} {path}: cannot read it ({first_line(e)}); pass a {kinds} file") from None
+    if len(frame) == 0:
+        columns = f" (only the columns {', '.join(map(str, frame.columns))})" if len(frame.columns) else ""
+        raise UsageError(f"{what} {path}: has no rows{columns}; nothing to do: pass a file with at least one row")
+    return frame
 
 
 def require_column(df: pd.DataFrame, column: str, path: str, option: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tune_app.bundle.runfiles import read_summary
 from tune_app.errors import ReportError
 from tune_app.spec.metrics import SCORES, better
 from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS, failure_line, open_results, resume_command, unfinished
@@ -125,10 +126,7 @@ def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
         how = (f"the study did not finish: continue it with `{resume_command(shown)}`, then report"
                if started else "pass the run directory `tune-app run` printed (it holds summary.json and trials.csv)")
         raise ReportError(f"{shown}: no {SUMMARY} here, so there are no study results to report on yet; {how}")
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ReportError(f"{run_dir / SUMMARY}: not valid JSON ({e})") from None
+    summary = read_summary(run_dir, shown, ReportError)
     try:
         trials = pd.read_csv(run_dir / TRIALS, dtype={"trial_id": str})
     except (OSError, ValueError) as e:
