@@ -35,8 +35,10 @@ import numpy as np
 
 from tune_app.spec.families import modules_to_save
 from tune_app.spec.space import resolve_alpha
-from tune_app.train.batching import IGNORE_INDEX, collate, length_grouped_batches
+from tune_app.train import checkpoint
+from tune_app.train.batching import collate, length_grouped_batches
 from tune_app.train.memory import peak_memory_mb, random_state, set_random_state
+from tune_app.train.step import share_of_loss
 from tune_app.train.tokens import TokenizedSplit, fetch
 
 ATTENTION = "tune_app_packed"
@@ -89,15 +91,11 @@ class Slot:
     name: str
     params: dict[str, Any]
     seed: int
-    labels: np.ndarray
-    """The training split's labels (a batch's summed class weight is taken on the host, as the solo step does)."""
     random_state: Any
     """The trial's own random streams (CPU and CUDA, `memory.random_state`): its dropout draws, as in its solo run."""
     trainable: list = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
-    loss_weight: Any = None
-    row_weights: np.ndarray | None = None
     epoch: int = 0
     batches: list[np.ndarray] = field(default_factory=list)
     batch_index: int = 0
@@ -137,14 +135,22 @@ class Slot:
     def epoch_done(self) -> bool:
         return self.batch_index >= len(self.batches)
 
-    def next_part(self) -> tuple[np.ndarray, float, bool]:
-        """The next micro-batch's rows, its effective batch's summed class weight, and whether it ends that batch."""
+    def next_part(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The next micro-batch's rows, its effective batch's rows, and whether it ends that batch."""
         rows = self.batches[self.batch_index]
         part = rows[self.micro_start:self.micro_start + self.batch_size]
-        total_weight = float(self.row_weights[self.labels[rows]].sum())
         self.micro_start += len(part)
-        last = self.micro_start >= len(rows)
-        return part, total_weight, last
+        return part, rows, self.micro_start >= len(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the trial's training, as a solo trial's step keeps it (no loss scaler: packed
+        trials never train under fp16 loss scaling)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": None,
+                "micro_batch": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def optimizer_step(self) -> None:
         """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch."""
@@ -182,6 +188,8 @@ class Pack:
         self.target_modules = target_modules
         self.model = None
         """The PeftModel holding every trial's adapter (None while the pack is empty)."""
+        self.prepare_mask: Callable | None = None
+        """What a packed forward gets as its attention mask (train.model.mask_preparer, made with the model)."""
         self.slots: dict[str, Slot] = {}
         self.random_state = random_state()
         """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
@@ -195,6 +203,8 @@ class Pack:
         import torch
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import get_scheduler
+
+        from tune_app.train.model import mask_preparer
 
         if not packable(params):
             raise ValueError(f"trial {name}: lora_bias={params['lora_bias']} trains the base's biases; it cannot "
@@ -210,10 +220,11 @@ class Pack:
         set_random_state(self.random_state)
         if self.model is None:
             self.model = get_peft_model(self.base.model, lora, adapter_name=name)
+            self.prepare_mask = mask_preparer(self.model, self.base.family, self.precision)
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
-        slot = Slot(name, params, seed, self.train.labels, random_state())
+        slot = Slot(name, params, seed, random_state())
         self.slots[name] = slot
         self._mark_trainable()
         slot.trainable = [p for n, p in self.model.named_parameters() if _owned_by(n, name)]
@@ -226,7 +237,6 @@ class Pack:
         slot.scheduler = get_scheduler(params["lr_scheduler"], slot.optimizer,
                                        num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                                        num_training_steps=total_steps)
-        slot.row_weights = self.row_weights
         return slot
 
     def leave(self, name: str) -> None:
@@ -278,23 +288,36 @@ class Pack:
         mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches]).to(self.device)
         self.model.train()
         with _rows_of(layout), self.autocast():
-            logits = self.model(input_ids=ids, attention_mask=self._prepare_mask(mask)).logits
+            logits = self.model(input_ids=ids, attention_mask=self.prepare_mask(mask)).logits
         losses = []
-        for rows, (_, _, labels), (_, total_weight, _) in zip(layout, batches, parts):
-            loss = torch.nn.functional.cross_entropy(logits[rows.start:rows.stop].float(), labels.to(self.device),
-                                                     weight=self.loss_weight, reduction="sum",
-                                                     ignore_index=IGNORE_INDEX) / total_weight
-            losses.append(loss)
+        for rows, (_, _, labels), (_, batch, _) in zip(layout, batches, parts):
+            # The effective batch's summed class weight, on the host from its labels, as the solo step takes it.
+            total_weight = float(self.row_weights[self.train.labels[batch]].sum())
+            losses.append(share_of_loss(logits[rows.start:rows.stop], labels.to(self.device), self.loss_weight,
+                                        total_weight))
         torch.stack(losses).sum().backward()
         for slot, loss, (_, _, last) in zip(slots, losses, parts):
             slot.step_loss = loss.detach() if slot.step_loss is None else slot.step_loss + loss.detach()
             if last:
                 slot.optimizer_step()
 
-    def _prepare_mask(self, mask):
-        from tune_app.train.model import mask_preparer
+    def evaluate(self, name: str, val: TokenizedSplit, batch_size: int, class_weights: np.ndarray | None):
+        """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast)."""
+        from tune_app.train.evaluation import eager, evaluate
 
-        return mask_preparer(self.model, self.base.family, self.precision)(mask)
+        self.model.eval()
+        with self.alone(name), eager():
+            return evaluate(self.model, val, self.base.pad_id, batch_size, self.device, self.autocast, class_weights)
+
+    def checkpoint(self, name: str, folder: str | Path, *, metrics: dict[str, Any], model_name: str,
+                   train_seconds: float) -> None:
+        """A trial's checkpoint, the one its solo run writes: adapter and head, training state, metrics."""
+        from tune_app.spec.space import MODEL_KEY
+
+        slot = self.slots[name]
+        self.save(name, folder)
+        checkpoint.write(folder, state=slot.state_dict(), epoch=metrics["epoch"], train_seconds=train_seconds,
+                         metrics=metrics, identity={"config": slot.params, MODEL_KEY: model_name})
 
     @contextlib.contextmanager
     def alone(self, name: str):
@@ -511,15 +534,11 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     After each of a trial's epochs, `report(name, metrics, checkpoint_dir)` gets what `fit` reports (the same
     checkpoint files); returning False ends that trial there (an early stop) and the others train on. Returns every
     trial's epoch metrics."""
-    import json
-    import os
     import time
 
     import torch
 
-    from tune_app.spec.rundir import CHECKPOINT_METRICS, STATE_FILE
     from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
-    from tune_app.train.evaluation import eager, evaluate
     from tune_app.train.memory import release_memory
     from tune_app.train.model import quiet_libraries, trial_base
 
@@ -547,22 +566,14 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         for slot in [s for s in pack.slots.values() if s.epoch_done]:
             name, epoch_seconds = slot.name, time.perf_counter() - started[slot.name]
             train_loss = float(slot.loss_sum) / len(slot.batches)
-            pack.model.eval()
-            with pack.alone(name), eager():
-                metrics = evaluate(pack.model, data.val, base.pad_id, max(ctx.eval_batch_size, 4 * slot.batch_size),
-                                   device, contextlib.nullcontext, weights)
+            metrics = pack.evaluate(name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights)
             metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
                            train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.batch_size,
                            **pack.sizes(name), packed_trials=len(pack.slots), device=device.type)
             history[name].append(metrics)
             with tempfile.TemporaryDirectory() as tmp:
-                pack.save(name, tmp)
-                torch.save({"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
-                            "scaler": None, "micro_batch": slot.batch_size, "epoch": slot.epoch + 1,
-                            "train_seconds": sum(m["epoch_time_s"] for m in history[name])},
-                           os.path.join(tmp, STATE_FILE))
-                Path(tmp, CHECKPOINT_METRICS).write_text(json.dumps(
-                    {**metrics, "config": slot.params, MODEL_KEY: configs[name][MODEL_KEY]}, indent=2, default=str))
+                pack.checkpoint(name, tmp, metrics=metrics, model_name=configs[name][MODEL_KEY],
+                                train_seconds=sum(m["epoch_time_s"] for m in history[name]))
                 go_on = report(name, metrics, tmp) is not False
             if not go_on or slot.epoch + 1 >= ctx.epochs:
                 pack.leave(name)
@@ -638,9 +649,6 @@ class PackServer:
     def join(self, trial_id: str, config: dict[str, Any], resume_dir: str | None = None) -> None:
         import time
 
-        import torch
-
-        from tune_app.spec.rundir import STATE_FILE
         from tune_app.spec.space import HYPERPARAMETERS
 
         t0 = time.perf_counter()
@@ -658,9 +666,8 @@ class PackServer:
             start_epoch = 0
             if resume_dir:
                 self.pack.load(trial_id, resume_dir)
-                state = torch.load(str(Path(resume_dir) / STATE_FILE), map_location=self.device, weights_only=False)
-                slot.optimizer.load_state_dict(state["optimizer"])
-                slot.scheduler.load_state_dict(state["scheduler"])
+                state = checkpoint.read_state(resume_dir, self.device)
+                slot.load_state_dict(state)
                 start_epoch, trial.train_seconds = state["epoch"], state["train_seconds"]
             trial.epochs_done = start_epoch
             if start_epoch >= self.ctx.epochs:  # resumed after its last epoch: nothing to train or report
@@ -705,10 +712,6 @@ class PackServer:
             if self.pack is not None and trial_id in self.pack.slots:
                 self.pack.leave(trial_id)
             self.cond.notify_all()
-
-    def stats(self) -> dict[str, Any]:
-        with self._turn():
-            return {"trials": len(self.trials), "slots": len(self.pack.slots) if self.pack else 0}
 
     # ----------------------------------------------------------------------------------------- the training thread
 
@@ -789,15 +792,10 @@ class PackServer:
 
     def _finish_epoch(self, slot: Slot) -> None:
         """Evaluate the trial, write its checkpoint as a solo trial does, and hold its result for it."""
-        import json
         import math
         import time
 
         import torch
-
-        from tune_app.spec.rundir import CHECKPOINT_METRICS, STATE_FILE
-        from tune_app.spec.space import MODEL_KEY
-        from tune_app.train.evaluation import eager, evaluate
 
         trial, name = self.trials[slot.name], slot.name
         train_loss = float(slot.loss_sum) / len(slot.batches)
@@ -807,12 +805,9 @@ class PackServer:
             return
         epoch_seconds = time.perf_counter() - trial.started
         trial.train_seconds += epoch_seconds
-        self.pack.model.eval()
         t0 = time.perf_counter()
-        with self.pack.alone(name), eager():
-            metrics = evaluate(self.pack.model, self.data.val, self.pack.base.pad_id,
-                               max(self.ctx.eval_batch_size, 4 * slot.batch_size), self.device,
-                               self.autocast, self.weights)
+        metrics = self.pack.evaluate(name, self.data.val, max(self.ctx.eval_batch_size, 4 * slot.batch_size),
+                                     self.weights)
         metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, train_time_s=trial.train_seconds,
                        epoch_time_s=epoch_seconds, eval_time_s=time.perf_counter() - t0, **trial.setup,
                        train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
@@ -821,12 +816,8 @@ class PackServer:
                        packed_trials=len(self.pack.slots), pack=self.name, first_step_s=trial.first_step_s,
                        **peak_memory_mb(self.device.type == "cuda"))
         folder = tempfile.mkdtemp(prefix="tune_app-pack-")
-        self.pack.save(name, folder)
-        torch.save({"optimizer": slot.optimizer.state_dict(), "scheduler": slot.scheduler.state_dict(),
-                    "scaler": None, "micro_batch": slot.batch_size, "epoch": slot.epoch + 1,
-                    "train_seconds": trial.train_seconds}, str(Path(folder) / STATE_FILE))
-        Path(folder, CHECKPOINT_METRICS).write_text(json.dumps(
-            {**metrics, "config": slot.params, MODEL_KEY: self.model_name}, indent=2, default=str))
+        self.pack.checkpoint(name, folder, metrics=metrics, model_name=self.model_name,
+                             train_seconds=trial.train_seconds)
         last = slot.epoch + 1 >= self.ctx.epochs
         trial.checkpoint, trial.epochs_done = folder, slot.epoch + 1
         trial.result = {"metrics": metrics, "checkpoint": folder, "last": last}

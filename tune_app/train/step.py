@@ -194,13 +194,18 @@ class TrainStep:
 
 
 def batch_loss(model, ids, mask, labels, loss_weight, total_weight: float, autocast):
+    """The model's forward on a micro-batch and its `share_of_loss`."""
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return share_of_loss(logits, labels, loss_weight, total_weight)
+
+
+def share_of_loss(logits, labels, loss_weight, total_weight: float):
     """A micro-batch's share of its effective batch's class-weighted mean cross-entropy: the weighted sum of its
     rows' losses over `total_weight`, the summed class weights of the WHOLE effective batch. Micro-batch losses
     therefore add up to the full batch's loss (and gradients), however the batch is split; filler rows
     (IGNORE_INDEX) add nothing."""
     import torch
 
-    with autocast():
-        logits = model(input_ids=ids, attention_mask=mask).logits
     return torch.nn.functional.cross_entropy(logits.float(), labels, weight=loss_weight, reduction="sum",
                                              ignore_index=IGNORE_INDEX) / total_weight

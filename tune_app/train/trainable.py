@@ -10,20 +10,17 @@ the OOM ladder, CUDA graphs, loss scaling) is `TrainStep`; what a trial leaves b
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tune_app.spec.rundir import CHECKPOINT_METRICS, STATE_FILE
 from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
-from tune_app.train import memory
+from tune_app.train import checkpoint, memory
 from tune_app.train.batching import bucket_widths, length_grouped_batches
 from tune_app.train.evaluation import eager, evaluate
 from tune_app.train.memory import peak_memory_mb, release_memory
@@ -72,8 +69,8 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    checkpoint = tune.get_checkpoint()
-    resume_dir = checkpoint.to_directory() if checkpoint else None
+    saved = tune.get_checkpoint()
+    resume_dir = saved.to_directory() if saved else None
     if config[MODEL_KEY] in ctx.packs and packable(config) and train_in_pack(config, ctx, resume_dir):
         return
     fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
@@ -224,12 +221,11 @@ def _step_mode(ctx: TrialContext, on_gpu: bool, precision: str) -> tuple[bool, b
 def _resume(model, step: TrainStep, resume_dir: str, device) -> tuple[int, float]:
     """A resumed trial's adapter, optimizer, schedule and clock as its checkpoint saved them: (epochs done,
     training seconds so far)."""
-    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(os.path.join(resume_dir, "adapter_model.safetensors")))
-    state = torch.load(os.path.join(resume_dir, STATE_FILE), map_location=device, weights_only=False)
+    state = checkpoint.read_state(resume_dir, device)
     step.load_state_dict(state)
     return state["epoch"], state["train_seconds"]
 
@@ -241,13 +237,10 @@ def _checkpoint_and_report(model, step: TrainStep, lease, metrics: dict[str, Any
     From here on the trial frees nothing (tune_app.train.memory): its model and optimizer are kept for the next
     trial to free, and its base is given back before the last report, since Tune may end the worker once it has
     that report."""
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
-        torch.save({**step.state_dict(), "epoch": metrics["epoch"], "train_seconds": train_seconds},
-                   os.path.join(tmp, STATE_FILE))
-        Path(tmp, CHECKPOINT_METRICS).write_text(json.dumps({**metrics, **identity}, indent=2, default=str))
+        checkpoint.write(tmp, state=step.state_dict(), epoch=metrics["epoch"], train_seconds=train_seconds,
+                         metrics=metrics, identity=identity)
         memory.keep(*step.held())
         if last:
             lease.give_back()
