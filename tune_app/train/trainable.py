@@ -70,6 +70,11 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     saved = tune.get_checkpoint()
+    if saved is not None and tune.get_context().get_trial_id() not in saved.path:
+        # A worker reused for a new trial can be handed the checkpoint its previous trial reported last (seen with
+        # packed trials, whose thin process returns at once): a trial resumes only from its own trial folder.
+        print(f"[tune_app] ignoring checkpoint {saved.path}: not this trial's", flush=True)
+        saved = None
     resume_dir = saved.to_directory() if saved else None
     if config[MODEL_KEY] in ctx.packs and packable(config) and train_in_pack(config, ctx, resume_dir):
         return
