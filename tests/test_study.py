@@ -250,7 +250,7 @@ SPACES = {
 def _proposals(seed: int, n: int = 6) -> list[dict]:
     from tune_app.study.search import PerModelSearch
 
-    searcher = PerModelSearch(SPACES, {"a": 4, "b": 2}, metric="f1", mode="max", seed=seed)
+    searcher = PerModelSearch(SPACES, {"a": 4, "b": 2}, metric="f1", mode="max", seed=seed, epochs=2)
     return [searcher.suggest(f"trial_{i}") for i in range(n)]
 
 
@@ -269,7 +269,7 @@ def test_a_ratio_sets_the_proposed_lora_alpha():
 
     spaces = {"r": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": {"choice": [1.0, 2.0]}},
               "a": {"lora_rank": {"choice": [4, 8]}, "lora_alpha": 16, "lora_alpha_ratio": None}}
-    searcher = PerModelSearch(spaces, {"r": 3, "a": 3}, metric="f1", mode="max", seed=0)
+    searcher = PerModelSearch(spaces, {"r": 3, "a": 3}, metric="f1", mode="max", seed=0, epochs=2)
     proposals = [searcher.suggest(f"t{i}") for i in range(6)]
     for p in proposals:
         expected = p["lora_alpha_ratio"] * p["lora_rank"] if p["model"] == "r" else 16
@@ -285,7 +285,7 @@ def test_searcher_finishes_when_every_model_is_done():
 
     from tune_app.study.search import PerModelSearch
 
-    searcher = PerModelSearch(SPACES, {"a": 1, "b": 1}, metric="f1", mode="max", seed=0)
+    searcher = PerModelSearch(SPACES, {"a": 1, "b": 1}, metric="f1", mode="max", seed=0, epochs=2)
     assert [searcher.suggest(f"t{i}")["model"] for i in range(2)] == ["a", "b"]
     assert searcher.suggest("t2") == Searcher.FINISHED
 
@@ -370,3 +370,65 @@ def test_wandb_trouble_at_the_end_never_fails_the_study(ray_session, tmp_path, c
     assert callback._runs is None
     assert capsys.readouterr().out == ("[tune_app] W&B logging did not finish cleanly (RuntimeError: W&B service "
                                        "gone); the study's results are not affected\n")
+
+
+@pytest.mark.slow
+def test_optuna_learns_each_trial_as_the_study_ranks_it(study):
+    """Each model's Optuna study: a trial that ran every epoch is COMPLETE with its best epoch's value (the one
+    the study ranks it by), one ASHA stopped is PRUNED, and every epoch's value is an intermediate value."""
+    import optuna
+
+    from tune_app.study.search import saved_studies
+
+    studies = saved_studies(str(study.run_dir))
+    assert set(studies) == {"a", "b"}
+    rows = {r["trial_id"]: r for r in study.rows}
+    told = {t.user_attrs["tune_trial_id"]: (model, t) for model, s in studies.items() for t in s.trials}
+    assert set(told) == set(rows)
+    states = set()
+    for trial_id, (model, trial) in told.items():
+        row = rows[trial_id]
+        assert row["model"] == model
+        losses = [json.loads(line)["eval_loss"] for line in
+                  (study.run_dir / f"{model}_{trial_id}" / "result.json").read_text().splitlines()]
+        assert trial.intermediate_values == {epoch: loss for epoch, loss in enumerate(losses, start=1)}
+        assert trial.params["learning_rate"] == float(row["learning_rate"])
+        assert trial.user_attrs["epochs"] == int(row["epochs"])
+        assert trial.user_attrs["best_eval_loss"] == float(row["best_eval_loss"])
+        assert trial.user_attrs["best_epoch"] == int(row["best_epoch"])
+        if row["status"] == "COMPLETED":
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == float(row["best_eval_loss"])
+            assert trial.user_attrs["status"] == "completed"
+        else:
+            assert trial.state == optuna.trial.TrialState.PRUNED and trial.value == losses[-1]
+            assert trial.user_attrs["status"] == "stopped_early"
+        states.add(trial.state)
+    assert states == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+
+def test_searcher_tells_optuna_failed_pruned_and_completed_trials():
+    """Without Tune: what the searcher tells Optuna for each way a trial ends."""
+    import optuna
+
+    from tune_app.study.search import PerModelSearch
+
+    searcher = PerModelSearch(SPACES, {"a": 4, "b": 0}, metric="f1", mode="max", seed=0, epochs=3)
+    for i in range(4):
+        searcher.suggest(f"t{i}")
+    for epoch, value in enumerate([0.5, 0.7, 0.6], start=1):  # completed; best at epoch 2
+        searcher.on_trial_result("t0", {"f1": value, "training_iteration": epoch})
+    searcher.on_trial_result("t0", {"f1": 0.7, "training_iteration": 2})  # replayed after a resume: ignored
+    searcher.on_trial_complete("t0", {"f1": 0.6, "training_iteration": 3})
+    searcher.on_trial_complete("t1", {"f1": 0.4, "training_iteration": 1})  # stopped by ASHA at its first rung
+    searcher.on_trial_result("t2", {"f1": 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("t2", {"f1": 0.3, "training_iteration": 1}, error=True)  # raised in epoch 2
+    searcher.on_trial_complete("t3", None, error=True)  # failed before its first epoch
+    t0, t1, t2, t3 = searcher.studies["a"].trials
+    State = optuna.trial.TrialState
+    assert (t0.state, t0.value, t0.intermediate_values) == (State.COMPLETE, 0.7, {1: 0.5, 2: 0.7, 3: 0.6})
+    assert t0.user_attrs == {"tune_trial_id": "t0", "status": "completed", "epochs": 3, "best_epoch": 2,
+                             "best_f1": 0.7}
+    assert (t1.state, t1.value, t1.user_attrs["status"]) == (State.PRUNED, 0.4, "stopped_early")
+    assert (t2.state, t2.user_attrs["status"], t2.intermediate_values) == (State.FAIL, "failed", {1: 0.3})
+    assert (t3.state, t3.user_attrs["epochs"]) == (State.FAIL, 0)
+    assert searcher.suggest("t4") == "FINISHED"

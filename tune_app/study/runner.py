@@ -135,7 +135,7 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ())
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
     searcher = PerModelSearch({name: cfg.model_space(name) for name in cfg.models}, samples,
-                              metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed,
+                              metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed, epochs=cfg.train.epochs,
                               n_startup_trials=cfg.tune.n_startup_trials)
     scheduler = PerModelASHA(list(cfg.models), metric=cfg.tune.metric, mode=cfg.tune.mode, max_t=cfg.train.epochs,
                              grace_period=cfg.tune.asha.grace_period,

@@ -5,6 +5,7 @@ or share a TPE model.
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
@@ -14,6 +15,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_app.spec import space as space_mod
+from tune_app.spec.metrics import better
 from tune_app.spec.space import MODEL_KEY
 
 
@@ -23,30 +25,38 @@ def default_startup_trials(num_samples: int) -> int:
 
 
 class PerModelSearch(Searcher):
-    """Proposes trials model by model (round robin while each has samples left), each from its model's seeded
-    Optuna TPE sampler; fixed values are added to every proposal. Failed trials are told to Optuna as FAIL."""
+    """Proposes trials model by model (round robin while each has samples left), each from its model's own Optuna
+    study and seeded TPE sampler; fixed values are added to every proposal.
+
+    What each model's study learns (Optuna's ask-and-tell): every epoch's metric as an intermediate value; a trial
+    that ran every epoch is COMPLETE with the value the study ranks it by (its best epoch); one that ASHA stopped
+    early is PRUNED (Optuna then takes its last epoch's value, and TPE ranks pruned trials by how far they got,
+    apart from completed ones, so it never mixes a first-rung value with a final one); one that failed is FAIL.
+    Each trial carries its Tune trial id, epochs, best epoch and status as user attributes.
+    """
 
     def __init__(self, spaces: dict[str, dict[str, Any]], samples: dict[str, int], *, metric: str, mode: str,
-                 seed: int, n_startup_trials: int | None = None):
+                 seed: int, epochs: int, n_startup_trials: int | None = None):
         super().__init__(metric=metric, mode=mode)
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.models = list(spaces)
         self.remaining = dict(samples)
+        self.epochs = epochs
         self.fixed = {m: {k: v for k, v in s.items() if not space_mod.is_distribution(v)} for m, s in spaces.items()}
-        self.searchers: dict[str, OptunaSearch | None] = {}
+        self.distributions: dict[str, dict[str, Any]] = {}
+        self.studies: dict[str, optuna.Study] = {}
         for index, (model, spec) in enumerate(spaces.items()):
             domains = {k: to_tune(v) for k, v in space_mod.searched(spec).items()}
-            if not domains:
-                self.searchers[model] = None  # nothing to search: every trial uses the fixed values
-                continue
+            self.distributions[model] = OptunaSearch.convert_search_space(domains) if domains else {}
             sampler = optuna.samplers.TPESampler(
-                seed=seed + index,
-                n_startup_trials=n_startup_trials or default_startup_trials(samples[model]))
-            self.searchers[model] = OptunaSearch(OptunaSearch.convert_search_space(domains), metric=metric,
-                                                 mode=mode, sampler=sampler)
+                seed=seed + index, n_startup_trials=n_startup_trials or default_startup_trials(samples[model]))
+            self.studies[model] = optuna.create_study(
+                study_name=model, sampler=sampler, direction="maximize" if mode == "max" else "minimize")
         self.trial_model: dict[str, str] = {}
+        self.asked: dict[str, Any] = {}  # Tune trial id -> its Optuna trial, until told
+        self.values: dict[str, dict[int, float]] = {}  # Tune trial id -> epoch -> metric
         self._turn = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -57,27 +67,51 @@ class PerModelSearch(Searcher):
             model = self.models[(self._turn + offset) % len(self.models)]
             if self.remaining[model] <= 0:
                 continue
-            searcher = self.searchers[model]
-            proposal = searcher.suggest(trial_id) if searcher else {}
-            if proposal is None:
-                continue
+            trial = self.studies[model].ask(self.distributions[model])
+            trial.set_user_attr("tune_trial_id", trial_id)
             self._turn = (self._turn + offset + 1) % len(self.models)
             self.remaining[model] -= 1
             self.trial_model[trial_id] = model
-            return space_mod.with_resolved_alpha({MODEL_KEY: model, **self.fixed[model], **proposal})
+            self.asked[trial_id] = trial
+            self.values[trial_id] = {}
+            return space_mod.with_resolved_alpha({MODEL_KEY: model, **self.fixed[model], **trial.params})
         return Searcher.FINISHED if all(n <= 0 for n in self.remaining.values()) else None
 
-    def _searcher_of(self, trial_id: str) -> OptunaSearch | None:
-        model = self.trial_model.get(trial_id)
-        return self.searchers.get(model) if model else None
-
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if searcher := self._searcher_of(trial_id):
-            searcher.on_trial_result(trial_id, result)
+        trial, value = self.asked.get(trial_id), result.get(self.metric)
+        epoch = result.get("training_iteration")
+        if trial is None or value is None or epoch is None or epoch in self.values[trial_id]:
+            return  # not ours, no metric, or an epoch reported before a resume (Optuna takes each step once)
+        self.values[trial_id][epoch] = value
+        if math.isfinite(value):
+            trial.report(value, epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if searcher := self._searcher_of(trial_id):
-            searcher.on_trial_complete(trial_id, result=result, error=error)
+        import optuna
+
+        if result:
+            self.on_trial_result(trial_id, result)
+        trial = self.asked.pop(trial_id, None)
+        if trial is None:
+            return
+        values = {e: v for e, v in self.values[trial_id].items() if math.isfinite(v)}
+        epochs = max(self.values[trial_id], default=0)
+        best = None
+        for epoch, value in sorted(values.items()):  # the first best epoch, as the study's results rank it
+            if best is None or better(value, values[best], self.mode):
+                best = epoch
+        status = "failed" if error else "completed" if epochs >= self.epochs else "stopped_early"
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("epochs", epochs)
+        if best is not None:
+            trial.set_user_attr("best_epoch", best)
+            trial.set_user_attr(f"best_{self.metric}", values[best])
+        study = self.studies[self.trial_model[trial_id]]
+        if status == "completed" and best is not None:
+            study.tell(trial, values[best])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL if error or best is None
+                       else optuna.trial.TrialState.PRUNED)
 
     def get_state(self) -> dict:
         return dict(self.__dict__)
@@ -92,6 +126,13 @@ class PerModelSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
+
+
+def saved_studies(experiment_dir: str) -> dict[str, Any]:
+    """Model -> its Optuna study, as the study's searcher saved it last in its experiment folder."""
+    searcher = PerModelSearch.__new__(PerModelSearch)
+    searcher.restore_from_dir(experiment_dir)
+    return searcher.studies
 
 
 class PerModelASHA(FIFOScheduler):
