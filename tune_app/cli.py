@@ -161,7 +161,7 @@ def _check_study(run) -> None:
 
     if not run.remote:
         try:
-            config_mod.load(run.local / STUDY, check_data=False)
+            config_mod.load(run.local / STUDY, check_data=False, of_run=True)
         except ConfigError as e:
             raise study_error(run.local / STUDY, e, "be resumed") from None
 

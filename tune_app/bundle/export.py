@@ -177,7 +177,7 @@ def select(run_dir: str | Path, *, model: str | None = None, trial: str | None =
         raise UsageError(f"{run_dir}: no {STUDY} inside (made by an older tune-app); export needs the study "
                          f"the run was started with")
     try:
-        cfg = config_mod.load(root / STUDY)  # also when its data or base model has moved since the run
+        cfg = config_mod.load(root / STUDY, of_run=True)  # also when its data or base model has moved since the run
     except ConfigError as e:
         raise study_error(root / STUDY, e, "be exported") from None
     if model not in cfg.models:
@@ -454,7 +454,8 @@ def model_card(sel: Selection, info: dict[str, Any], labels: dict[str, Any], met
     limit = f", first {data.limit} rows of a seeded shuffle" if data.limit else ""
     reported, reproduced = metrics["reported_by_trial"], metrics["reproduced_by_bundle"]
     split = (f"validation file `{data.validation}`" if data.validation else
-             f"{int(data.val_size * 100)}% held out with seed {data.split_seed}")
+             f"{int(data.val_size * 100)}% held out with seed {data.split_seed}"
+             f"{', stratified by label' if data.stratify else ''}")
     rows = "\n".join(f"| {m} | {_fmt(reported[m])} | {_fmt(reproduced[m])} |"
                      for m in METRICS)
     hp = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sel.params.items() if v is not None)

@@ -99,6 +99,8 @@ class DataConfig:
                                 "null: split off val_size")
     val_size: float = _f(0.2, (float,), "held-out fraction when there is no validation split", check=_fraction)
     split_seed: int = _f(42, (int,), "seed of the train/validation split and of `limit`'s shuffle", check=_seed)
+    stratify: bool = _f(True, (bool,), "split off val_size stratified by label: each class in both splits, in its "
+                        "share (false: a plain seeded shuffle, as the reference blog split)")
     limit: int | None = _f(None, (int,), "use only N rows (seeded shuffle first): smoke runs", check=_at_least_one)
     max_length: int = _f(512, (int,), "truncate texts to this many tokens", check=_at_least_one)
     positive_label: str | int | None = _f(None, (str, int), "two classes: the label that F1, precision and recall "
@@ -498,14 +500,24 @@ def notes(cfg: StudyConfig) -> list[str]:
     return found
 
 
+RUN_DEFAULTS = {("data", "stratify"): False}
+"""Keys whose default changed after runs were made: a run's study.yaml that lacks one was run with this value
+(before data.stratify, every split was a plain seeded shuffle). New runs write these keys out (save_study)."""
+
+
 def load(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True,
-         check_wandb: bool = False, check_outputs: bool = False) -> StudyConfig:
+         check_wandb: bool = False, check_outputs: bool = False, of_run: bool = False) -> StudyConfig:
     """Read, merge overrides, validate everything (data files too; with check_wandb, what W&B logging needs on
     this machine; with check_outputs, that output_dir can be written here: only for what runs a study, not for
-    reading a finished run's study.yaml elsewhere) and raise one ConfigError listing all problems."""
+    reading a finished run's study.yaml elsewhere) and raise one ConfigError listing all problems. `of_run`: the
+    file is a run's study.yaml, whose missing RUN_DEFAULTS keys mean what that run ran with."""
     errors: list[str] = []
     raw = read_yaml(path, errors)
     readable = not errors
+    if readable and of_run and isinstance(raw, dict):
+        for (section, key), value in RUN_DEFAULTS.items():
+            if isinstance(raw.get(section), dict):
+                raw[section].setdefault(key, value)
     if readable:
         raw = apply_overrides(raw, list(overrides), errors)
     # Checked even when empty (`{}`), so that its missing required keys are reported with any override errors.

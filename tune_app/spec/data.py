@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tune_app.errors import DataError
+from tune_app.errors import ConfigError, DataError
 from tune_app.spec.paths import LOCAL_FORMATS, is_hub_name, is_local_source, validation_is_file, written_as_file
 
 if TYPE_CHECKING:
@@ -129,20 +129,42 @@ def _check_frame(df: pd.DataFrame, data: DataConfig, where: str, *, apply_limit:
         errors.append(f"data.text: column {data.text!r} in {where} has {n_empty} empty value(s) (missing or only "
                       f"spaces); drop or fill them")
     if apply_limit and data.validation is None and n_classes >= 2:
-        errors.extend(_check_split_sizes(len(df), n_classes, data, where))
+        errors.extend(_split_problems(df[data.label], data, where) if not n_missing else
+                      _check_split_sizes(len(df), n_classes, data, where))
+    return errors
+
+
+def _split_problems(labels: pd.Series, data: DataConfig, where: str) -> list[str]:
+    """Why the val_size split of these labels cannot be drawn: too few rows for its sizes, or (stratified) a
+    class of one row, which cannot be in both splits. Found before Ray starts: by validate, and by load_splits."""
+    counts = labels.value_counts(dropna=False, sort=False)
+    errors = _check_split_sizes(len(labels), len(counts), data, where)
+    single = label_mapping(counts.index[counts < 2].tolist())
+    if data.stratify and single:
+        kept = f" that data.limit={data.limit} keeps" if data.limit is not None else ""
+        more = "raise data.limit or add rows" if data.limit is not None else "add rows"
+        errors.append(f"data.label: class(es) {single} have 1 row each in the {len(labels)} row(s){kept} of {where}; "
+                      f"the split (val_size={data.val_size}, stratified by label) puts every class in both splits, so "
+                      f"each needs at least 2 rows: {more} of these classes, drop them, or name a validation file "
+                      f"(data.validation), which leaves every row to training")
     return errors
 
 
 def _check_split_sizes(rows: int, n_classes: int, data: DataConfig, where: str) -> list[str]:
-    """The val_size split must leave a validation row and at least one train row per class."""
+    """The val_size split must leave at least one train row per class, and a validation row (one per class when
+    stratified)."""
     n_val = math.ceil(data.val_size * rows)  # as datasets' train_test_split(test_size=val_size) rounds
     n_train = rows - n_val
-    if n_val >= 1 and n_train >= n_classes:
+    need_val = n_classes if data.stratify else 1
+    if n_val >= need_val and n_train >= n_classes:
         return []
     key = "data.limit" if data.limit is not None else "data.source"
+    fix = "use more rows, or a larger data.val_size" if n_train >= n_classes and rows >= 2 * n_classes else \
+        "use more rows"
     return [f"{key}: {rows} row(s) of {where} split with val_size={data.val_size} leave {n_train} train / "
-            f"{n_val} validation row(s); {n_classes} classes need at least {n_classes} train rows and 1 "
-            f"validation row (use more rows)"]
+            f"{n_val} validation row(s); {n_classes} classes need at least {n_classes} train rows and {need_val} "
+            f"validation row{'s (one per class: the split is stratified by label)' if data.stratify else ''} "
+            f"({fix})"]
 
 
 def check_source(data: DataConfig) -> list[str]:
@@ -282,17 +304,55 @@ def _refuse_mixed_labels(frame: pd.DataFrame, data: DataConfig, where: str) -> N
 
 def _refuse_empty_classes(order: list[Any], train: np.ndarray, val: np.ndarray, data: DataConfig) -> None:
     """Every class needs training rows (it is never learned otherwise: its class weight would be 0) and, in the
-    split tune_app draws itself, validation rows (its F1 would be scored on nothing)."""
+    split tune_app draws itself, validation rows (its F1 would be scored on nothing). A stratified split always
+    has them (_split_problems refused it otherwise); an unstratified one may not."""
     for split, labels in (("training", train), ("validation", val)):
         if split == "validation" and data.validation is not None:
             continue  # the user's own validation file: what it holds is theirs to choose
-        empty = [order[i] for i, n in enumerate(np.bincount(labels, minlength=len(order))) if n == 0]
-        if empty:
+        missing = np.flatnonzero(np.bincount(labels, minlength=len(order)) == 0)
+        if len(missing):
+            empty = [order[i] for i in missing]
             drawn = (f"data.source's {len(train)} row(s)" if data.validation is not None else
                      f"the split (val_size={data.val_size}, split_seed={data.split_seed}) of "
                      f"{len(train) + len(val)} row(s)")
+            rows = np.bincount(np.concatenate([train, val]), minlength=len(order))
+            stratify = (", data.stratify: true" if data.validation is None and not data.stratify
+                        and (rows[missing] >= 2).all() else "")  # it puts a class of 2 rows or more in both splits
             raise DataError(f"data.label: class(es) {empty} have no {split} row in {drawn}; every class needs rows "
-                            f"in both splits: use more rows (data.limit), another data.val_size, or drop the class")
+                            f"in both splits: use more rows (data.limit), another data.val_size{stratify}, or drop "
+                            f"the class")
+
+
+def _validation_quotas(counts: np.ndarray, n_val: int) -> np.ndarray:
+    """Validation rows per class: its share of n_val (the largest remainders, then the first classes, take the
+    rounding), but at least 1 and at most count - 1, so that every class is in both splits. _split_problems has
+    checked that this is possible (every count >= 2, and n_val between the number of classes and rows - classes)."""
+    total = int(counts.sum())
+    quotas = np.clip(counts * n_val // total, 1, counts - 1)
+    while (gap := n_val - int(quotas.sum())) != 0:  # fewer steps than classes
+        behind = counts * n_val - quotas * total  # how far each class is below its exact share (x total)
+        if gap > 0:
+            quotas[np.argmax(np.where(quotas < counts - 1, behind, np.iinfo(np.int64).min))] += 1
+        else:
+            quotas[np.argmin(np.where(quotas > 1, behind, np.iinfo(np.int64).max))] -= 1
+    return quotas
+
+
+def _stratified_rows(labels: pd.Series, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the train and validation rows of a split stratified by label: one seeded shuffle (split_seed),
+    and each class's first quota rows in it go to validation. The split sizes are the unstratified split's."""
+    import pandas as pd
+
+    codes, _ = pd.factorize(labels, use_na_sentinel=False)
+    counts = np.bincount(codes)
+    quotas = _validation_quotas(counts, math.ceil(data.val_size * len(codes)))
+    order = np.random.default_rng(data.split_seed).permutation(len(codes))
+    classes = codes[order]
+    by_class = np.argsort(classes, kind="stable")  # positions in `order`, class by class, each in shuffled order
+    rank = np.empty_like(by_class)  # of each row among its class's rows in `order`
+    rank[by_class] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    held_out = rank < quotas[classes]
+    return order[~held_out], order[held_out]
 
 
 def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Splits:
@@ -312,7 +372,12 @@ def load_splits(data: DataConfig, label_order: list[Any] | None = None) -> Split
                                                                    source[data.label])):
             raise DataError(errors[0])
         val = datasets.Dataset.from_pandas(val_frame[[data.text, data.label]], preserve_index=False)
-    else:
+    elif errors := _split_problems(df[data.label], data, repr(data.source)):
+        raise ConfigError(errors)
+    elif data.stratify:
+        train_rows, val_rows = _stratified_rows(df[data.label], data)
+        train, val = full.select(train_rows), full.select(val_rows)
+    else:  # the reference experiment's split: datasets' seeded shuffle
         parts = full.train_test_split(test_size=data.val_size, seed=data.split_seed)
         train, val = parts["train"], parts["test"]
     order = label_order or positive_last(label_mapping(list(train[data.label]) + list(val[data.label])), data)

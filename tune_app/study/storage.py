@@ -31,9 +31,12 @@ def new_run_dir(cfg: StudyConfig) -> RunDir:
 
 
 def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
-    """The merged study with local paths made absolute and output_dir pinned, so it reruns from anywhere."""
+    """The merged study with local paths made absolute, output_dir pinned and the keys whose default may change
+    written out (config.RUN_DEFAULTS), so it reruns from anywhere, the same."""
     raw = absolute_paths(cfg.raw)
     raw["output_dir"] = run.storage_path
+    for section, key in config_mod.RUN_DEFAULTS:
+        raw.setdefault(section, {})[key] = getattr(getattr(cfg, section), key)
     return raw
 
 
@@ -58,4 +61,4 @@ def load_run_config(run: RunDir) -> StudyConfig:
     run.local.mkdir(parents=True, exist_ok=True)
     if run.remote:
         (run.local / STUDY).write_text(run.read_text(STUDY))
-    return config_mod.load(run.local / STUDY, check_wandb=True, check_outputs=True)
+    return config_mod.load(run.local / STUDY, check_wandb=True, check_outputs=True, of_run=True)
