@@ -15,15 +15,29 @@ IGNORE_INDEX = -100
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffled batches of similar-length rows: a seeded shuffle, sorted within chunks of 50 batches, then the
-    batches themselves shuffled. Little padding, and the batch order stays random."""
-    order = rng.permutation(len(lengths))
-    chunk = batch_size * 50
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = order[start:start + chunk]
-        part = part[np.argsort(-lengths[part], kind="stable")]
-        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    """One epoch's batches: rows grouped by the padding bucket they fall in (`bucket_widths` up to the longest row:
+    the widths a compiled step pads to, whatever data.max_length is), shuffled within each group, and cut into
+    full batches; each group's remainder (fewer than batch_size rows) joins the others', narrowest first, cut into
+    full batches with the one short batch at a random place; then the batches are shuffled. A batch pads to its
+    group's width (one of remainders, to the widest of theirs), and its rows change every epoch, where sorting by
+    length would put the same rows together epoch after epoch, and the shortest always in the short batch."""
+    if not len(lengths):
+        return []
+    widths = np.asarray(bucket_widths(max(1, int(lengths.max()))))
+    bucket = np.searchsorted(widths, lengths)  # index of the first width >= the row's length: padded_width's
+    batches, remainders = [], []
+    for b in np.unique(bucket):
+        rows = rng.permutation(np.flatnonzero(bucket == b))
+        full = len(rows) - len(rows) % batch_size
+        batches.extend(rows[i:i + batch_size] for i in range(0, full, batch_size))
+        remainders.append(rows[full:])
+    pool = np.concatenate(remainders)
+    short = len(pool) % batch_size
+    at = batch_size * int(rng.integers(len(pool) // batch_size + 1)) if short else len(pool)
+    batches.extend(pool[i:i + batch_size] for i in range(0, at, batch_size))
+    if short:
+        batches.append(pool[at:at + short])
+    batches.extend(pool[i:i + batch_size] for i in range(at + short, len(pool), batch_size))
     rng.shuffle(batches)
     return batches
 
