@@ -1,7 +1,7 @@
-"""Training batches (tune_app.train.batching.length_grouped_batches): every row once an epoch, rows grouped by the
-padding bucket they fall in, and batches whose rows change from epoch to epoch. Measured on the real token lengths
-of the disaster tweets against the sorted-by-length batching it replaced and against random batches (`pytest -s`
-prints the figures)."""
+"""Training batches (tune_app.train.batching.length_grouped_batches): every row once an epoch, rows grouped by
+length within the padding bucket they fall in, and batches whose rows change from epoch to epoch. Measured on the
+real token lengths of the disaster tweets against the sorted-by-length batching it replaced and against random
+batches (`pytest -s` prints the figures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tune_app.spec.data import limit_rows
-from tune_app.train.batching import bucket_widths, length_grouped_batches, padded_width
+from tune_app.train.batching import GROUP_BATCHES, bucket_widths, length_grouped_batches, length_groups, padded_width
 
 SIZES = ((240, 16), (800, 16), (6090, 32))
 """(rows, batch size): a smoke run's data, a small study's, and the blog's training split."""
@@ -36,7 +36,7 @@ def random_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-METHODS = {"sorted (before)": sorted_in_chunks, "by width (now)": length_grouped_batches, "random": random_batches}
+METHODS = {"sorted (before)": sorted_in_chunks, "grouped (now)": length_grouped_batches, "random": random_batches}
 
 
 def epoch(method, lengths: np.ndarray, batch_size: int, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -118,15 +118,27 @@ def test_the_short_batch_is_not_always_the_shortest_rows(tweet_lengths):
     assert all(sorted(lengths[b]) == sorted(lengths)[:len(b)] for b in before)  # 250 rows: one chunk
 
 
+def test_groups_hold_rows_of_one_bucket_and_enough_of_them():
+    lengths = np.random.default_rng(7).integers(1, 300, size=3000)
+    groups = length_groups(lengths, 16)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(3000))
+    widths = bucket_widths(300)
+    for group in groups:
+        assert len({padded_width(int(n), widths) for n in lengths[group]}) == 1
+        bucket_rows = sum(padded_width(int(n), widths) == padded_width(int(lengths[group[0]]), widths)
+                          for n in lengths)
+        assert len(group) >= min(GROUP_BATCHES * 16, bucket_rows)
+
+
 def test_rows_meet_other_rows_every_epoch_with_little_more_padding(tweet_lengths):
     """Of the pairs of tweets that share a batch in one epoch, the share that meet again in the next: with the
     sorted batching most (it sorts every epoch's rows into nearly the same batches); with random batches
-    (B - 1) / (N - 1). Here rows are random within their padding width: a pair in a width of G rows meets again
-    with chance (B - 1) / (G - 1), and as each width holds pairs in proportion to its rows, the rate is about K
-    times random batches', K the widths that hold rows (those of a width with fewer rows than a batch are all
-    remainders, which meet again more often: the bound allows a quarter more).
-    Padding stays at the sorted batching's for a compiled step (a batch pads to its width either way), and within
-    30% of it for an eager step (multiples of 8: the sorted batches padded to their own longest row)."""
+    (B - 1) / (N - 1). Here rows are random within their group: a pair in a group of G rows meets again with
+    chance (B - 1) / (G - 1), and as each group holds pairs in proportion to its rows, the rate is about K times
+    random batches', K the groups (remainders, fewer than a batch per group, meet again more often: the bound
+    allows a quarter more).
+    Padding stays at the sorted batching's for a compiled step (a batch pads to its bucket either way), and within
+    20% of it for an eager step (multiples of 8: the sorted batches padded to their own longest row)."""
     widths = bucket_widths(512)
     print()
     for rows, batch_size in SIZES:
@@ -134,15 +146,15 @@ def test_rows_meet_other_rows_every_epoch_with_little_more_padding(tweet_lengths
         rate = {name: repeat_rate(method, lengths, batch_size) for name, method in METHODS.items()}
         compiled = {name: padding_overhead(method, lengths, batch_size, widths) for name, method in METHODS.items()}
         eager = {name: padding_overhead(method, lengths, batch_size, None) for name, method in METHODS.items()}
-        k = len({padded_width(int(n), widths) for n in lengths})
-        print(f"{rows} rows, batch {batch_size}, {k} widths: met again in the next epoch "
+        k = len(length_groups(lengths, batch_size))
+        print(f"{rows} rows, batch {batch_size}, {k} groups: met again in the next epoch "
               + ", ".join(f"{name} {value:.1%}" for name, value in rate.items())
               + "; padded / real tokens, compiled: " + ", ".join(f"{n} {v:.3f}" for n, v in compiled.items())
               + "; eager: " + ", ".join(f"{n} {v:.3f}" for n, v in eager.items()))
-        now, before, random = rate["by width (now)"], rate["sorted (before)"], rate["random"]
+        now, before, random = rate["grouped (now)"], rate["sorted (before)"], rate["random"]
         assert random == pytest.approx((batch_size - 1) / (rows - 1), rel=0.3)
         assert now <= 1.25 * k * random, (rows, now, random, k)
         assert now < before / 3, (rows, now, before)
-        assert compiled["by width (now)"] <= 1.02 * compiled["sorted (before)"], (rows, compiled)
-        assert eager["by width (now)"] <= 1.3 * eager["sorted (before)"], (rows, eager)
-        assert eager["by width (now)"] < eager["random"] and compiled["by width (now)"] < compiled["random"]
+        assert compiled["grouped (now)"] <= 1.02 * compiled["sorted (before)"], (rows, compiled)
+        assert eager["grouped (now)"] <= 1.2 * eager["sorted (before)"], (rows, eager)
+        assert eager["grouped (now)"] < eager["random"] and compiled["grouped (now)"] < compiled["random"]

@@ -14,20 +14,46 @@ IGNORE_INDEX = -100
 """Label of filler rows: cross-entropy skips them."""
 
 
+GROUP_BATCHES = 4
+"""Rows of a batching group, at least: this many batches' worth (a bucket with fewer rows is one group)."""
+
+
+def length_groups(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Rows of similar length, for batches to be drawn from: within each padding bucket (`bucket_widths` up to the
+    longest row, the widths a compiled or graphed step pads to), rows of neighbouring multiples of 8 tokens (an
+    eager step's padding) join until a group holds GROUP_BATCHES batches' worth; a bucket's widest rows too few for
+    a group of their own join the group before them. Depends on the lengths alone, not on the step, so a packed
+    trial draws its solo run's batches."""
+    buckets = np.searchsorted(np.asarray(bucket_widths(max(1, int(lengths.max())))), lengths)  # as padded_width
+    eights = (lengths + 7) // 8
+    out = []
+    for bucket in np.unique(buckets):
+        inside = np.flatnonzero(buckets == bucket)
+        groups, group = [], []
+        for eight in np.unique(eights[inside]):
+            group.extend(inside[eights[inside] == eight])
+            if len(group) >= GROUP_BATCHES * batch_size:
+                groups.append(group)
+                group = []
+        if group:
+            groups[-1:] = [(groups[-1] if groups else []) + group]
+        out.extend(np.asarray(g, dtype=np.int64) for g in groups)
+    return out
+
+
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One epoch's batches: rows grouped by the padding bucket they fall in (`bucket_widths` up to the longest row:
-    the widths a compiled step pads to, whatever data.max_length is), shuffled within each group, and cut into
-    full batches; each group's remainder (fewer than batch_size rows) joins the others', narrowest first, cut into
-    full batches with the one short batch at a random place; then the batches are shuffled. A batch pads to its
-    group's width (one of remainders, to the widest of theirs), and its rows change every epoch, where sorting by
-    length would put the same rows together epoch after epoch, and the shortest always in the short batch."""
+    """One epoch's batches: rows of similar length, but not the same rows together every epoch.
+
+    Each of the `length_groups` is shuffled anew every epoch and cut into full batches; the groups' remainders are
+    pooled narrowest first and cut with the one short batch at a random place; then the batches are shuffled. No
+    batch crosses a padding bucket (except among remainders), so a compiled step pads as sorting by length would,
+    and an eager one little more; and a row's batch-mates change every epoch, where sorting put the same rows
+    together epoch after epoch and the shortest always in the short batch."""
     if not len(lengths):
         return []
-    widths = np.asarray(bucket_widths(max(1, int(lengths.max()))))
-    bucket = np.searchsorted(widths, lengths)  # index of the first width >= the row's length: padded_width's
     batches, remainders = [], []
-    for b in np.unique(bucket):
-        rows = rng.permutation(np.flatnonzero(bucket == b))
+    for group in length_groups(lengths, batch_size):
+        rows = rng.permutation(group)
         full = len(rows) - len(rows) % batch_size
         batches.extend(rows[i:i + batch_size] for i in range(0, full, batch_size))
         remainders.append(rows[full:])
