@@ -57,7 +57,8 @@ def assert_same_training(solo, packed):
         assert p_adapter.keys() == adapter.keys()
         for key, tensor in adapter.items():
             torch.testing.assert_close(p_adapter[key], tensor, rtol=1e-5, atol=1e-6)
-        assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "trainer_state.pt"} <= set(files)
+        assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "trainer_state.pt",
+                "val_predictions.npy"} <= set(files)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -112,6 +113,36 @@ def test_trials_join_a_running_pack_and_leave_it_empty(tiny_models):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(p.requires_grad for p in base.model.parameters())
+
+
+def test_a_trial_with_its_own_seed_trains_its_own_run_in_the_pack(tiny_models):
+    """Confirmation trials carry their own seed: in a pack beside the pack's seed, the one with the pack's seed
+    trains exactly its solo run, the other another run (its adapter, dropout and data order drawn from its seed),
+    and each checkpoint records its seed and its validation predictions."""
+    import json
+
+    import numpy as np
+
+    from tune_app.spec.rundir import VAL_PREDICTIONS
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=40, n_val=16, vocab=1000)
+    same = make_config(**TRIALS["a"])
+    configs = {"own": same, "other": {**same, "seed": ctx.seed + 1}}
+    seen = {}
+
+    def report(name, metrics, directory):
+        seen[name] = (json.loads(open(os.path.join(directory, "metrics.json")).read()),
+                      np.load(os.path.join(directory, VAL_PREDICTIONS)), sorted(os.listdir(directory)))
+
+    packed = run_pack(configs, ctx)
+    assert_same_training(solo_runs({"own": same}, ctx)["own"], packed["own"])
+    assert packed["other"][-1][0]["train_loss"] != pytest.approx(packed["own"][-1][0]["train_loss"], rel=1e-6)
+    memory.clear()
+    fit_pack(configs, ctx, report=report, threads=1)
+    assert seen["own"][0]["seed"] == ctx.seed and seen["other"][0]["seed"] == ctx.seed + 1
+    for metrics, predictions, _ in seen.values():  # the predictions the epoch's metrics were computed from
+        labels = ctx.data_refs["toy"].val.labels
+        assert predictions.shape == (16,) and metrics["accuracy"] == pytest.approx(np.mean(predictions == labels))
 
 
 def test_trials_that_train_the_base_biases_are_not_packed():

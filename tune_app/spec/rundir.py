@@ -9,7 +9,8 @@ between them. Nothing here imports Ray or torch.
     trials.csv          one row per trial
     best_config.yaml    the winner as a study YAML that retrains it
     asha_rungs.pkl      ASHA's rungs (resume continues them)
-    <model>_<trial>/    Ray Tune's trial folder: result.json, checkpoint_*/ (adapter, trainer_state.pt, metrics.json)
+    <model>_<trial>/    Ray Tune's trial folder: result.json, checkpoint_*/ (adapter, trainer_state.pt, metrics.json,
+                        val_predictions.npy)
     wandb/              W&B's offline runs
 """
 
@@ -53,6 +54,9 @@ STATE_FILE = "trainer_state.pt"
 """In each checkpoint: optimizer, schedule, loss scaler, epoch, micro-batch and clock (what a resume restores)."""
 CHECKPOINT_METRICS = "metrics.json"
 """In each checkpoint: the epoch's metrics, the trial's hyperparameters and its model (what export reads)."""
+VAL_PREDICTIONS = "val_predictions.npy"
+"""In each checkpoint: the epoch's predicted class of every validation row, in row order (what the study's
+bootstrap intervals resample)."""
 
 
 @dataclass(frozen=True)

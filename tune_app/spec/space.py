@@ -22,6 +22,8 @@ import yaml
 
 MODEL_KEY = "model"
 """The key of a trial's config that names the model it trains (beside its hyperparameters)."""
+SEED_KEY = "seed"
+"""The key of a trial's config that sets its training seed (confirmation trials); without it, train.seed."""
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
 TARGET_MODULE_PRESETS = ("attention_qv", "attention", "all_linear")

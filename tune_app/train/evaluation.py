@@ -47,12 +47,14 @@ def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, d
 
 
 def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
-             loss_weights: np.ndarray | None) -> dict[str, float]:
-    """Validation metrics, the (class-weighted) cross-entropy, and eval_batch_size: the batch size that fit."""
+             loss_weights: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+    """Validation metrics, the (class-weighted) cross-entropy and eval_batch_size (the batch size that fit); and
+    the predicted class of every row."""
     logits, fitted = predict_logits(model, split, pad_id, batch_size, device, autocast)
-    metrics = classification_metrics(split.labels, logits.argmax(-1), model.config.num_labels)
+    predictions = logits.argmax(-1)
+    metrics = classification_metrics(split.labels, predictions, model.config.num_labels)
     return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights),
-            "eval_batch_size": fitted}
+            "eval_batch_size": fitted}, predictions
 
 
 def eager():

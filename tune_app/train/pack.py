@@ -97,6 +97,8 @@ class Slot:
     optimizer: Any = None
     scheduler: Any = None
     epoch: int = 0
+    predictions: np.ndarray | None = None
+    """Its last evaluation's predicted class of every validation row (for its checkpoint)."""
     batches: list[np.ndarray] = field(default_factory=list)
     batch_index: int = 0
     micro_start: int = 0
@@ -176,7 +178,7 @@ class Pack:
 
     def __init__(self, base, *, train: TokenizedSplit, epochs: int, class_weights: np.ndarray | None,
                  num_labels: int, target_modules: tuple[str, ...] | None = None, autocast=contextlib.nullcontext,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", seed: int = 0):
         import torch
 
         self.base = base
@@ -191,6 +193,8 @@ class Pack:
         self.prepare_mask: Callable | None = None
         """What a packed forward gets as its attention mask (train.model.mask_preparer, made with the model)."""
         self.slots: dict[str, Slot] = {}
+        self.seed = seed
+        """The seed the base was loaded with (torch.manual_seed right before the load)."""
         self.random_state = random_state()
         """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
         self._attention_dropout = _attention_dropout(base.model.config)
@@ -199,7 +203,9 @@ class Pack:
 
     def join(self, name: str, params: dict[str, Any], seed: int) -> Slot:
         """Add a trial: its LoRA adapter and head copy, initialised from the post-load random state as its solo run
-        initialises them, its optimizer and schedule, and its own random stream from there on."""
+        initialises them, its optimizer and schedule, and its own random stream from there on. A trial with another
+        seed than the pack's (a confirmation trial) draws its adapter and stream from its own seed; its head starts
+        as the pack's base loaded it, where its solo run would draw the head from its seed too."""
         import torch
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import get_scheduler
@@ -217,7 +223,10 @@ class Pack:
             lora_dropout=float(params["lora_dropout"]), bias="none", use_rslora=bool(params["use_rslora"]),
             target_modules=targets, fan_in_fan_out=bool(family and family.fan_in_fan_out),
             modules_to_save=modules_to_save(family, self.base.loading))
-        set_random_state(self.random_state)
+        if seed == self.seed:
+            set_random_state(self.random_state)
+        else:
+            torch.manual_seed(seed)
         if self.model is None:
             self.model = get_peft_model(self.base.model, lora, adapter_name=name)
             self.prepare_mask = mask_preparer(self.model, self.base.family, self.precision)
@@ -302,22 +311,27 @@ class Pack:
                 slot.optimizer_step()
 
     def evaluate(self, name: str, val: TokenizedSplit, batch_size: int, class_weights: np.ndarray | None):
-        """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast)."""
+        """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast); its
+        predictions are kept for its checkpoint."""
         from tune_app.train.evaluation import eager, evaluate
 
         self.model.eval()
         with self.alone(name), eager():
-            return evaluate(self.model, val, self.base.pad_id, batch_size, self.device, self.autocast, class_weights)
+            metrics, self.slots[name].predictions = evaluate(self.model, val, self.base.pad_id, batch_size,
+                                                             self.device, self.autocast, class_weights)
+        return metrics
 
     def checkpoint(self, name: str, folder: str | Path, *, metrics: dict[str, Any], model_name: str,
                    train_seconds: float) -> None:
-        """A trial's checkpoint, the one its solo run writes: adapter and head, training state, metrics."""
-        from tune_app.spec.space import MODEL_KEY
+        """A trial's checkpoint, the one its solo run writes: adapter and head, training state, metrics,
+        predictions."""
+        from tune_app.spec.space import MODEL_KEY, SEED_KEY
 
         slot = self.slots[name]
         self.save(name, folder)
         checkpoint.write(folder, state=slot.state_dict(), epoch=metrics["epoch"], train_seconds=train_seconds,
-                         metrics=metrics, identity={"config": slot.params, MODEL_KEY: model_name})
+                         metrics=metrics, identity={"config": slot.params, MODEL_KEY: model_name, SEED_KEY: slot.seed},
+                         predictions=slot.predictions)
 
     @contextlib.contextmanager
     def alone(self, name: str):
@@ -538,7 +552,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
 
     import torch
 
-    from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
+    from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
     from tune_app.train.memory import release_memory
     from tune_app.train.model import quiet_libraries, trial_base
 
@@ -555,11 +569,11 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
     base = trial_base(spec, ctx.label_names, precision="fp32")
     pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
-                target_modules=spec.target_modules)
+                target_modules=spec.target_modules, seed=ctx.seed)
     history: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
     for name, config in configs.items():
-        slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, ctx.seed)
+        slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, config.get(SEED_KEY, ctx.seed))
         slot.start_epoch(data.train, 0)
         history[name], started[name] = [], time.perf_counter()
     while pack.slots:
@@ -649,7 +663,7 @@ class PackServer:
     def join(self, trial_id: str, config: dict[str, Any], resume_dir: str | None = None) -> None:
         import time
 
-        from tune_app.spec.space import HYPERPARAMETERS
+        from tune_app.spec.space import HYPERPARAMETERS, SEED_KEY
 
         t0 = time.perf_counter()
         running = self.pack is not None  # read without the lock: only a pack being loaded can change it
@@ -658,7 +672,8 @@ class PackServer:
             if loaded:
                 self._load()
             t_load = time.perf_counter()
-            slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS}, self.ctx.seed)
+            slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS},
+                                  config.get(SEED_KEY, self.ctx.seed))
             trial = self.trials[trial_id] = _Trial(started=time.perf_counter(), joined=t0)
             trial.setup = dict(setup_time_s=trial.started - t0, imports_s=0.0, data_fetch_s=0.0,
                                model_load_s=t_load - t0 if loaded else 0.0, base_reused=not loaded, compile_time_s=0.0,
@@ -741,7 +756,7 @@ class PackServer:
         base.model.to(self.device)
         self.pack = Pack(base, train=self.data.train, epochs=self.ctx.epochs, class_weights=self.weights,
                          num_labels=len(self.ctx.label_names), target_modules=spec.target_modules,
-                         autocast=self.autocast, precision=precision)
+                         autocast=self.autocast, precision=precision, seed=self.ctx.seed)
 
     def _run(self) -> None:
         import time

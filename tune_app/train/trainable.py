@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
+from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 from tune_app.train import checkpoint, memory
 from tune_app.train.batching import bucket_widths, length_grouped_batches
 from tune_app.train.evaluation import eager, evaluate
@@ -127,9 +127,9 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     quiet_libraries()
     release_memory()  # what this process's previous trial left (tune_app.train.memory)
     params = {name: config[name] for name in HYPERPARAMETERS}
-    spec = ctx.models[config[MODEL_KEY]]
+    spec, seed = ctx.models[config[MODEL_KEY]], config.get(SEED_KEY, ctx.seed)
     torch.set_num_threads(threads or _assigned_cpus())  # a trial's step uses exactly the cores it was given
-    torch.manual_seed(ctx.seed)
+    torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     data = fetch(ctx.data_refs[spec.data_key])
@@ -137,7 +137,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
 
     # Set up: the base (kept from this worker's last trial of the model, or loaded), LoRA, the step.
     autocast, precision = autocast_factory(device, ctx.precision)
-    lease = memory.take((spec, tuple(ctx.label_names), on_gpu, precision, ctx.seed), lambda: trial_base(
+    lease = memory.take((spec, tuple(ctx.label_names), on_gpu, precision, seed), lambda: trial_base(
         spec, ctx.label_names, on_gpu=on_gpu, precision=precision))
     model, family, pad_id = build_model(spec, params, ctx.label_names, base=lease.base)
     model.to(device)
@@ -157,7 +157,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     start_epoch, train_seconds = _resume(model, step, resume_dir, device) if resume_dir else (0, 0.0)
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:  # the trial's own data order, the same on every resume
-        return length_grouped_batches(data.train.lengths, step.batch_size, np.random.default_rng([ctx.seed, epoch]))
+        return length_grouped_batches(data.train.lengths, step.batch_size, np.random.default_rng([seed, epoch]))
 
     # Warm up: capture or compile every padding bucket before the clock starts.
     _sync_and_reset_peak(on_gpu)  # the peak from here on: warm-up (where graphs are captured) and training
@@ -185,7 +185,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
 
         t0 = time.perf_counter()
         with eager():
-            metrics = evaluate(model, data.val, pad_id, eval_batch, device, autocast, weights)
+            metrics, predictions = evaluate(model, data.val, pad_id, eval_batch, device, autocast, weights)
         eval_batch = metrics["eval_batch_size"]  # halved by an OOM: stays halved for the next epochs
         metrics.update(
             epoch=epoch + 1, train_loss=train_loss, train_time_s=train_seconds, epoch_time_s=epoch_seconds,
@@ -194,7 +194,8 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
             autocast=precision, compiled=use_compile, compiled_graphs=compiled_graphs() - graphs_before,
             cuda_graphs=len(step.graphs or ()), device=device.type, threads=torch.get_num_threads(),
             **peak_memory_mb(on_gpu))
-        _checkpoint_and_report(model, step, lease, metrics, {"config": params, MODEL_KEY: config[MODEL_KEY]},
+        _checkpoint_and_report(model, step, lease, metrics,
+                               {"config": params, MODEL_KEY: config[MODEL_KEY], SEED_KEY: seed}, predictions,
                                train_seconds=train_seconds, last=epoch + 1 == ctx.epochs, report=report)
         history.append(metrics)
     if start_epoch >= ctx.epochs:  # resumed after its last epoch: nothing trained, nothing reported
@@ -235,9 +236,11 @@ def _resume(model, step: TrainStep, resume_dir: str, device) -> tuple[int, float
     return state["epoch"], state["train_seconds"]
 
 
-def _checkpoint_and_report(model, step: TrainStep, lease, metrics: dict[str, Any], identity: dict[str, Any], *,
+def _checkpoint_and_report(model, step: TrainStep, lease, metrics: dict[str, Any], identity: dict[str, Any],
+                           predictions: np.ndarray, *,
                            train_seconds: float, last: bool, report: Callable[[dict[str, Any], str], None]) -> None:
-    """Write the epoch's checkpoint (adapter and head only, the step's state, the metrics) and report it.
+    """Write the epoch's checkpoint (adapter and head only, the step's state, the metrics, the validation
+    predictions) and report it.
 
     From here on the trial frees nothing (tune_app.train.memory): its model and optimizer are kept for the next
     trial to free, and its base is given back before the last report, since Tune may end the worker once it has
@@ -245,7 +248,7 @@ def _checkpoint_and_report(model, step: TrainStep, lease, metrics: dict[str, Any
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # adapter + classification head only, never the base weights
         checkpoint.write(tmp, state=step.state_dict(), epoch=metrics["epoch"], train_seconds=train_seconds,
-                         metrics=metrics, identity=identity)
+                         metrics=metrics, identity=identity, predictions=predictions)
         memory.keep(*step.held())
         if last:
             lease.give_back()
