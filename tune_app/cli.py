@@ -100,7 +100,11 @@ def _report(summary: dict) -> int:
     print(format_table(summary))
     best = summary["best"]
     if best:
-        print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}")
+        confirmed = best.get("confirmed")
+        confirmed = (f" (confirmed: mean {confirmed['mean']:.4f} over seeds {', '.join(map(str, confirmed['seeds']))};"
+                     f" its best seed)" if confirmed else "")
+        print(f"\nbest: {best['model']} trial {best['trial_id']} {summary['metric']}={best[summary['metric']]:.4f}"
+              f"{confirmed}")
     print(f"run directory: {summary['run_dir']}")
     if partial := unfinished(summary):
         print(f"interrupted: {partial} finished (kept); continue with: {summary['resume_command']}")

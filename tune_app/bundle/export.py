@@ -63,7 +63,7 @@ from tune_app.spec.rundir import (
     retrain_yaml,
     unfinished,
 )
-from tune_app.spec.space import HYPERPARAMETERS
+from tune_app.spec.space import HYPERPARAMETERS, SEED_KEY
 from tune_app.train.metrics import weighted_cross_entropy
 
 DEFAULT_OUT = "best"
@@ -92,6 +92,18 @@ class Selection:
     @property
     def params(self) -> dict[str, Any]:
         return {name: self.reported["config"].get(name) for name in HYPERPARAMETERS}
+
+    @property
+    def seed(self) -> int:
+        """The seed the trial trained with: a confirmation trial's own, else train.seed."""
+        return int(self.reported.get(SEED_KEY, self.cfg.train.seed))
+
+    @property
+    def confirmed(self) -> dict[str, Any] | None:
+        """Its configuration's confirmation (mean, spread and interval over seeds) when this trial is its model's
+        confirmed best seed (tune.confirm); None otherwise."""
+        entry = self.summary.get("models", {}).get(self.model) or {}
+        return entry.get("confirmed") if entry.get("best_trial") == self.trial_id else None
 
 
 # --------------------------------------------------------------------------------------------- what to export
@@ -271,6 +283,8 @@ def manifest(sel: Selection) -> dict[str, Any]:
         "base": {"checkpoint": model.checkpoint, "revision": model.revision, "dtype": model.dtype,
                  "trust_remote_code": model.trust_remote_code, "target_modules": model.target_modules},
         "hyperparameters": sel.params,
+        "seed": sel.seed,
+        "confirmed": sel.confirmed,
         "data": {"text_column": sel.cfg.data.text, "label_column": sel.cfg.data.label,
                  "max_length": sel.cfg.data.max_length},
         "inference": {"batch_size": sel.cfg.train.eval_batch_size, "precision": sel.cfg.train.precision},
@@ -294,7 +308,8 @@ def bundle_best_config(sel: Selection) -> str:
     header = (f"# {'Best' if sel.is_best else 'Trial'} of study run {sel.run_dir.name}: model {sel.model}, "
               f"trial {sel.trial_id}, {metric} = {sel.reported[metric]:.4f} (epoch {sel.reported.get('epoch')}).\n")
     return retrain_yaml(dataclasses.replace(sel.cfg, raw=raw), sel.model,
-                        {k: v for k, v in sel.params.items() if v is not None}, header)
+                        {k: v for k, v in sel.params.items() if v is not None}, header,
+                        seed=sel.seed if sel.seed != sel.cfg.train.seed else None)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -447,6 +462,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _confirmation_text(sel: Selection) -> str:
+    """The card's account of tune.confirm: how this configuration fared on fresh seeds, and what to expect."""
+    confirmed, metric = sel.confirmed, sel.cfg.tune.metric
+    if confirmed is None:
+        if sel.cfg.tune.confirm.enabled:
+            return "\nThis trial is not its model's confirmed winner (summary.json, `confirmation`).\n"
+        return (f"\nNot confirmed (tune.confirm off): its {metric} is the best of the search's trials, chosen on "
+                f"the same validation rows it is scored on, so expect somewhat less on new data.\n")
+    values = ", ".join(f"{_fmt(v) if v is not None else 'failed'} (seed {s})"
+                       for v, s in zip(confirmed["values"], confirmed["seeds"]))
+    spread = (f", standard deviation {_fmt(confirmed['std'])}, 95% interval of the mean "
+              f"[{_fmt(confirmed['ci95'][0])}, {_fmt(confirmed['ci95'][1])}]" if confirmed["ci95"] else "")
+    return (f"\n## Confirmation\n\nAfter the search (its trial `{confirmed['search_trial']}` found this "
+            f"configuration), it trained again with {len(confirmed['seeds'])} other seeds: {metric} {values}; "
+            f"mean {_fmt(confirmed['mean'])}{spread}. It won its model on that mean, which no selection has "
+            f"flattered; this bundle is its best seed ({sel.seed}), so expect about the mean on new data.\n")
+
+
 def model_card(sel: Selection, info: dict[str, Any], labels: dict[str, Any], metrics: dict[str, Any],
                merged: bool) -> str:
     """README.md: what the bundle is, how it was made and scored, and how to reproduce and use it."""
@@ -515,9 +548,9 @@ A LoRA adapter with its trained classification head for `{base['checkpoint']}`, 
 |---|---|
 {hp}
 
-Training: {sel.cfg.train.epochs} epoch(s) planned, seed {sel.cfg.train.seed}, class-weighted loss:
+Training: {sel.cfg.train.epochs} epoch(s) planned, seed {sel.seed}, class-weighted loss:
 {'yes' if sel.cfg.train.weighted_loss else 'no'}. The complete study is `best_config.yaml`.
-
+{_confirmation_text(sel)}
 ## Reproduce
 
 Locally (retrains this configuration as one trial):

@@ -1,11 +1,13 @@
 """The study report: `report.md` plus PNG plots in the run directory, from the files a run leaves there.
 
-    summary.json            which trial is best per model, data and label facts
+    summary.json            which trial is best per model, data and label facts, bootstrap intervals, confirmation
     trials.csv              one row per trial (hyperparameters, status, epochs, best/final metric, time, memory)
     <model>_<trial_id>/result.json (or progress.csv)   each trial's per-epoch history (Ray Tune writes it)
 
-The first table is the one the reference blog shows (best F1, precision, recall, accuracy, wall time), with the
-cost next to it: peak memory and trainable parameters of the best trial, then the trial time each model used.
+The first table is the one the reference blog shows (best F1, precision, recall, accuracy, wall time), with a
+bootstrap 95% interval on each model's score and whether it is clearly worse than the best, and the cost next to
+it: peak memory and trainable parameters of the best trial, then the trial time each model used. With
+tune.confirm, a table of the confirmed configurations (mean, spread and interval over seeds) follows.
 Plots are made with matplotlib's Agg backend (no display needed) and embedded in report.md.
 """
 
@@ -22,7 +24,16 @@ from typing import Any
 from tune_app.bundle.runfiles import read_summary
 from tune_app.errors import ReportError
 from tune_app.spec.metrics import SCORES, better
-from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS, failure_line, open_results, resume_command, unfinished
+from tune_app.spec.rundir import (
+    CONFIRM_DIR,
+    STUDY,
+    SUMMARY,
+    TRIALS,
+    failure_line,
+    open_results,
+    resume_command,
+    unfinished,
+)
 from tune_app.spec.space import HYPERPARAMETERS, is_distribution
 
 REPORT = "report.md"
@@ -43,7 +54,9 @@ class RunData:
     run_dir: Path
     summary: dict[str, Any]
     trials: Any
-    """trials.csv as a pandas DataFrame (one row per trial)."""
+    """trials.csv's search trials as a pandas DataFrame (one row per trial)."""
+    confirm_trials: Any
+    """trials.csv's confirmation trials (tune.confirm; empty without), likewise."""
     history: dict[str, Any]
     """trial_id -> that trial's per-epoch results (DataFrame sorted by training_iteration; may be empty)."""
 
@@ -104,6 +117,8 @@ def _trial_dirs(run_dir: Path, trial_ids: list[str]) -> dict[str, Path]:
     """trial_id -> its folder (`<model>_<trial_id>`, as the study names them)."""
     found = {}
     folders = [p for p in run_dir.iterdir() if p.is_dir()]
+    if (run_dir / CONFIRM_DIR).is_dir():
+        folders += [p for p in (run_dir / CONFIRM_DIR).iterdir() if p.is_dir()]
     for trial_id in trial_ids:
         for folder in folders:
             if folder.name.endswith("_" + trial_id) or folder.name == trial_id:
@@ -135,7 +150,9 @@ def load_run(run_dir: str | Path, shown: str | None = None) -> RunData:
         trials = pd.DataFrame(columns=["trial_id", "model", "status"])
     dirs = _trial_dirs(run_dir, trials["trial_id"].astype(str).tolist())
     history = {tid: _read_history(folder) for tid, folder in dirs.items()}
-    return RunData(run_dir, summary, trials, history)
+    confirming = trials["stage"] == "confirm" if "stage" in trials else pd.Series(False, index=trials.index)
+    return RunData(run_dir, summary, trials[~confirming].reset_index(drop=True),
+                   trials[confirming].reset_index(drop=True), history)
 
 
 # --------------------------------------------------------------------------------------------- facts
@@ -150,11 +167,15 @@ def _num(value: Any) -> float | None:
 
 
 def best_rows(run: RunData) -> dict[str, dict[str, Any] | None]:
-    """Model -> its best trial's row of trials.csv (the trial summary.json names), or None."""
+    """Model -> its best trial's row of trials.csv (the trial summary.json names: with tune.confirm, a
+    confirmation trial), or None."""
+    import pandas as pd
+
+    every = pd.concat([run.trials, run.confirm_trials], ignore_index=True)
     out = {}
     for model in run.models:
         best_id = run.summary["models"][model].get("best_trial")
-        rows = run.trials[run.trials["trial_id"].astype(str) == str(best_id)]
+        rows = every[every["trial_id"].astype(str) == str(best_id)]
         out[model] = rows.iloc[0].to_dict() if best_id is not None and len(rows) else None
     return out
 
@@ -264,25 +285,72 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def comparison_table(run: RunData) -> str:
     """The blog's table, one row per model, from the best trial of each (by the study metric, scope all)."""
     metric, mem = run.metric, memory_kind(run)
-    header = ["model", "best F1", "precision", "recall", "accuracy", "wall time of best trial (s)",
-              f"peak {mem} of best trial (MB)", "trainable params", "trainable %", "trials (stopped early, failed)"]
+    intervals = (run.summary.get("comparison") or {}).get("models") or {}
+    header = ["model", "best F1", "precision", "recall", "accuracy", f"{metric} 95% interval", "vs the best",
+              "wall time of best trial (s)", f"peak {mem} of best trial (MB)", "trainable params", "trainable %",
+              "trials (stopped early, failed)"]
     rows = []
     for model, row in best_rows(run).items():
         info = run.summary["models"][model]
         counts = f"{info.get('trials', 0)} ({info.get('stopped_early', 0)}, {info.get('failed', 0)})"
         if row is None:
-            rows.append([model] + ["-"] * 8 + [counts])
+            rows.append([model] + ["-"] * 10 + [counts])
             continue
         trainable, total = _num(row.get("trainable_params")), _num(row.get("total_params"))
         share = f"{100 * trainable / total:.3f}%" if trainable and total else "-"
         scores = [_fmt(row.get(f"best_{m}")) for m in SCORES]  # best-epoch metrics of the best trial
-        rows.append([model, *scores, _fmt(row.get("trial_time_s"), 1), _fmt(row.get("peak_memory_mb"), 1),
-                     _count(trainable), share, counts])
-    note = (f"Best trial per model by {metric} ({run.mode}), each trial judged by its best epoch; all four "
+        rows.append([model, *scores, *_interval_cells(intervals.get(model)), _fmt(row.get("trial_time_s"), 1),
+                     _fmt(row.get("peak_memory_mb"), 1), _count(trainable), share, counts])
+    confirmed = "its confirmed configuration's best seed (below)" if run.summary.get("confirmation") else \
+        "its best trial"
+    note = (f"Each model by {confirmed}, by {metric} ({run.mode}), each trial judged by its best epoch; all four "
             f"metrics are from that epoch. Wall time is the trial's whole time (setup, training, evaluation). "
             + ("Peak GPU memory is torch's peak allocation in the trial." if mem == "GPU" else
-               "On CPU the memory column is the trial process's peak resident set size (RSS)."))
+               "On CPU the memory column is the trial process's peak resident set size (RSS).")
+            + (f" The interval is a bootstrap over the {run.summary.get('data', {}).get('validation_rows', '?')} "
+               f"validation rows ({run.summary['comparison']['resamples']:,} resamples); a model is *clearly worse* "
+               f"when the 95% interval of its gap to the best model, on the same resampled rows, excludes 0, and "
+               f"*not clearly worse* otherwise: these rows cannot tell it from the best." if intervals else
+               f" No intervals: {metric} is not a score of the predictions (or the checkpoints predate them)."))
     return _table(header, rows) + "\n\n" + note
+
+
+def _interval_cells(scored: dict[str, Any] | None) -> list[str]:
+    """A model's bootstrap interval and its standing against the best model (stats.bootstrap_comparison)."""
+    if not scored:
+        return ["-", "-"]
+    low, high = scored["ci95"]
+    gap_low, gap_high = scored["gap_to_best_ci95"]
+    if gap_low == gap_high == 0:
+        standing = "best"
+    elif scored["clearly_worse"]:
+        standing = f"clearly worse (gap {_fmt(gap_low)} to {_fmt(gap_high)})"
+    else:
+        standing = f"not clearly worse (gap {_fmt(gap_low)} to {_fmt(gap_high)})"
+    return [f"{_fmt(low)} to {_fmt(high)}", standing]
+
+
+def confirmation_table(run: RunData) -> str:
+    """tune.confirm: each model's best configurations trained again with other seeds; the winner by mean."""
+    confirmation, metric = run.summary["confirmation"], run.metric
+    header = ["model", "search trial", f"search {metric}", *(f"seed {s}" for s in confirmation["seeds"]),
+              "mean", "std", "95% interval of the mean", "winner"]
+    rows = []
+    for model, entry in confirmation["models"].items():
+        for c in entry["configurations"]:
+            by_seed = dict(zip(c["seeds"], c["values"]))
+            rows.append([model, c["search_trial"], _fmt(c[f"search_{metric}"]),
+                         *(_fmt(by_seed.get(s)) for s in confirmation["seeds"]), _fmt(c["mean"]), _fmt(c.get("std")),
+                         f"{_fmt(c['ci95'][0])} to {_fmt(c['ci95'][1])}" if c.get("ci95") else "-",
+                         f"yes: trial {c['best_trial']} (seed {c['best_seed']})"
+                         if c["search_trial"] == entry["winner"] else ""])
+    seconds = run.confirm_trials["trial_time_s"].fillna(0).sum() if "trial_time_s" in run.confirm_trials else 0
+    return _table(header, rows) + (
+        f"\n\nAfter the search, the {confirmation['top']} best configuration(s) of each model trained again with "
+        f"seeds {', '.join(map(str, confirmation['seeds']))} ({len(run.confirm_trials)} trials, "
+        f"{_fmt(seconds, 0)} s of trial time). A model's winner is the configuration with the best mean: the "
+        f"search's best score is the luckiest of its trials, the seeds' mean is not selected on. The exported "
+        f"trial is the winner's best seed.")
 
 
 def cost_table(run: RunData) -> str:
@@ -564,8 +632,10 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         f"{', '.join(f'{i} = {n}' for i, n in enumerate(data.get('label_names', [])))}; "
         f"{s.get('tokenizations', '?')} tokenization(s) shared by the trials.",
         "",
-        (f"**Best overall: {best['model']}, trial {best['trial_id']}, {run.metric} = {_fmt(best[run.metric])}.**"
-         if best else "**No trial reported a result.**"),
+        (f"**Best overall: {best['model']}, trial {best['trial_id']}, {run.metric} = {_fmt(best[run.metric])}"
+         + (f" (confirmed: mean {_fmt(best['confirmed']['mean'])} over seeds "
+            f"{', '.join(map(str, best['confirmed']['seeds']))}; this trial is its best seed)" if best.get("confirmed")
+            else "") + ".**" if best else "**No trial reported a result.**"),
         *(["", f"**Interrupted: {partial} finished; this report covers those. Continue with "
                f"`{s.get('resume_command') or 'tune-app resume RUN_DIR'}`.**"] if (partial := unfinished(s)) else []),
         "",
@@ -573,6 +643,7 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         "",
         comparison_table(run),
         "",
+        *(["## Confirmation", "", confirmation_table(run), ""] if s.get("confirmation") else []),
         "## Cost",
         "",
         cost_table(run),

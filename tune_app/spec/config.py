@@ -91,6 +91,18 @@ class AshaConfig:
 
 
 @dataclass
+class ConfirmConfig:
+    top: int = _f(0, (int,), "after the search, train each model's `top` best configurations again with other "
+                  "seeds; the winner is the best mean (0: no confirmation)", check=_non_negative)
+    seeds: int = _f(3, (int,), "seeds per confirmed configuration: train.seed + 1, + 2, ... (at least 2, for a "
+                    "mean and an interval)", check=lambda v: None if v >= 2 else f"must be >= 2, got {v!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.top > 0
+
+
+@dataclass
 class DataConfig:
     source: str = _f(None, (str,), "a Hub dataset name, or a local .csv/.json/.jsonl/.parquet path", required=True)
     text: str = _f("text", (str,), "text column")
@@ -159,6 +171,7 @@ class TuneSettings:
                          "process over one copy of its base: off | auto (where trials share a GPU) | N (N trials per "
                          "GPU; on CPU-only clusters, up to N per node)", check=_pack)
     asha: AshaConfig = _f(None, (dict,), "ASHA early stopping")
+    confirm: ConfirmConfig = _f(None, (dict,), "confirmation: the best configurations retrained with other seeds")
 
 
 @dataclass
@@ -201,7 +214,7 @@ class StudyConfig:
 
 
 _NESTED = {"data": DataConfig, "train": TrainConfig, "tune": TuneSettings, "wandb": WandbConfig,
-           "asha": AshaConfig}
+           "asha": AshaConfig, "confirm": ConfirmConfig}
 
 
 def _type_ok(value: Any, types: tuple) -> bool:

@@ -11,6 +11,8 @@ between them. Nothing here imports Ray or torch.
     asha_rungs.pkl      ASHA's rungs (resume continues them)
     <model>_<trial>/    Ray Tune's trial folder: result.json, checkpoint_*/ (adapter, trainer_state.pt, metrics.json,
                         val_predictions.npy)
+    confirm/            tune.confirm's experiment: the best configurations again with other seeds, one
+                        <model>_<trial>/ each
     wandb/              W&B's offline runs
 """
 
@@ -38,6 +40,8 @@ BEST_CONFIG = "best_config.yaml"
 
 STUDY = "study.yaml"
 """The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
+CONFIRM_DIR = "confirm"
+"""The confirmation stage's Tune experiment, inside the run directory (tune.confirm)."""
 
 
 SCHEDULER_STATE = "asha_rungs.pkl"
@@ -231,9 +235,10 @@ def failure_line(run_dir: Path, error_file: str) -> str:
     return last if len(last) <= 300 else last[:297] + "..."
 
 
-def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str) -> str:
-    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed, local
-    paths absolute (it is run from wherever the user is)."""
+def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str, seed: int | None = None) -> str:
+    """A complete study YAML that trains one trial again, once: `model` alone, its hyperparameters fixed (and its
+    seed, when it was not train.seed: a confirmation trial), local paths absolute (it is run from wherever the user
+    is), no confirmation stage."""
     raw = absolute_paths(cfg.raw)
     model_raw = raw["models"][model]
     model_raw = {"checkpoint": model_raw} if isinstance(model_raw, str) else dict(model_raw)
@@ -243,4 +248,7 @@ def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: s
     raw["models"] = {model: model_raw}
     raw["space"] = dict(params)
     raw.setdefault("tune", {})["num_samples"] = 1
+    raw["tune"].pop("confirm", None)
+    if seed is not None:
+        raw.setdefault("train", {})["seed"] = seed
     return header + f"# Retrain it:  tune-app run {BEST_CONFIG}\n" + dump(raw)

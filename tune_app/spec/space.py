@@ -24,6 +24,8 @@ MODEL_KEY = "model"
 """The key of a trial's config that names the model it trains (beside its hyperparameters)."""
 SEED_KEY = "seed"
 """The key of a trial's config that sets its training seed (confirmation trials); without it, train.seed."""
+CONFIRMS_KEY = "confirms"
+"""The key of a confirmation trial's config that names the search trial whose configuration it trains again."""
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
 TARGET_MODULE_PRESETS = ("attention_qv", "attention", "all_linear")

@@ -2,7 +2,8 @@
 
 Best = the best epoch of any trial (Tune's scope "all"), so a trial ASHA stopped at its first rung is judged by
 every epoch it ran, and a trial that peaked before its last epoch is judged by its peak (whose adapter the
-checkpoint keeps).
+checkpoint keeps). With tune.confirm, a model's best is its confirmed winner (tune_app.study.confirm). The summary's
+`comparison` puts a bootstrap interval on each model's best score (tune_app.study.stats).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 
 from tune_app.spec.config import StudyConfig
 from tune_app.spec.metrics import METRICS, better
-from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, retrain_yaml
-from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY
+from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, VAL_PREDICTIONS, retrain_yaml
+from tune_app.spec.space import CONFIRMS_KEY, HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
 
@@ -30,7 +31,8 @@ def _clean(value: Any) -> Any:
 
 
 def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial: model, status, every hyperparameter, epochs reached, final and best metric."""
+    """One row per trial: model, stage (search, or confirm with the search trial it confirms) and seed, status,
+    every hyperparameter, epochs reached, final and best metric."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for result in grid:
@@ -46,6 +48,9 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "trial_id": trial_id_of(result),
             "model": config.get(MODEL_KEY),
+            "stage": "confirm" if config.get(CONFIRMS_KEY) else "search",
+            "confirms": config.get(CONFIRMS_KEY),
+            "seed": config.get(SEED_KEY, cfg.train.seed),
             "status": status,
             **{name: config.get(name) for name in HYPERPARAMETERS},
             "epochs": epochs,
@@ -64,7 +69,7 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
             "error": _relative(str(trial_path / "error.txt"), run_dir) if result.error else None,
         }
         rows.append({k: _clean(v) for k, v in row.items()})
-    rows.sort(key=lambda r: (str(r["model"]), str(r["trial_id"])))
+    rows.sort(key=lambda r: (r["stage"] != "search", str(r["model"]), str(r["trial_id"])))
     return rows
 
 
@@ -102,11 +107,13 @@ def _relative(path: str, run_dir: Path) -> str:
 
 
 def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **extra: Any) -> dict[str, Any]:
+    """Per model, its best search trial (what confirmation, where on, replaces: confirm.apply); the overall best;
+    the trials that failed (of either stage)."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     key = f"best_{metric}"
     models: dict[str, Any] = {}
     for name in cfg.models:
-        mine = [r for r in rows if r["model"] == name]
+        mine = [r for r in rows if r["model"] == name and r["stage"] == "search"]
         scored = [r for r in mine if r[key] is not None]
         best = None
         for r in scored:
@@ -148,15 +155,50 @@ def best_config_yaml(cfg: StudyConfig, summary: dict[str, Any]) -> str | None:
     best = summary["best"]
     if best is None:
         return None
+    metric = summary["metric"]
+    if confirmed := best.get("confirmed"):
+        how = (f"confirmed: mean {confirmed['mean']:.4f} over seeds {', '.join(map(str, confirmed['seeds']))}; "
+               f"this is its best seed, {best['seed']}")
+    else:
+        how = "best epoch of any trial"
     return retrain_yaml(cfg, best["model"], best["config"], (
         f"# Best of study run {summary['run_dir']}: model {best['model']}, trial {best['trial_id']}, "
-        f"{summary['metric']} = {best[summary['metric']]:.4f} (best epoch of any trial).\n"))
+        f"{metric} = {best[metric]:.4f} ({how}).\n"), seed=best.get("seed"))
 
 
-def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def comparison(cfg: StudyConfig, summary: dict[str, Any], results: list, labels, num_labels: int) -> dict[str, Any]:
+    """Each model's best score with a bootstrap 95% interval over the validation rows, from the predictions its
+    best checkpoint saved; which models are clearly worse than the best (stats.bootstrap_comparison)."""
+    import numpy as np
+
+    from tune_app.study.stats import RESAMPLES, bootstrap_comparison
+
+    by_id = {trial_id_of(r): r for r in results}
+    predictions = {}
+    for name, m in summary["models"].items():
+        result = by_id.get(m["best_trial"])
+        checkpoint = result.get_best_checkpoint(cfg.tune.metric, cfg.tune.mode) if result else None
+        if checkpoint is None:
+            continue
+        try:
+            with checkpoint.filesystem.open_input_file(f"{checkpoint.path}/{VAL_PREDICTIONS}") as f:
+                predictions[name] = np.load(f)
+        except (OSError, ValueError):  # a checkpoint from before predictions were saved: no interval
+            continue
+    scores = bootstrap_comparison(labels, predictions, cfg.tune.metric, cfg.tune.mode, num_labels)
+    return {"metric": cfg.tune.metric, "resamples": RESAMPLES, "confidence": 0.95, "models": scores} if scores else {}
+
+
+def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources, extra: dict[str, Any] | None = None,
+                  confirmation: tuple[dict, list] | None = None) -> dict[str, Any]:
+    """trials.csv, summary.json and best_config.yaml of a study: `grid`, its search's finished results;
+    `confirmation`, (confirm.candidates' picks, the confirmation stage's finished results) once that has run."""
+    from tune_app.study import confirm
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = trial_rows(cfg, grid, run_dir)
+    picked, confirm_grid = confirmation or ({}, [])
+    results = [*grid, *confirm_grid]
+    rows = trial_rows(cfg, results, run_dir)
     with open(run_dir / TRIALS, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
         writer.writeheader()
@@ -168,6 +210,10 @@ def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources,
               "label_names": prepared.splits.label_names, "class_weights": prepared.splits.class_weights},
         resources=resources,
     )
+    if confirmation is not None:
+        summary["confirmation"] = confirm.summarize(cfg, picked, [r for r in rows if r["stage"] == "confirm"])
+        confirm.apply(summary, summary["confirmation"], rows)
+    summary["comparison"] = comparison(cfg, summary, results, prepared.splits.val_labels, prepared.splits.num_labels)
     summary.update(extra or {})  # the caller's facts: run_dir as the user sees it, complete, ...
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     if (text := best_config_yaml(cfg, summary)) is not None:
@@ -176,14 +222,24 @@ def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources,
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The end-of-run table: best F1 / precision / recall / accuracy per model, trials run and stopped early."""
-    header = ("model", "best f1", "precision", "recall", "accuracy", "trials", "stopped early", "failed")
+    """The end-of-run table: best F1 / precision / recall / accuracy per model, the bootstrap interval of the
+    study's metric (and whether the model is clearly worse than the best), with tune.confirm the confirmed mean
+    and its interval; trials run, stopped early and failed."""
+    metric = summary["metric"]
+    intervals = (summary.get("comparison") or {}).get("models") or {}
+    confirming = bool(summary.get("confirmation"))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    span = lambda ci: f"{fmt(ci[0])}-{fmt(ci[1])}" if ci else "-"  # noqa: E731
+    header = ("model", "best f1", "precision", "recall", "accuracy", f"{metric} 95% (bootstrap)",
+              *(("confirmed mean", "its 95%") if confirming else ()), "trials", "stopped early", "failed")
     lines = [header]
     for name, m in summary["models"].items():
-        met = m["metrics"] or {}
-        fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        met, scored, confirmed = m["metrics"] or {}, intervals.get(name), m.get("confirmed") or {}
+        interval = span(scored["ci95"]) + (" clearly worse" if scored["clearly_worse"] else "") if scored else "-"
         lines.append((name, fmt(met.get("f1")), fmt(met.get("precision")), fmt(met.get("recall")),
-                      fmt(met.get("accuracy")), str(m["trials"]), str(m["stopped_early"]), str(m["failed"])))
+                      fmt(met.get("accuracy")), interval,
+                      *((fmt(confirmed.get("mean")), span(confirmed.get("ci95"))) if confirming else ()),
+                      str(m["trials"]), str(m["stopped_early"]), str(m["failed"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))

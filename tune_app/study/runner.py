@@ -2,10 +2,12 @@
 
     data (once, on the driver) -> tokenize once per distinct tokenizer -> ray.put
     -> Tuner(with_parameters(train_trial, ctx), PerModelSearch(TPE per model), PerModelASHA) -> fit
+    -> with tune.confirm: Tuner(the best configurations x other seeds) -> fit   (tune_app.study.confirm)
     -> results (summary.json, trials.csv, best_config.yaml)
 
 The run directory (`tune_app.spec.rundir`, made by `tune_app.study.storage`) holds `study.yaml` (written first,
-so that `tune-app resume` can rebuild the trainable), Ray Tune's experiment state and one folder per trial.
+so that `tune-app resume` can rebuild the trainable), Ray Tune's experiment state and one folder per trial, and
+the confirmation stage's experiment in confirm/.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tune_app.spec.paths import resolve_checkpoint
 from tune_app.spec.rundir import (
     BEST_CONFIG,
     CHECKPOINT_PREFIX,
+    CONFIRM_DIR,
     SCHEDULER_STATE,
     SUMMARY,
     TRIALS,
@@ -127,10 +130,7 @@ def wandb_callback(cfg: StudyConfig, run_dir: Path):
 
 
 def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ()):
-    """The Tuner of a study; `callbacks`: further Tune callbacks (the benchmark's trial clock)."""
-    from ray import tune
-
-    from tune_app.study.progress import ProgressPrinter
+    """The Tuner of a study's search; `callbacks`: further Tune callbacks (the benchmark's trial clock)."""
     from tune_app.study.search import PerModelASHA, PerModelSearch
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
@@ -141,21 +141,39 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ())
                              grace_period=cfg.tune.asha.grace_period,
                              reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled,
                              state_uri=f"{run.uri}/{SCHEDULER_STATE}")
-    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, cfg.planned_trials), *callbacks]
+    return _tuner(cfg, run, trainable, searcher, scheduler, trials=cfg.planned_trials, name=run.name,
+                  storage_path=run.storage_path, callbacks=callbacks)
+
+
+def confirmation_tuner(cfg: StudyConfig, run: RunDir, trainable, configs: list[dict[str, Any]]):
+    """The Tuner of the confirmation stage: `configs` in order, every epoch run, in RUN_DIR/confirm."""
+    from tune_app.study.confirm import FixedTrials
+
+    return _tuner(cfg, run, trainable, FixedTrials(configs, metric=cfg.tune.metric, mode=cfg.tune.mode), None,
+                  trials=len(configs), name=CONFIRM_DIR, storage_path=run.uri)
+
+
+def _tuner(cfg: StudyConfig, run: RunDir, trainable, searcher, scheduler, *, trials: int, name: str,
+           storage_path: str, callbacks: tuple = ()):
+    from ray import tune
+
+    from tune_app.study.progress import ProgressPrinter
+
+    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, trials), *callbacks]
     if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
     return tune.Tuner(
         trainable,
         param_space={},
         tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.planned_trials,
+            metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=trials,
             search_alg=searcher, scheduler=scheduler,
             max_concurrent_trials=cfg.tune.max_concurrent,
             reuse_actors=cfg.tune.reuse_actors,
             trial_dirname_creator=lambda trial: f"{trial.config[MODEL_KEY]}_{trial.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name=run.name, storage_path=run.storage_path, verbose=0, callbacks=callbacks,
+            name=name, storage_path=storage_path, verbose=0, callbacks=callbacks,
             # A trial that raised is retried max_failures times (an OOM is first retried inside the trial with
             # a smaller micro-batch); after that it counts as FAILED and the study goes on.
             failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
@@ -173,7 +191,7 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"{_packing_line(cfg, session)}\n"
+          f"{_packing_line(cfg, session)}\n{_confirm_line(cfg)}\n"
           f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
 
 
@@ -184,6 +202,15 @@ def _packing_line(cfg: StudyConfig, session: Session) -> str:
     packed = "; ".join(f"{name}: {plan.describe()}" for name, plan in session.packs.items())
     alone = [name for name in cfg.models if name not in session.packs]
     return f"packing: {packed}" + (f"; {', '.join(alone)}: one trial per process" if alone else "")
+
+
+def _confirm_line(cfg: StudyConfig) -> str:
+    confirm = cfg.tune.confirm
+    if not confirm.enabled:
+        return "confirmation: off (tune.confirm.top 0): the winner is the search's best trial"
+    return (f"confirmation: then each model's {confirm.top} best configuration(s) train again with seeds "
+            f"{', '.join(str(cfg.train.seed + k) for k in range(1, confirm.seeds + 1))} (up to "
+            f"{confirm.top * confirm.seeds * len(cfg.models)} trials); the winner is the best mean")
 
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
@@ -216,7 +243,8 @@ def check_resumable(run: RunDir) -> None:
 
 def resume_study(run: RunDir, *, address: str | None = None) -> dict[str, Any]:
     """Continue an interrupted study: finished trials are kept (failed ones stay failed), unfinished ones go on
-    from their last checkpoint, and the searcher continues from its saved state."""
+    from their last checkpoint, and the searcher continues from its saved state; then the confirmation stage
+    starts, or continues likewise."""
     from ray import tune
 
     cfg = load_run_config(run)
@@ -233,13 +261,17 @@ FINISHED_STATUSES = ("TERMINATED", "ERROR")
 """Tune statuses of a trial that will not run again: completed, stopped by ASHA, or failed for good."""
 
 
-def saved_statuses(run: RunDir) -> dict[str, str]:
-    """Trial id -> status in the experiment state Tune saved last. Tune saves it before stopping what still runs
-    at exit, so a trial cut short by Ctrl-C is RUNNING there (the ResultGrid already says TERMINATED), and a
-    trial that finished before a resume is TERMINATED there (its in-memory result lost the `done` flag)."""
+def finished_results(experiment: str, grid) -> list:
+    """The results of `grid` whose trials will not run again, by the experiment state Tune saved last in
+    `experiment` (a URI). Tune saves it before stopping what still runs at exit, so a trial cut short by Ctrl-C is
+    RUNNING there (the ResultGrid already says TERMINATED), and a trial that finished before a resume is TERMINATED
+    there (its in-memory result lost the `done` flag)."""
     from ray.tune import ExperimentAnalysis
 
-    return {trial.trial_id: trial.status for trial in ExperimentAnalysis(run.uri).trials}
+    from tune_app.study.results import trial_id_of
+
+    statuses = {trial.trial_id: trial.status for trial in ExperimentAnalysis(experiment).trials}
+    return [r for r in grid if statuses.get(trial_id_of(r)) in FINISHED_STATUSES]
 
 
 def prune_checkpoints(cfg: StudyConfig, results: list) -> int:
@@ -266,23 +298,53 @@ def prune_checkpoints(cfg: StudyConfig, results: list) -> int:
     return removed
 
 
+def confirm_stage(cfg: StudyConfig, run: RunDir, session: Session, search: list) -> tuple[dict, list, int]:
+    """Run the confirmation stage after a complete search (`search`: its finished results), or continue it where
+    a resume finds it: (the picked search trials per model, the stage's finished results, its planned trials)."""
+    from ray import tune
+
+    from tune_app.study import confirm, results
+
+    picked = confirm.candidates(cfg, results.trial_rows(cfg, search, run.local))
+    configs = confirm.confirmation_trials(cfg, picked, {results.trial_id_of(r): r.config for r in search})
+    experiment = f"{run.uri}/{CONFIRM_DIR}"
+    if not configs:  # no search trial reported a score: nothing to confirm
+        return picked, [], 0
+    if tune.Tuner.can_restore(experiment):
+        print(f"continuing the confirmation stage in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=session.trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        shown = "; ".join(f"{model} {', '.join(r['trial_id'] for r in rows)}" for model, rows in picked.items())
+        print(f"confirmation: {len(configs)} trials: {shown}, each with seeds "
+              f"{', '.join(str(cfg.train.seed + k) for k in range(1, cfg.tune.confirm.seeds + 1))}", flush=True)
+        tuner = confirmation_tuner(cfg, run, session.trainable, configs)
+    return picked, finished_results(experiment, tuner.fit()), len(configs)
+
+
 def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[str, Any]:
-    """Write the results of every finished trial (completed, stopped early, failed), once each.
+    """Write the results of every finished trial (completed, stopped early, failed), once each; after a complete
+    search with tune.confirm, the confirmation stage runs (or continues) first.
 
     A fit that ended before every planned trial finished (Ctrl-C) is `complete: false`: its summary lists what
-    finished and `tune-app resume` continues the rest.
+    finished and `tune-app resume` continues the rest (the confirmation stage too).
     """
     from tune_app.study import results
 
-    statuses = saved_statuses(run)
-    finished = [r for r in grid if statuses.get(results.trial_id_of(r)) in FINISHED_STATUSES]
-    complete = len(finished) >= cfg.planned_trials
+    finished = finished_results(run.uri, grid)
+    planned, complete = cfg.planned_trials, len(finished) >= cfg.planned_trials
+    confirmation, confirmed = None, []
+    if complete and cfg.tune.confirm.enabled:
+        picked, confirmed, more = confirm_stage(cfg, run, session, finished)
+        planned, complete = planned + more, len(confirmed) >= more
+        confirmation = (picked, confirmed) if complete else None
     if complete:
-        prune_checkpoints(cfg, finished)
-    extra = {"run_dir": run.uri, "complete": complete, "planned_trials": cfg.planned_trials,
-             "finished_trials": len(finished)}
+        prune_checkpoints(cfg, finished + confirmed)
+    extra = {"run_dir": run.uri, "complete": complete, "planned_trials": planned,
+             "finished_trials": len(finished) + len(confirmed)}
     if not complete:
         extra["resume_command"] = resume_command(run.uri)
-    summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra)
+    summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra,
+                                    confirmation=confirmation)
     run.publish(SUMMARY, TRIALS, BEST_CONFIG, WANDB_DIR)  # W&B offline runs need a local dir
     return summary
