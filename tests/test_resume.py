@@ -143,6 +143,12 @@ def test_sigkilled_study_resumes_to_completion_without_rerunning_finished_trials
         assert history[-1] == EPOCHS and sorted(set(history)) == list(range(1, EPOCHS + 1)), (trial_dir, history)
         if trial_dir.name.endswith(finished_first):
             assert history == before[trial_dir.name] == list(range(1, EPOCHS + 1))  # finished: never ran again
+    # The model's Optuna study in the run's optuna.db, continued by the resume: every trial told once, COMPLETE.
+    import optuna
+
+    trials = optuna.load_study(study_name=f"{run_dir.name}/tiny", storage=f"sqlite:///{run_dir / 'optuna.db'}").trials
+    assert sorted(t.user_attrs["tune_trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and len(t.intermediate_values) == EPOCHS for t in trials)
     # The trial that was mid-way continued from its checkpoint instead of starting over.
     assert f"tiny_{running}/checkpoint_" in resumed.output and "from checkpoint" in resumed.output, \
         resumed.output[-4000:]

@@ -376,14 +376,19 @@ def test_wandb_trouble_at_the_end_never_fails_the_study(ray_session, tmp_path, c
 
 @pytest.mark.slow
 def test_optuna_learns_each_trial_as_the_study_ranks_it(study):
-    """Each model's Optuna study: a trial that ran every epoch is COMPLETE with its best epoch's value (the one
-    the study ranks it by), one ASHA stopped is PRUNED, and every epoch's value is an intermediate value."""
+    """Each model's Optuna study, stored in the run's optuna.db: a trial that ran every epoch is COMPLETE with its
+    best epoch's value (the one the study ranks it by), one ASHA stopped is PRUNED, every epoch's value is an
+    intermediate value, and each trial names its Tune trial and cost."""
     import optuna
 
-    from tune_app.study.search import saved_studies
-
-    studies = saved_studies(str(study.run_dir))
-    assert set(studies) == {"a", "b"}
+    storage = f"sqlite:///{study.run_dir / rundir.OPTUNA_DB}"
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert names == {f"{study.run_dir.name}/a", f"{study.run_dir.name}/b"}
+    studies = {m: optuna.load_study(study_name=f"{study.run_dir.name}/{m}", storage=storage) for m in "ab"}
+    assert study.summary["optuna_storage"] == storage
+    completed = sum(r["status"] == "COMPLETED" for r in study.rows if r["model"] == "a")
+    assert study.summary["importances"]["a"] == {  # 4 trials: too few to say which hyperparameter matters
+        "importances": None, "why": f"{completed} completed trial(s); importances need 5"}
     rows = {r["trial_id"]: r for r in study.rows}
     told = {t.user_attrs["tune_trial_id"]: (model, t) for model, s in studies.items() for t in s.trials}
     assert set(told) == set(rows)
@@ -398,6 +403,7 @@ def test_optuna_learns_each_trial_as_the_study_ranks_it(study):
         assert trial.user_attrs["epochs"] == int(row["epochs"])
         assert trial.user_attrs["best_eval_loss"] == float(row["best_eval_loss"])
         assert trial.user_attrs["best_epoch"] == int(row["best_epoch"])
+        assert trial.user_attrs["trial_time_s"] == pytest.approx(float(row["trial_time_s"]))
         if row["status"] == "COMPLETED":
             assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == float(row["best_eval_loss"])
             assert trial.user_attrs["status"] == "completed"
@@ -434,3 +440,170 @@ def test_searcher_tells_optuna_failed_pruned_and_completed_trials():
     assert (t2.state, t2.user_attrs["status"], t2.intermediate_values) == (State.FAIL, "failed", {1: 0.3})
     assert (t3.state, t3.user_attrs["epochs"]) == (State.FAIL, 0)
     assert searcher.suggest("t4") == "FINISHED"
+
+
+def test_a_resumed_searcher_finds_its_studies_where_it_left_them(tmp_path):
+    """Stored studies (SQLite here): Tune's pickle of the searcher reconnects to them; what was told after that
+    pickle was taken wins (a trial told since is done; one still running keeps its stored epochs, so a replayed
+    epoch is not reported twice)."""
+    import pickle
+
+    import optuna
+
+    from tune_app.study.search import PerModelSearch
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = PerModelSearch(SPACES, {"a": 2, "b": 0}, metric="f1", mode="max", seed=0, epochs=3,
+                              storage=storage, study_prefix="run-1/")
+    searcher.suggest("t0")
+    searcher.suggest("t1")
+    searcher.on_trial_result("t0", {"f1": 0.5, "training_iteration": 1})
+    saved = pickle.dumps(searcher.get_state())
+    searcher.on_trial_result("t1", {"f1": 0.4, "training_iteration": 1})  # after the pickle: only in storage
+    for epoch in (2, 3):
+        searcher.on_trial_result("t0", {"f1": 0.5 + epoch / 10, "training_iteration": epoch})
+    searcher.on_trial_complete("t0", {"f1": 0.8, "training_iteration": 3})
+
+    resumed = PerModelSearch.__new__(PerModelSearch)
+    resumed.set_state(pickle.loads(saved))
+    assert set(resumed.asked) == {"t1"}
+    resumed.on_trial_result("t1", {"f1": 0.4, "training_iteration": 1})  # replayed: already stored
+    resumed.on_trial_result("t1", {"f1": 0.45, "training_iteration": 2})
+    resumed.on_trial_complete("t1", {"f1": 0.45, "training_iteration": 2})  # stopped early
+    t0, t1 = optuna.load_study(study_name="run-1/a", storage=storage).trials
+    assert (t0.state, t0.value, t0.user_attrs["tune_trial_id"]) == (optuna.trial.TrialState.COMPLETE, 0.8, "t0")
+    assert (t1.state, t1.intermediate_values) == (optuna.trial.TrialState.PRUNED, {1: 0.4, 2: 0.45})
+
+
+def test_importances_once_enough_trials_completed():
+    import optuna
+
+    from tune_app.study.studies import MIN_TRIALS_FOR_IMPORTANCE, parameter_importances
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {"lora_rank": optuna.distributions.CategoricalDistribution([4, 8]),
+             "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
+    for _ in range(MIN_TRIALS_FOR_IMPORTANCE):
+        assert parameter_importances({"m": study})["m"]["importances"] is None
+        trial = study.ask(space)
+        study.tell(trial, trial.params["learning_rate"] * 1000)  # the rank does not matter at all
+    ranked = parameter_importances({"m": study})["m"]
+    assert ranked["completed"] == MIN_TRIALS_FOR_IMPORTANCE
+    assert list(ranked["importances"]) == ["learning_rate", "lora_rank"]
+    assert ranked["importances"]["learning_rate"] > ranked["importances"]["lora_rank"]
+    fixed = optuna.create_study()
+    fixed.tell(fixed.ask({"lora_rank": optuna.distributions.CategoricalDistribution([4])}), 1.0)
+    assert parameter_importances({"m": fixed}) == {"m": {"importances": None, "why": "nothing searched"}}
+
+
+@pytest.mark.slow
+def test_a_warm_started_study_begins_where_the_first_left_off(study, tmp_path, capsys):
+    """tune.warm_start: RUN_DIR. Model a's new study holds the first run's finished trials that fit its space (a
+    narrower learning-rate range leaves some out, and says so), proposes the earlier best configurations first,
+    and the summary and report name those trials; model b, whose space is unchanged, takes all of its."""
+    import optuna
+
+    first_a = optuna.load_study(study_name=f"{study.run_dir.name}/a",
+                                storage=f"sqlite:///{study.run_dir / rundir.OPTUNA_DB}").trials
+    rates = sorted(t.params["learning_rate"] for t in first_a)
+    low = (rates[0] + rates[1]) / 2  # the lowest earlier rate falls outside the new range
+    raw = yaml.safe_load(study.yaml.read_text())
+    raw["models"]["a"]["space"] = {"learning_rate": {"loguniform": [low, 5.0e-2]}}
+    raw["models"]["a"]["num_samples"] = 2
+    raw["tune"].update(warm_start=str(study.run_dir), n_startup_trials=1)
+    raw.update(output_dir=str(tmp_path / "runs"), wandb={"mode": "disabled"})
+    path = tmp_path / "warm.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+
+    fits = [t for t in first_a if t.state.is_finished() and t.params["learning_rate"] >= low]
+    assert f"warm start: a: {len(fits)} of {len(first_a)} earlier trial(s) from {study.run_dir}; left out 1 " \
+           f"with values this space does not hold (learning_rate: 1)" in out
+    assert "warm start: b: 1 of 1 earlier trial(s)" in out
+    storage = f"sqlite:///{run_dir / rundir.OPTUNA_DB}"
+    new_a = optuna.load_study(study_name=f"{run_dir.name}/a", storage=storage).trials
+    assert sum("warm_start_from" in t.user_attrs for t in new_a) == len(fits)
+    # The first proposal of the new run: the earlier best configuration of a that fits (eval_loss: lowest first).
+    best = min((t for t in fits if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    proposed = [t for t in new_a if "warm_start_from" not in t.user_attrs]
+    assert proposed[0].params == best.params and proposed[0].user_attrs["warm_start"] == str(study.run_dir)
+    warm = summary["warm_start"]
+    assert warm["source"] == str(study.run_dir) and warm["models"]["a"]["earlier_trials"] == len(fits)
+    assert proposed[0].user_attrs["tune_trial_id"] in warm["models"]["a"]["proposed_first"]
+    report = (run_dir / "report.md").read_text()
+    assert f"Warm start from `{study.run_dir}`" in report and "(warm start)" in report
+
+
+def test_warm_start_from_nothing_is_refused_before_ray(tmp_path):
+    from tune_app.errors import ConfigError
+    from tune_app.study import warmstart
+
+    with pytest.raises(ConfigError, match="holds no optuna.db; name the run directory of an earlier study"):
+        warmstart.load(str(tmp_path), ["a"])
+    import optuna
+
+    optuna.create_study(study_name="old-run/other", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    with pytest.raises(ConfigError, match=r"has no finished trial of model\(s\) a \(studies there: old-run/other\)"):
+        warmstart.load(f"sqlite:///{tmp_path / 'optuna.db'}", ["a"])
+
+
+@pytest.mark.slow
+def test_the_dashboard_shows_the_studies_in_a_browser(study, tmp_path):
+    """`tune-app dashboard RUN_DIR` serves optuna-dashboard on 127.0.0.1; headless Chromium (Debian's, through
+    Playwright) finds both models' studies and model a's trials, each with its Tune trial id. With
+    TUNE_APP_SCREENSHOT=FILE the study's page is saved there (README's screenshot is taken so)."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tune_app", "dashboard", str(study.run_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.3)
+        a_trials = [r["trial_id"] for r in study.rows if r["model"] == "a"]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium),
+                                        args=["--no-sandbox", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/dashboard")
+            for model in ("a", "b"):
+                page.get_by_text(f"{study.run_dir.name}/{model}").wait_for(timeout=30_000)
+            page.get_by_text(f"{study.run_dir.name}/a").click()
+            page.wait_for_url("**/dashboard/studies/*")
+            history = page.url
+            page.goto(f"{history}/trials")  # the trial list
+            page.get_by_text(f"{len(a_trials)} Trials").wait_for(timeout=30_000)
+            shown = set()
+            for number in range(len(a_trials)):  # each trial's page names its Tune trial
+                page.get_by_text(f"Trial {number}", exact=True).first.click()
+                page.get_by_text("tune_trial_id").first.wait_for(timeout=30_000)
+                body = page.inner_text("body")
+                shown |= {t for t in a_trials if t in body}
+            assert shown == set(a_trials)
+            if target := os.environ.get("TUNE_APP_SCREENSHOT"):
+                page.goto(history)  # the optimization history, intermediate values, importances
+                page.wait_for_timeout(5000)
+                page.screenshot(path=target)
+            browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # its own session: the dashboard and nothing else
+        proc.wait(timeout=30)

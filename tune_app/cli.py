@@ -37,6 +37,12 @@ def _print_notes(cfg: StudyConfig) -> None:
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
+    if cfg.tune.storage or cfg.tune.warm_start:  # the databases a run would open (Optuna only: no Ray, no torch)
+        from tune_app.study import warmstart
+        from tune_app.study.studies import check_storage
+
+        check_storage(cfg.tune.storage)
+        warmstart.load(cfg.tune.warm_start, list(cfg.models))
     n = cfg.planned_trials
     print(f"{args.space}: OK ({len(cfg.models)} model(s), {n} trial(s), metric {cfg.tune.metric} ({cfg.tune.mode}))")
     _print_notes(cfg)
@@ -196,6 +202,17 @@ def _after_run(summary: dict) -> None:
                   f"{run_dir}; retry with: tune-app {verb} {shlex.quote(run_dir)}", file=sys.stderr)
 
 
+def cmd_dashboard(args) -> int:
+    """optuna-dashboard over a run's stored Optuna studies (or any storage URL), live while the run goes on."""
+    from tune_app.study.studies import serve_dashboard, storage_of
+
+    try:
+        serve_dashboard(storage_of(args.target), args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_export(args) -> int:
     """A trial of a finished run (default: the overall best) as a self-contained bundle; 1 if it scores off."""
     import json
@@ -306,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle folder, new or empty (default: RUN_DIR/best for the overall best)")
     p.add_argument("--merge", action="store_true", help="also write merged/, a plain transformers model")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("dashboard", help="optuna-dashboard for a run's Optuna studies, on 127.0.0.1")
+    p.add_argument("target", metavar="RUN_DIR|STORAGE", help="a run directory, or an Optuna storage URL")
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = verbs.add_parser("predict", help="classify texts with an exported bundle")
     p.add_argument("bundle", metavar="BUNDLE", help="a folder `tune-app export` wrote")

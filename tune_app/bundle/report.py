@@ -330,6 +330,30 @@ def _interval_cells(scored: dict[str, Any] | None) -> list[str]:
     return [f"{_fmt(low)} to {_fmt(high)}", standing]
 
 
+def warm_start_text(warm: dict[str, Any]) -> str:
+    """tune.warm_start: where each model's search started from, and its trials that began there."""
+    parts = [f"{model}: {m['earlier_trials']} earlier trial(s), the best {len(m['proposed_first'])} proposed first "
+             f"({', '.join(m['proposed_first']) or 'none'})" for model, m in warm["models"].items()]
+    return f"Warm start from `{warm['source']}`: " + "; ".join(parts) + ". Those trials are marked (warm start) below."
+
+
+def importances_text(run: RunData) -> str:
+    """Each model's parameter importances as its Optuna study computed them at the end (summary.json), or why
+    there are none yet."""
+    lines = []
+    for model, entry in (run.summary.get("importances") or {}).items():
+        if entry.get("importances"):
+            ranked = ", ".join(f"{name} {value:.2f}" for name, value in entry["importances"].items())
+            lines.append(f"- {model} ({entry['completed']} completed trials): {ranked}")
+        else:
+            lines.append(f"- {model}: none yet ({entry.get('why')})")
+    storage = run.summary.get("optuna_storage")
+    where = (f" The studies are in `{storage}` (`optuna.load_study`, or `optuna-dashboard {storage}`)."
+             if storage else "")
+    return "\n".join(lines) + ("\n\nOptuna's default evaluator (PED-ANOVA) over each model's completed trials: the "
+                               "share of the metric's variation each searched hyperparameter explains." + where)
+
+
 def confirmation_table(run: RunData) -> str:
     """tune.confirm: each model's best configurations trained again with other seeds; the winner by mean."""
     confirmation, metric = run.summary["confirmation"], run.metric
@@ -393,8 +417,11 @@ def trials_table(run: RunData, searched: list[str]) -> str:
     header = ["model", "trial", "status", *searched, "epochs", f"final {metric}", f"best {metric}",
               "trial time (s)"]
     rows = []
+    warm = {t for m in ((run.summary.get("warm_start") or {}).get("models") or {}).values()
+            for t in m.get("proposed_first", ())}
     for _, row in run.trials.sort_values(["model", "trial_id"]).iterrows():
-        rows.append([row["model"], row["trial_id"], row["status"], *(_value(row.get(h)) for h in searched),
+        trial = f"{row['trial_id']} (warm start)" if row["trial_id"] in warm else row["trial_id"]
+        rows.append([row["model"], trial, row["status"], *(_value(row.get(h)) for h in searched),
                      _count(row.get("epochs")), _fmt(row.get(f"final_{metric}")), _fmt(row.get(f"best_{metric}")),
                      _fmt(row.get("trial_time_s"), 1)])
     return _table(header, rows)
@@ -636,6 +663,7 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
          + (f" (confirmed: mean {_fmt(best['confirmed']['mean'])} over seeds "
             f"{', '.join(map(str, best['confirmed']['seeds']))}; this trial is its best seed)" if best.get("confirmed")
             else "") + ".**" if best else "**No trial reported a result.**"),
+        *(["", warm_start_text(s["warm_start"])] if s.get("warm_start") else []),
         *(["", f"**Interrupted: {partial} finished; this report covers those. Continue with "
                f"`{s.get('resume_command') or 'tune-app resume RUN_DIR'}`.**"] if (partial := unfinished(s)) else []),
         "",
@@ -660,6 +688,8 @@ def write_report(run_dir: str | Path, echo: Callable[[str], None] = print) -> Pa
         if searched:
             lines += ["## Hyperparameters", "", f"![{run.metric} vs hyperparameters]({PLOTS['hyperparameters']})",
                       ""]
+    if s.get("importances"):
+        lines += ["## Parameter importances", "", importances_text(run), ""]
     lines += ["## Trials", "", f"Searched: {', '.join(searched) or 'nothing (fixed values only)'}. "
               "Epochs = epochs trained (fewer than the maximum: stopped early by ASHA).", "",
               trials_table(run, searched), "", "Fixed in every trial:", "", fixed_values(run, searched), ""]

@@ -72,6 +72,12 @@ def _pack(v):
     return f"must be off, auto or a number of trials per pack (2 or more), got {v!r}"
 
 
+def _storage(v):
+    if re.match(r"^[a-z][a-z0-9+]*://", v):
+        return None
+    return f"must be an Optuna storage URL such as sqlite:///studies.db or postgresql://user@host/db, got {v!r}"
+
+
 def _gpu(v):
     if v == "auto":
         return None
@@ -172,6 +178,12 @@ class TuneSettings:
                          "GPU; on CPU-only clusters, up to N per node)", check=_pack)
     asha: AshaConfig = _f(None, (dict,), "ASHA early stopping")
     confirm: ConfirmConfig = _f(None, (dict,), "confirmation: the best configurations retrained with other seeds")
+    storage: str | None = _f(None, (str,), "Optuna storage URL of each model's study (sqlite:///path.db, "
+                             "postgresql://user@host/db, ...); null: optuna.db in the run directory (a remote "
+                             "run directory: in memory)", check=_storage)
+    warm_start: str | None = _f(None, (str,), "an earlier run directory (its optuna.db) or an Optuna storage URL: "
+                                "each model's TPE starts from that model's earlier trials, its best configurations "
+                                "proposed first")
 
 
 @dataclass

@@ -9,6 +9,7 @@ between them. Nothing here imports Ray or torch.
     trials.csv          one row per trial
     best_config.yaml    the winner as a study YAML that retrains it
     asha_rungs.pkl      ASHA's rungs (resume continues them)
+    optuna.db           each model's Optuna study (SQLite; unless tune.storage names another storage)
     <model>_<trial>/    Ray Tune's trial folder: result.json, checkpoint_*/ (adapter, trainer_state.pt, metrics.json,
                         val_predictions.npy)
     confirm/            tune.confirm's experiment: the best configurations again with other seeds, one
@@ -42,6 +43,8 @@ STUDY = "study.yaml"
 """The merged study a run was started with (written first; `tune-app resume` rebuilds the study from it)."""
 CONFIRM_DIR = "confirm"
 """The confirmation stage's Tune experiment, inside the run directory (tune.confirm)."""
+OPTUNA_DB = "optuna.db"
+"""Each model's Optuna study, in SQLite (without tune.storage): study `<run name>/<model>`."""
 
 
 SCHEDULER_STATE = "asha_rungs.pkl"
@@ -91,6 +94,29 @@ class RunDir:
         import pyarrow.fs
 
         return not isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def optuna_storage(self, storage: str | None) -> str | None:
+        """Where this run's Optuna studies are: tune.storage, else its SQLite file (OPTUNA_DB); None (in memory)
+        for a remote run directory without tune.storage, where SQLite cannot live."""
+        if storage:
+            return storage
+        return None if self.remote else f"sqlite:///{self.local.resolve() / OPTUNA_DB}"
+
+    @staticmethod
+    def shown_storage(storage: str | None) -> str | None:
+        """A storage URL as printed and written to summary.json: any password masked."""
+        if storage is None or "@" not in storage:
+            return storage
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(storage).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: show its scheme only
+            return storage.split("://", 1)[0] + "://***"
+
+    def study_name(self, model: str) -> str:
+        """A model's Optuna study in the storage: the run's name and the model, unique in a shared database."""
+        return f"{self.name}/{model}"
 
     def has(self, name: str = "") -> bool:
         import pyarrow.fs

@@ -129,14 +129,18 @@ def wandb_callback(cfg: StudyConfig, run_dir: Path):
     return TrialWandbCallback(cfg.wandb, run_name=run_dir.name, run_dir=run_dir)
 
 
-def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = ()):
-    """The Tuner of a study's search; `callbacks`: further Tune callbacks (the benchmark's trial clock)."""
+def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = (), warm=None):
+    """The Tuner of a study's search; `callbacks`: further Tune callbacks (the benchmark's trial clock); `warm`:
+    the earlier trials of tune.warm_start (warmstart.load)."""
     from tune_app.study.search import PerModelASHA, PerModelSearch
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
     searcher = PerModelSearch({name: cfg.model_space(name) for name in cfg.models}, samples,
                               metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed, epochs=cfg.train.epochs,
-                              n_startup_trials=cfg.tune.n_startup_trials)
+                              n_startup_trials=cfg.tune.n_startup_trials, storage=run.optuna_storage(cfg.tune.storage),
+                              study_prefix=run.study_name(""), warm=warm)
+    for model, said in searcher.warm_said.items():
+        print(f"warm start: {model}: {said}", flush=True)
     scheduler = PerModelASHA(list(cfg.models), metric=cfg.tune.metric, mode=cfg.tune.mode, max_t=cfg.train.epochs,
                              grace_period=cfg.tune.asha.grace_period,
                              reduction_factor=cfg.tune.asha.reduction_factor, enabled=cfg.tune.asha.enabled,
@@ -191,7 +195,7 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"{_packing_line(cfg, session)}\n{_confirm_line(cfg)}\n"
+          f"{_storage_line(cfg, run)}\n{_packing_line(cfg, session)}\n{_confirm_line(cfg)}\n"
           f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
 
 
@@ -202,6 +206,14 @@ def _packing_line(cfg: StudyConfig, session: Session) -> str:
     packed = "; ".join(f"{name}: {plan.describe()}" for name, plan in session.packs.items())
     alone = [name for name in cfg.models if name not in session.packs]
     return f"packing: {packed}" + (f"; {', '.join(alone)}: one trial per process" if alone else "")
+
+
+def _storage_line(cfg: StudyConfig, run: RunDir) -> str:
+    storage = run.optuna_storage(cfg.tune.storage)
+    if storage is None:
+        return ("optuna: each model's study in memory (a remote run directory cannot hold SQLite; tune.storage "
+                "keeps them in a database)")
+    return f"optuna: each model's study in {run.shown_storage(storage)} as {run.study_name('<model>')}"
 
 
 def _confirm_line(cfg: StudyConfig) -> str:
@@ -215,6 +227,11 @@ def _confirm_line(cfg: StudyConfig) -> str:
 
 def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]:
     """Run a whole study; returns the summary written to <run_dir>/summary.json."""
+    from tune_app.study import warmstart
+    from tune_app.study.studies import check_storage
+
+    check_storage(cfg.tune.storage)  # a database that cannot be opened stops the study here, before Ray
+    warm = warmstart.load(cfg.tune.warm_start, list(cfg.models))  # so does a warm start with nothing to start from
     prepared = prepare_data(cfg)  # a checkpoint that cannot load stops the study here: nothing written yet
     session = start_session(cfg, address, prepared)  # so does a trial no node can hold
     run = new_run_dir(cfg)
@@ -225,7 +242,7 @@ def run_study(cfg: StudyConfig, *, address: str | None = None) -> dict[str, Any]
         raise ConfigError([f"output_dir: cannot write the run directory {run.uri} ({e}); name a folder this user "
                            f"can write in"]) from None
     _describe(cfg, session, run)
-    grid = build_tuner(cfg, run, session.trainable).fit()
+    grid = build_tuner(cfg, run, session.trainable, warm=warm).fit()
     return finish_study(cfg, run, grid, session)
 
 
@@ -340,8 +357,16 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
         confirmation = (picked, confirmed) if complete else None
     if complete:
         prune_checkpoints(cfg, finished + confirmed)
+    from tune_app.study.studies import parameter_importances, stored_studies
+    from tune_app.study.warmstart import warm_started
+
+    storage = run.optuna_storage(cfg.tune.storage)
+    studies = stored_studies(storage, {m: run.study_name(m) for m in cfg.models})
     extra = {"run_dir": run.uri, "complete": complete, "planned_trials": planned,
-             "finished_trials": len(finished) + len(confirmed)}
+             "finished_trials": len(finished) + len(confirmed), "optuna_storage": run.shown_storage(storage),
+             "importances": parameter_importances(studies)}
+    if cfg.tune.warm_start:
+        extra["warm_start"] = warm_started(cfg.tune.warm_start, studies)
     if not complete:
         extra["resume_command"] = resume_command(run.uri)
     summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from typing import Any
 
 from ray import tune
@@ -17,6 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 from tune_app.spec import space as space_mod
 from tune_app.spec.metrics import better
 from tune_app.spec.space import MODEL_KEY
+from tune_app.study import warmstart
 
 
 def default_startup_trials(num_samples: int) -> int:
@@ -32,11 +34,18 @@ class PerModelSearch(Searcher):
     that ran every epoch is COMPLETE with the value the study ranks it by (its best epoch); one that ASHA stopped
     early is PRUNED (Optuna then takes its last epoch's value, and TPE ranks pruned trials by how far they got,
     apart from completed ones, so it never mixes a first-rung value with a final one); one that failed is FAIL.
-    Each trial carries its Tune trial id, epochs, best epoch and status as user attributes.
+    Each trial carries its Tune trial id, status, epochs, best epoch and cost (seconds) as user attributes.
+
+    With `storage` (an Optuna storage URL: the run's SQLite file, or PostgreSQL), the studies live there as
+    `<study_prefix><model>`, for the dashboard, warm starts and anyone's `optuna.load_study`; a resumed search
+    reconnects to them (Optuna's storages pickle as their URL). Without, they live in memory and in Tune's pickle
+    of this searcher. With `warm` (tune.warm_start), each study starts with the earlier trials of its model that fit
+    its space, and proposes the best of them first (tune_app.study.warmstart).
     """
 
     def __init__(self, spaces: dict[str, dict[str, Any]], samples: dict[str, int], *, metric: str, mode: str,
-                 seed: int, epochs: int, n_startup_trials: int | None = None):
+                 seed: int, epochs: int, n_startup_trials: int | None = None, storage: str | None = None,
+                 study_prefix: str = "", warm=None):
         super().__init__(metric=metric, mode=mode)
         import optuna
 
@@ -53,7 +62,18 @@ class PerModelSearch(Searcher):
             sampler = optuna.samplers.TPESampler(
                 seed=seed + index, n_startup_trials=n_startup_trials or default_startup_trials(samples[model]))
             self.studies[model] = optuna.create_study(
-                study_name=model, sampler=sampler, direction="maximize" if mode == "max" else "minimize")
+                storage=storage, study_name=f"{study_prefix}{model}", sampler=sampler,
+                direction="maximize" if mode == "max" else "minimize")
+            with warnings.catch_warnings():  # experimental in Optuna, and only a label
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.studies[model].set_metric_names([metric])  # what the dashboard calls its objective
+        self.first: dict[str, list[dict[str, Any]]] = {}  # model -> warm start's configurations to propose first
+        self.warm_said: dict[str, str] = {}
+        self.warm_source = warm.source if warm else None
+        for model, earlier in (warm.trials if warm else {}).items():
+            if earlier:
+                self.first[model], self.warm_said[model] = warmstart.seed_study(
+                    self.studies[model], self.distributions[model], earlier, warm.source, mode)
         self.trial_model: dict[str, str] = {}
         self.asked: dict[str, Any] = {}  # Tune trial id -> its Optuna trial, until told
         self.values: dict[str, dict[int, float]] = {}  # Tune trial id -> epoch -> metric
@@ -67,8 +87,13 @@ class PerModelSearch(Searcher):
             model = self.models[(self._turn + offset) % len(self.models)]
             if self.remaining[model] <= 0:
                 continue
+            enqueued = bool(self.first.get(model))
+            if enqueued:  # the study's only waiting trial: the ask below takes it
+                self.studies[model].enqueue_trial(self.first[model].pop(0))
             trial = self.studies[model].ask(self.distributions[model])
             trial.set_user_attr("tune_trial_id", trial_id)
+            if enqueued:
+                trial.set_user_attr("warm_start", self.warm_source)
             self._turn = (self._turn + offset + 1) % len(self.models)
             self.remaining[model] -= 1
             self.trial_model[trial_id] = model
@@ -103,6 +128,9 @@ class PerModelSearch(Searcher):
         status = "failed" if error else "completed" if epochs >= self.epochs else "stopped_early"
         trial.set_user_attr("status", status)
         trial.set_user_attr("epochs", epochs)
+        for key, attr in (("time_total_s", "trial_time_s"), ("train_time_s", "train_time_s")):
+            if result and isinstance(result.get(key), (int, float)):
+                trial.set_user_attr(attr, float(result[key]))
         if best is not None:
             trial.set_user_attr("best_epoch", best)
             trial.set_user_attr(f"best_{self.metric}", values[best])
@@ -117,7 +145,16 @@ class PerModelSearch(Searcher):
         return dict(self.__dict__)
 
     def set_state(self, state: dict) -> None:
+        """A resumed searcher: as saved, then squared with its studies' storage, which may have been written after
+        the save: a trial told there since is done; one still running keeps the epochs stored (Optuna takes each
+        step once, and a resumed trial may report epochs again)."""
         self.__dict__.update(state)
+        for trial_id, trial in list(self.asked.items()):
+            stored = self.studies[self.trial_model[trial_id]].trials[trial.number]
+            if stored.state.is_finished():
+                del self.asked[trial_id]
+            else:
+                self.values[trial_id] = {**stored.intermediate_values, **self.values[trial_id]}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -126,13 +163,6 @@ class PerModelSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
-
-
-def saved_studies(experiment_dir: str) -> dict[str, Any]:
-    """Model -> its Optuna study, as the study's searcher saved it last in its experiment folder."""
-    searcher = PerModelSearch.__new__(PerModelSearch)
-    searcher.restore_from_dir(experiment_dir)
-    return searcher.studies
 
 
 class PerModelASHA(FIFOScheduler):
