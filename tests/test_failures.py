@@ -11,7 +11,6 @@ import csv
 import glob
 import json
 import os
-import pickle
 import shutil
 import signal
 from pathlib import Path
@@ -72,10 +71,12 @@ def test_failing_trial_is_reported_and_the_study_completes(tmp_path, tiny_models
     # The searcher was told: the broken model's Optuna study holds the trial as FAIL, the good one as COMPLETE.
     import optuna
 
-    state_file = max(glob.glob(str(run_dir / "searcher-state-*.pkl")))
-    searchers = pickle.load(open(state_file, "rb"))["searchers"]
-    assert [t.state for t in searchers["broken"]._ot_study.trials] == [optuna.trial.TrialState.FAIL]
-    assert [t.state for t in searchers["good"]._ot_study.trials] == [optuna.trial.TrialState.COMPLETE]
+    def states(model: str) -> list:
+        study = optuna.load_study(study_name=f"{run_dir.name}/{model}", storage=f"sqlite:///{run_dir / 'optuna.db'}")
+        return [t.state for t in study.trials]
+
+    assert states("broken") == [optuna.trial.TrialState.FAIL]
+    assert states("good") == [optuna.trial.TrialState.COMPLETE]
 
     # Disk: after the study, keep_checkpoints (1) adapter-only checkpoint per trial, far smaller than the base.
     checkpoints = sorted(glob.glob(str(run_dir / "*" / "checkpoint_*")))
