@@ -94,7 +94,7 @@ def test_ctrl_c_stops_cleanly_keeps_what_finished_and_says_how_to_resume(tmp_pat
                             space={"lora_rank": {"choice": [2, 4]}}, epochs=EPOCHS, trials=2)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     with StudyProcess(["run", str(tmp_path / "study.yaml")]) as proc:
-        proc.wait_for(lambda line: " finished |" in line, timeout=240)
+        proc.wait_for(lambda line: " completed |" in line, timeout=240)
         os.killpg(proc.pgid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         rc = proc.finish(timeout=120)
     output = proc.output

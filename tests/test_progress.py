@@ -25,7 +25,7 @@ def test_a_trial_that_just_ended_counts_as_done_or_failed():
     lines = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
     assert lines == [
         "m a1 epoch 1: f1=0.5000 | running 2, done 0, failed 0, pending 0 of 2 | best f1: m 0.5000",
-        "m a1 finished | running 1, done 1, failed 0, pending 0 of 2 | best f1: m 0.5000",
+        "m a1 completed | running 1, done 1, failed 0, pending 0 of 2 | best f1: m 0.5000",
         "m b2 FAILED (traceback in the run directory) | running 0, done 1, failed 1, pending 0 of 2 "
         "| best f1: m 0.5000",
     ]
@@ -43,3 +43,61 @@ def test_best_so_far_includes_trials_a_resume_restored():
     ProgressPrinter("f1", "max", 2, stream=out).on_trial_result(1, [done, running], running,
                                                                  {"f1": 0.40, "training_iteration": 1})
     assert out.getvalue().rstrip().endswith("| best f1: m 0.5900")
+
+
+def test_the_line_that_ends_a_trial_says_why():
+    stopped, completed = (Trial("t", config={"model": "m"}, trial_id=tid, stub=True) for tid in ("s1", "c2"))
+    stopped.update_last_result({"f1": 0.4, "training_iteration": 1})
+    completed.update_last_result({"f1": 0.6, "training_iteration": 3})
+    out = io.StringIO()
+    printer = ProgressPrinter("f1", "max", 2, stream=out, epochs=3)
+    printer.on_trial_complete(1, [stopped, completed], stopped)
+    printer.on_trial_complete(1, [stopped, completed], completed)
+    lines = [line.split("] ", 1)[1].split(" |")[0] for line in out.getvalue().splitlines()]
+    assert lines == ["m s1 stopped by ASHA at epoch 1", "m c2 completed"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_epoch_progress_from_the_board(ray_session, monkeypatch):
+    """Heartbeats reach the board without waiting; the printer shows the running trials' step, samples/s and ETA:
+    a plain line to a file, one status line redrawn in place on a terminal, cleared before any other line."""
+    import time
+
+    import ray
+
+    from tune_app.study import progress
+    from tune_app.train import heartbeat
+
+    board = progress.start_board()
+    assert progress.start_board()._actor_id == board._actor_id  # one per cluster: found again by name
+    beat = heartbeat.Heartbeat(board, "a1")
+    beat(1, 1, 10, 8, 2.0, force=True)
+    beat(1, 2, 10, 16, 4.0)  # within HEARTBEAT_S of the last: not sent
+    assert ray.get(board.snapshot.remote(["a1"]))["a1"]["step"] == 1
+    beat(1, 5, 10, 40, 10.0, force=True)
+    running = Trial("t", config={"model": "m"}, trial_id="a1", stub=True)
+    running.set_status(Trial.RUNNING)
+    waiting = Trial("t", config={"model": "m"}, trial_id="b2", stub=True)  # no heartbeat yet: not shown
+
+    plain = io.StringIO()
+    printer = ProgressPrinter("f1", "max", 2, stream=plain)
+    deadline = time.monotonic() + 10
+    while "in progress" not in plain.getvalue() and time.monotonic() < deadline:
+        printer._shown = 0.0
+        printer.on_step_end(1, [running, waiting])
+    assert plain.getvalue().split("] ", 1)[1] == \
+        "in progress: m a1 epoch 1 50% (step 5/10), 4.0 samples/s, ETA 10s\n"
+    printer.on_step_end(1, [running, waiting])  # within PLAIN_EVERY_S: nothing more
+    assert plain.getvalue().count("in progress") == 1
+
+    terminal = Terminal()
+    printer = ProgressPrinter("f1", "max", 2, stream=terminal)
+    printer.on_step_end(1, [running, waiting])
+    assert terminal.getvalue().startswith("\r\033[K[") and not terminal.getvalue().endswith("\n")
+    printer.on_trial_result(1, [running, waiting], running, {"f1": 0.5, "training_iteration": 1})
+    status, result = terminal.getvalue().split("\r\033[K")[1:]
+    assert "in progress: m a1 epoch 1 50%" in status and result.endswith("best f1: m 0.5000\n")

@@ -112,7 +112,7 @@ def test_sigkilled_study_resumes_to_completion_without_rerunning_finished_trials
 
     # Kill -9 the driver and its Ray cluster once one trial has finished and the next has reported an epoch.
     with StudyProcess(["run", str(tmp_path / "study.yaml")]) as proc:
-        finished_first = proc.wait_for(lambda line: " finished |" in line, timeout=240).split("] ", 1)[1].split()[1]
+        finished_first = proc.wait_for(lambda line: " completed |" in line, timeout=240).split("] ", 1)[1].split()[1]
         line = proc.wait_for(lambda line: " epoch 1:" in line and finished_first not in line, timeout=120)
         running = line.split("] ", 1)[1].split()[1]
         run_dir = Path(glob.glob(str(tmp_path / "runs" / "killed-*"))[0])

@@ -99,6 +99,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     import ray
     from ray import tune
 
+    from tune_app.study.progress import start_board
     from tune_app.train.trainable import train_trial
 
     prepared = prepared or prepare_data(cfg)
@@ -114,6 +115,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     resources = packing.apply(resources, plans)
     check_trials_fit(resources)
     ctx = build_context(cfg, prepared, data_refs)
+    ctx.progress = start_board()  # what trials' heartbeats tell, and the progress printer reads
     actors = packing.start(ctx, plans, resources)  # before the context goes to the object store with the trainable
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
                                     resources=lambda config: resources[config[MODEL_KEY]])
@@ -163,7 +165,7 @@ def _tuner(cfg: StudyConfig, run: RunDir, trainable, searcher, scheduler, *, tri
 
     from tune_app.study.progress import ProgressPrinter
 
-    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, trials), *callbacks]
+    callbacks = [ProgressPrinter(cfg.tune.metric, cfg.tune.mode, trials, epochs=cfg.train.epochs), *callbacks]
     if (wb := wandb_callback(cfg, run.local)) is not None:  # W&B offline runs need a local folder
         callbacks.append(wb)
     return tune.Tuner(

@@ -37,6 +37,7 @@ from tune_app.spec.families import modules_to_save
 from tune_app.spec.space import resolve_alpha
 from tune_app.train import checkpoint
 from tune_app.train.batching import collate, length_grouped_batches
+from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import peak_memory_mb, random_state, set_random_state
 from tune_app.train.step import share_of_loss
 from tune_app.train.tokens import TokenizedSplit, fetch
@@ -622,6 +623,8 @@ class _Trial:
     first_step_s: float | None = None
     """From its join call to the end of its first packed step: a trial joining a running pack loads nothing."""
     epochs_done: int = 0
+    heartbeat: Any = None
+    """Tells the progress board where the trial is inside its epoch (train.heartbeat)."""
     started: float = 0.0
     train_seconds: float = 0.0
 
@@ -674,7 +677,8 @@ class PackServer:
             t_load = time.perf_counter()
             slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS},
                                   config.get(SEED_KEY, self.ctx.seed))
-            trial = self.trials[trial_id] = _Trial(started=time.perf_counter(), joined=t0)
+            trial = self.trials[trial_id] = _Trial(started=time.perf_counter(), joined=t0,
+                                                   heartbeat=Heartbeat(self.ctx.progress, trial_id))
             trial.setup = dict(setup_time_s=trial.started - t0, imports_s=0.0, data_fetch_s=0.0,
                                model_load_s=t_load - t0 if loaded else 0.0, base_reused=not loaded, compile_time_s=0.0,
                                joined_running_pack=running)
@@ -779,8 +783,12 @@ class PackServer:
                     self._step_alone(active)
                 now = time.perf_counter()
                 for slot in active:
-                    if (trial := self.trials.get(slot.name)) is not None and trial.first_step_s is None:
+                    if (trial := self.trials.get(slot.name)) is None:
+                        continue
+                    if trial.first_step_s is None:
                         trial.first_step_s = now - trial.joined
+                    trial.heartbeat(slot.epoch + 1, slot.batch_index, len(slot.batches),
+                                    slot.batch_index * slot.batch_size, now - trial.started)
                 while self.callers:  # trials' calls first (wait releases the lock to them)
                     self.cond.wait(timeout=0.01)
 

@@ -23,6 +23,7 @@ from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 from tune_app.train import checkpoint, memory
 from tune_app.train.batching import bucket_widths, length_grouped_batches
 from tune_app.train.evaluation import eager, evaluate
+from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import peak_memory_mb, release_memory
 from tune_app.train.model import (
     ModelSpec,
@@ -59,6 +60,8 @@ class TrialContext:
     max_oom_retries: int = 3
     packs: dict[str, str] = field(default_factory=dict)
     """Model -> the name prefix of its packs (tune.pack): its trials train in the pack on their node's device."""
+    progress: Any = None
+    """The study's progress board (a Ray actor handle, tune_app.study.progress) that heartbeats tell; None: none."""
 
 
 def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -78,7 +81,8 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     resume_dir = saved.to_directory() if saved else None
     if config[MODEL_KEY] in ctx.packs and packable(config) and train_in_pack(config, ctx, resume_dir):
         return
-    fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus())
+    fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus(),
+        progress=Heartbeat(ctx.progress, tune.get_context().get_trial_id()))
 
 
 def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | None) -> bool:
@@ -113,10 +117,12 @@ def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | N
 
 
 def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str, Any], str], None],
-        resume_dir: str | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+        resume_dir: str | None = None, threads: int | None = None,
+        progress: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Train LoRA for ctx.epochs epochs, evaluating after each; `report(metrics, checkpoint_dir)` is called once
     per epoch with a directory holding the adapter files, trainer_state.pt and metrics.json (valid during the
-    call only). Needs no Ray: the benchmark and tests call it in-process. Returns every epoch's metrics."""
+    call only); `progress(epoch, step, steps, samples, seconds)` after each step (a Heartbeat). Needs no Ray: the
+    benchmark and tests call it in-process. Returns every epoch's metrics."""
     clock = {"start": time.perf_counter()}
     # A worker's first trial imports the libraries (seconds; timed apart as imports_s), later trials find them.
     import peft  # noqa: F401
@@ -177,8 +183,12 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
         batches = epoch_batches(epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for rows in batches:
+        samples = 0
+        for i, rows in enumerate(batches, start=1):
             loss_sum += step(rows)
+            samples += len(rows)
+            if progress:
+                progress(epoch + 1, i, len(batches), samples, time.perf_counter() - t0, force=i == 1)
         train_loss = float(loss_sum) / len(batches)  # the epoch's one host sync
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
