@@ -137,6 +137,8 @@ def build_tuner(cfg: StudyConfig, run: RunDir, trainable, callbacks: tuple = (),
     from tune_app.study.search import PerModelASHA, PerModelSearch
 
     samples = {name: cfg.model_samples(name) for name in cfg.models}
+    if not run.remote:  # where its SQLite file goes (save_study made it already, unless a benchmark calls this)
+        run.local.mkdir(parents=True, exist_ok=True)
     searcher = PerModelSearch({name: cfg.model_space(name) for name in cfg.models}, samples,
                               metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed, epochs=cfg.train.epochs,
                               n_startup_trials=cfg.tune.n_startup_trials, storage=run.optuna_storage(cfg.tune.storage),
