@@ -614,8 +614,9 @@ class _Trial:
 
     result: dict[str, Any] | None = None
     paused: bool = False
-    """Its epoch ended and its result waits for the trial: it trains on only once the trial asks for the next."""
+    """Its result was collected: it trains on only once the trial asks for the next."""
     paused_since: float = 0.0
+    """When its last result was held for it (the lease counts from there)."""
     checkpoint: str | None = None
     setup: dict[str, Any] = field(default_factory=dict)
     """Its setup's timings, as a solo trial reports them (the base loads once, for the pack's first trial)."""
@@ -770,8 +771,11 @@ class PackServer:
                 self._drop_expired()
                 for slot in [s for s in self.pack.slots.values() if s.epoch_done]:
                     self._finish_epoch(slot)
-                active = [s for s in self.pack.slots.values()
-                          if not s.epoch_done and not self.trials[s.name].paused]
+                # A trial trains on only once Tune took its last result and asked for the next: a result waiting
+                # for its trial (or a paused trial) holds the slot, so no epoch result is ever overwritten unseen
+                # and ASHA decides on an epoch before the next one trains.
+                active = [s for s in self.pack.slots.values() if not s.epoch_done
+                          and not self.trials[s.name].paused and self.trials[s.name].result is None]
                 if not active:
                     if not self.trials:
                         return  # nobody left: the thread ends, the next join starts it again
@@ -844,6 +848,7 @@ class PackServer:
         last = slot.epoch + 1 >= self.ctx.epochs
         trial.checkpoint, trial.epochs_done = folder, slot.epoch + 1
         trial.result = {"metrics": metrics, "checkpoint": folder, "last": last}
+        trial.paused_since = time.monotonic()
         if last:
             self.pack.leave(name)
         else:
@@ -856,9 +861,9 @@ class PackServer:
 
         now = time.monotonic()
         for name, trial in list(self.trials.items()):
-            if trial.paused and now - trial.paused_since > self.LEASE_S:
-                print(f"[tune_app] pack: trial {name} did not ask for its next epoch in {self.LEASE_S:.0f} s; its "
-                      f"slot is free", flush=True)
+            if (trial.paused or trial.result is not None) and now - trial.paused_since > self.LEASE_S:
+                print(f"[tune_app] pack: trial {name} did not take its result or ask for its next epoch in "
+                      f"{self.LEASE_S:.0f} s; its slot is free", flush=True)
                 self.trials.pop(name)
                 self._discard_checkpoint(trial)
                 if name in self.pack.slots:
