@@ -150,10 +150,15 @@ def _split_problems(labels: pd.Series, data: DataConfig, where: str) -> list[str
     return errors
 
 
+def validation_rows(rows: int, data: DataConfig) -> int:
+    """Rows the val_size split holds out, stratified or not: rounded up, as datasets' train_test_split rounds."""
+    return math.ceil(data.val_size * rows)
+
+
 def _check_split_sizes(rows: int, n_classes: int, data: DataConfig, where: str) -> list[str]:
     """The val_size split must leave at least one train row per class, and a validation row (one per class when
     stratified)."""
-    n_val = math.ceil(data.val_size * rows)  # as datasets' train_test_split(test_size=val_size) rounds
+    n_val = validation_rows(rows, data)
     n_train = rows - n_val
     need_val = n_classes if data.stratify else 1
     if n_val >= need_val and n_train >= n_classes:
@@ -345,7 +350,7 @@ def _stratified_rows(labels: pd.Series, data: DataConfig) -> tuple[np.ndarray, n
 
     codes, _ = pd.factorize(labels, use_na_sentinel=False)
     counts = np.bincount(codes)
-    quotas = _validation_quotas(counts, math.ceil(data.val_size * len(codes)))
+    quotas = _validation_quotas(counts, validation_rows(len(codes), data))
     order = np.random.default_rng(data.split_seed).permutation(len(codes))
     classes = codes[order]
     by_class = np.argsort(classes, kind="stable")  # positions in `order`, class by class, each in shuffled order

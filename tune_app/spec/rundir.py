@@ -28,7 +28,9 @@ from typing import Any
 
 from tune_app.errors import ConfigError
 from tune_app.spec.config import StudyConfig, dump
+from tune_app.spec.metrics import METRICS
 from tune_app.spec.paths import absolute_paths, is_uri
+from tune_app.spec.space import HYPERPARAMETERS
 
 SUMMARY = "summary.json"
 
@@ -259,6 +261,20 @@ def failure_line(run_dir: Path, error_file: str) -> str:
         return f"(see {error_file})"
     last = next((line for line in reversed(lines) if line), "")
     return last if len(last) <= 300 else last[:297] + "..."
+
+
+def configuration(row: dict[str, Any]) -> dict[str, Any]:
+    """A trials.csv row's hyperparameters, those it set (a study YAML's `space` of fixed values)."""
+    return {h: row[h] for h in HYPERPARAMETERS if row[h] is not None}
+
+
+def best_fields(row: dict[str, Any] | None, metric: str) -> dict[str, Any]:
+    """What summary.json says of a model's best trial (`row` of trials.csv; None: no trial reported a result)."""
+    if row is None:
+        return dict.fromkeys(("best_metric", "best_trial", "best_epoch", "best_config", "metrics", "checkpoint"))
+    return {"best_metric": row[f"best_{metric}"], "best_trial": row["trial_id"], "best_epoch": row["best_epoch"],
+            "best_config": configuration(row), "metrics": {m: row[f"best_{m}"] for m in METRICS},
+            "checkpoint": row["checkpoint"]}
 
 
 def retrain_yaml(cfg: StudyConfig, model: str, params: dict[str, Any], header: str, seed: int | None = None) -> str:

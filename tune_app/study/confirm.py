@@ -16,9 +16,15 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from tune_app.spec.config import StudyConfig
-from tune_app.spec.metrics import METRICS, better
+from tune_app.spec.metrics import best_of
+from tune_app.spec.rundir import best_fields, configuration
 from tune_app.spec.space import CONFIRMS_KEY, HYPERPARAMETERS, SEED_KEY
 from tune_app.study.stats import mean_interval
+
+
+def seeds(cfg: StudyConfig) -> list[int]:
+    """The confirmation seeds: train.seed + 1, + 2, ... (the search trained with train.seed)."""
+    return [cfg.train.seed + k for k in range(1, cfg.tune.confirm.seeds + 1)]
 
 
 def candidates(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -45,9 +51,8 @@ def confirmation_trials(cfg: StudyConfig, picked: dict[str, list[dict[str, Any]]
     """The trial configs of the confirmation stage: each picked search trial's config (`configs`: trial id -> the
     config Tune ran it with) with each confirmation seed, seed by seed (every configuration's first seed before
     any second one, so an interrupted stage has spread its work)."""
-    seeds = [cfg.train.seed + k for k in range(1, cfg.tune.confirm.seeds + 1)]
     return [{**configs[row["trial_id"]], SEED_KEY: seed, CONFIRMS_KEY: row["trial_id"]}
-            for seed in seeds for rows in picked.values() for row in rows]
+            for seed in seeds(cfg) for rows in picked.values() for row in rows]
 
 
 class FixedTrials(Searcher):
@@ -91,26 +96,18 @@ def summarize(cfg: StudyConfig, picked: dict[str, list[dict[str, Any]]],
         for row in rows:
             runs = sorted((r for r in confirm_rows if r["confirms"] == row["trial_id"]), key=lambda r: r["seed"])
             scored = [r for r in runs if r[key] is not None]
-            best_run = None
-            for r in scored:
-                if best_run is None or better(r[key], best_run[key], mode):
-                    best_run = r
+            best_run = best_of(scored, lambda r: r[key], mode)
             confirmed.append({
-                "search_trial": row["trial_id"], f"search_{metric}": row[key],
-                "config": {h: row[h] for h in HYPERPARAMETERS if row[h] is not None},
+                "search_trial": row["trial_id"], f"search_{metric}": row[key], "config": configuration(row),
                 "seeds": [r["seed"] for r in runs], "trials": [r["trial_id"] for r in runs],
                 "values": [r[key] for r in runs], "failed": sum(r["status"] == "FAILED" for r in runs),
                 **(mean_interval([r[key] for r in scored]) if scored else {"n": 0, "mean": None}),
                 "best_trial": best_run["trial_id"] if best_run else None,
                 "best_seed": best_run["seed"] if best_run else None,
             })
-        winner = None
-        for c in confirmed:
-            if c["mean"] is not None and (winner is None or better(c["mean"], winner["mean"], mode)):
-                winner = c
+        winner = best_of(confirmed, lambda c: c["mean"], mode)
         models[model] = {"configurations": confirmed, "winner": winner["search_trial"] if winner else None}
-    return {"top": cfg.tune.confirm.top, "seeds": [cfg.train.seed + k for k in range(1, cfg.tune.confirm.seeds + 1)],
-            "metric": metric, "models": models}
+    return {"top": cfg.tune.confirm.top, "seeds": seeds(cfg), "metric": metric, "models": models}
 
 
 def winner_of(confirmation: dict[str, Any], model: str) -> dict[str, Any] | None:
@@ -125,22 +122,19 @@ def apply(summary: dict[str, Any], confirmation: dict[str, Any], rows: list[dict
     metric, mode = summary["metric"], summary["mode"]
     by_id = {r["trial_id"]: r for r in rows}
     summary["search_best"] = summary["best"]
-    overall = None
+    winners = {}
     for model, entry in summary["models"].items():
         winner = winner_of(confirmation, model)
         if winner is None or winner["best_trial"] is None:
             continue
+        winners[model] = winner
         entry["search_best"] = {k: entry[k] for k in ("best_trial", "best_metric", "best_config")}
         run = by_id[winner["best_trial"]]
         entry.update(
-            best_metric=run[f"best_{metric}"], best_trial=run["trial_id"], best_epoch=run["best_epoch"],
-            best_config=winner["config"], metrics={m: run[f"best_{m}"] for m in METRICS},
-            checkpoint=run["checkpoint"], best_seed=run["seed"],
+            best_fields(run, metric), best_seed=run["seed"],
             confirmed={k: winner[k] for k in ("search_trial", "n", "mean", "std", "ci95", "values", "seeds")})
-        if overall is None or better(winner["mean"], overall[1], mode):
-            overall = (model, winner["mean"])
-    if overall is not None:
-        model, mean = overall
+    model = best_of(winners, lambda m: winners[m]["mean"], mode)
+    if model is not None:
         entry = summary["models"][model]
         summary["best"] = {"model": model, "trial_id": entry["best_trial"], metric: entry["best_metric"],
                            "config": entry["best_config"], "seed": entry["best_seed"],

@@ -2,7 +2,7 @@
 so far; and, while epochs run, where each running trial is inside its epoch.
 
 Trials tell a board (a small actor on the driver's node, `ProgressBoard`) their step every few seconds, by calls
-that do not wait (`tune_app.train.trainable.Heartbeat`: no device sync, nothing the step waits on). The printer
+that do not wait (`tune_app.train.heartbeat.Heartbeat`: no device sync, nothing the step waits on). The printer
 reads the board between Tune's steps: on a terminal, one status line redrawn in place at least every 10 s; to a
 file or a pipe (`ray job logs`, CI), a plain line every PLAIN_EVERY_S.
 """
@@ -31,7 +31,7 @@ class ProgressBoard:
         self.trials: dict[str, dict[str, Any]] = {}
 
     def update(self, trial_id: str, where: dict[str, Any]) -> None:
-        self.trials[trial_id] = {**where, "at": time.time()}
+        self.trials[trial_id] = where
 
     def snapshot(self, trial_ids: list[str]) -> dict[str, dict[str, Any]]:
         return {t: self.trials[t] for t in trial_ids if t in self.trials}

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tune_app.spec.config import StudyConfig
-from tune_app.spec.metrics import METRICS, better
-from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, VAL_PREDICTIONS, retrain_yaml
+from tune_app.spec.metrics import METRICS, best_of
+from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, VAL_PREDICTIONS, best_fields, retrain_yaml
 from tune_app.spec.space import CONFIRMS_KEY, HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
@@ -84,13 +84,8 @@ def _kept_epoch(result, checkpoint) -> int | None:
 def _best_record(records: list[dict], metric: str, mode: str, kept_epoch: int | None) -> dict | None:
     """A trial's best epoch: the one whose checkpoint Tune kept, so that where epochs tie on the metric the best
     epoch's other metrics, the checkpoint and an exported bundle are all the same epoch; else the first best."""
-    best = None
-    for record in records:
-        if record.get("training_iteration") == kept_epoch:
-            return record
-        if best is None or better(record[metric], best[metric], mode):
-            best = record
-    return best
+    kept = next((r for r in records if r.get("training_iteration") == kept_epoch), None)
+    return kept or best_of(records, lambda r: r[metric], mode)
 
 
 def trial_id_of(result) -> str:
@@ -114,27 +109,14 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
     models: dict[str, Any] = {}
     for name in cfg.models:
         mine = [r for r in rows if r["model"] == name and r["stage"] == "search"]
-        scored = [r for r in mine if r[key] is not None]
-        best = None
-        for r in scored:
-            if best is None or better(r[key], best[key], mode):
-                best = r
         models[name] = {
-            "best_metric": best[key] if best else None,
-            "best_trial": best["trial_id"] if best else None,
-            "best_epoch": best["best_epoch"] if best else None,
-            "best_config": {h: best[h] for h in HYPERPARAMETERS if best[h] is not None} if best else None,
-            "metrics": {m: best[f"best_{m}"] for m in METRICS} if best else None,
-            "checkpoint": best["checkpoint"] if best else None,
+            **best_fields(best_of(mine, lambda r: r[key], mode), metric),
             "trials": len(mine),
             "completed": sum(r["status"] == "COMPLETED" for r in mine),
             "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in mine),
             "failed": sum(r["status"] == "FAILED" for r in mine),
         }
-    overall = None
-    for name, m in models.items():
-        if m["best_metric"] is not None and (overall is None or better(m["best_metric"], overall[1], mode)):
-            overall = (name, m["best_metric"])
+    overall = best_of(models, lambda name: models[name]["best_metric"], mode)
     return {
         "study": cfg.name,
         "run_dir": str(run_dir),
@@ -142,8 +124,8 @@ def summarize(cfg: StudyConfig, rows: list[dict[str, Any]], run_dir: Path, **ext
         "mode": mode,
         "best_scope": BEST_SCOPE,
         "models": models,
-        "best": ({"model": overall[0], "trial_id": models[overall[0]]["best_trial"], metric: overall[1],
-                  "config": models[overall[0]]["best_config"]} if overall else None),
+        "best": ({"model": overall, "trial_id": models[overall]["best_trial"], metric: models[overall]["best_metric"],
+                  "config": models[overall]["best_config"]} if overall else None),
         # Trials that failed for good (after tune.max_failures retries), each with its traceback file.
         "failed_trials": [{k: r[k] for k in ("trial_id", "model", "error")} for r in rows if r["status"] == "FAILED"],
         **extra,

@@ -221,11 +221,13 @@ def _storage_line(cfg: StudyConfig, run: RunDir) -> str:
 
 
 def _confirm_line(cfg: StudyConfig) -> str:
+    from tune_app.study.confirm import seeds
+
     confirm = cfg.tune.confirm
     if not confirm.enabled:
         return "confirmation: off (tune.confirm.top 0): the winner is the search's best trial"
     return (f"confirmation: then each model's {confirm.top} best configuration(s) train again with seeds "
-            f"{', '.join(str(cfg.train.seed + k) for k in range(1, confirm.seeds + 1))} (up to "
+            f"{', '.join(map(str, seeds(cfg)))} (up to "
             f"{confirm.top * confirm.seeds * len(cfg.models)} trials); the winner is the best mean")
 
 
@@ -338,7 +340,7 @@ def confirm_stage(cfg: StudyConfig, run: RunDir, session: Session, search: list)
     else:
         shown = "; ".join(f"{model} {', '.join(r['trial_id'] for r in rows)}" for model, rows in picked.items())
         print(f"confirmation: {len(configs)} trials: {shown}, each with seeds "
-              f"{', '.join(str(cfg.train.seed + k) for k in range(1, cfg.tune.confirm.seeds + 1))}", flush=True)
+              f"{', '.join(map(str, confirm.seeds(cfg)))}", flush=True)
         tuner = confirmation_tuner(cfg, run, session.trainable, configs)
     return picked, finished_results(experiment, tuner.fit()), len(configs)
 

@@ -16,7 +16,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_app.spec import space as space_mod
-from tune_app.spec.metrics import better
+from tune_app.spec.metrics import best_of
 from tune_app.spec.space import MODEL_KEY
 from tune_app.study import warmstart
 
@@ -121,10 +121,7 @@ class PerModelSearch(Searcher):
             return
         values = {e: v for e, v in self.values[trial_id].items() if math.isfinite(v)}
         epochs = max(self.values[trial_id], default=0)
-        best = None
-        for epoch, value in sorted(values.items()):  # the first best epoch, as the study's results rank it
-            if best is None or better(value, values[best], self.mode):
-                best = epoch
+        best = best_of(sorted(values), values.get, self.mode)  # the first best epoch, as the study's results rank it
         status = "failed" if error else "completed" if epochs >= self.epochs else "stopped_early"
         trial.set_user_attr("status", status)
         trial.set_user_attr("epochs", epochs)

@@ -7,8 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tune_app.errors import ConfigError
-from tune_app.spec.rundir import RunDir
+from tune_app.errors import ConfigError, UsageError
+from tune_app.spec.rundir import OPTUNA_DB, STUDY, RunDir, open_results
+
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
+"""URL schemes of the databases Optuna's RDB storage reaches (SQLAlchemy dialects, `+driver` aside)."""
+
+
+def is_storage_url(text: str) -> bool:
+    """Whether `text` names an Optuna database (sqlite:///..., postgresql://...), not a run directory."""
+    return "://" in text and text.split("://", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES
+
 
 MIN_TRIALS_FOR_IMPORTANCE = 5
 """Completed trials a model needs before its parameter importances mean anything (Optuna computes them from 2)."""
@@ -63,19 +72,12 @@ def parameter_importances(studies: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
-"""URL schemes of the databases Optuna's RDB storage reaches (SQLAlchemy dialects, `+driver` aside)."""
-
-
 def storage_of(target: str) -> str:
     """The Optuna storage `tune-app dashboard TARGET` shows: TARGET itself when it is a storage URL; for a run
     directory, its optuna.db, else the tune.storage its study.yaml names. UsageError naming the fix otherwise."""
     import yaml
 
-    from tune_app.errors import UsageError
-    from tune_app.spec.rundir import OPTUNA_DB, STUDY, open_results
-
-    if target.split("://", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES and "://" in target:
+    if is_storage_url(target):
         return target
     try:
         run = open_results(target)

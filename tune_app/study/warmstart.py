@@ -16,6 +16,7 @@ from typing import Any
 
 from tune_app.errors import ConfigError
 from tune_app.spec.rundir import OPTUNA_DB
+from tune_app.study.studies import is_storage_url
 
 ENQUEUED = 3
 """Best earlier configurations of a model proposed first."""
@@ -37,7 +38,7 @@ def load(warm_start: str | None, models: list[str], run_name: str | None = None)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if "://" in warm_start and not warm_start.startswith("file://"):
+    if is_storage_url(warm_start):
         storage, prefix = warm_start, None
     else:
         folder = Path(warm_start.removeprefix("file://")).expanduser()

@@ -72,8 +72,8 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     def report(metrics: dict[str, Any], checkpoint_dir: str) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    saved = tune.get_checkpoint()
-    if saved is not None and tune.get_context().get_trial_id() not in saved.path:
+    trial_id, saved = tune.get_context().get_trial_id(), tune.get_checkpoint()
+    if saved is not None and trial_id not in saved.path:
         # A worker reused for a new trial can be handed the checkpoint its previous trial reported last (seen with
         # packed trials, whose thin process returns at once): a trial resumes only from its own trial folder.
         print(f"[tune_app] ignoring checkpoint {saved.path}: not this trial's", flush=True)
@@ -82,7 +82,7 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if config[MODEL_KEY] in ctx.packs and packable(config) and train_in_pack(config, ctx, resume_dir):
         return
     fit(config, ctx, report=report, resume_dir=resume_dir, threads=_assigned_cpus(),
-        progress=Heartbeat(ctx.progress, tune.get_context().get_trial_id()))
+        progress=Heartbeat(ctx.progress, trial_id))
 
 
 def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | None) -> bool:
