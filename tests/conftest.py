@@ -4,6 +4,7 @@ the shared disaster-tweets data, and tiny random-weight models built from config
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,69 @@ def postgres_url():
     finally:
         run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible endpoint on loopback, as users of MinIO, R2 or Ceph reach theirs."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+    """What such users set: pyarrow's endpoint override (AWS_ENDPOINT_URL_S3), credentials and region."""
+
+    def filesystem(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint, access_key=self.env["AWS_ACCESS_KEY_ID"],
+                                       secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region=self.env["AWS_REGION"])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server (moto in server mode: a real HTTP endpoint, nothing patched in this process) on loopback
+    for this test session, with one bucket. Ended at the end by its process id."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto's S3 server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        store = S3Server(endpoint=endpoint, bucket="studies", env=env)
+        pyarrow.fs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
+                                region="us-east-1", allow_bucket_creation=True).create_dir(store.bucket)
+        yield store
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)

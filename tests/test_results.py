@@ -7,6 +7,7 @@ import json
 from ray.tune import Result
 
 from tune_app.spec import config
+from tune_app.spec.rundir import run_dir_at
 from tune_app.study.results import trial_rows
 
 
@@ -32,9 +33,10 @@ def test_epochs_tied_on_the_metric_name_the_epoch_whose_checkpoint_was_kept(tmp_
                             "train": {"epochs": 3}}, errors)
     assert not errors
     tied = [{"f1": 0.4, "eval_loss": 0.9}, {"f1": 0.5, "eval_loss": 0.8}, {"f1": 0.5, "eval_loss": 0.7}]
-    later, = trial_rows(cfg, [_trial_folder(tmp_path / "m_later", tied, kept=3)], tmp_path)
+    run = run_dir_at(str(tmp_path), "RUN_DIR")
+    later, = trial_rows(cfg, [_trial_folder(tmp_path / "m_later", tied, kept=3)], run)
     assert (later["best_epoch"], later["best_f1"], later["best_eval_loss"]) == (3, 0.5, 0.7)
     assert later["checkpoint"] == "m_later/checkpoint_000002" and later["lora_rank"] == 8
-    earlier, = trial_rows(cfg, [_trial_folder(tmp_path / "m_earlier", tied, kept=2)], tmp_path)
+    earlier, = trial_rows(cfg, [_trial_folder(tmp_path / "m_earlier", tied, kept=2)], run)
     assert (earlier["best_epoch"], earlier["best_eval_loss"], earlier["checkpoint"]) == (
         2, 0.8, "m_earlier/checkpoint_000001")

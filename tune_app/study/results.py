@@ -11,12 +11,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import posixpath
 from pathlib import Path
 from typing import Any
 
 from tune_app.spec.config import StudyConfig
 from tune_app.spec.metrics import METRICS, best_of
-from tune_app.spec.rundir import BEST_CONFIG, SUMMARY, TRIALS, VAL_PREDICTIONS, best_fields, retrain_yaml
+from tune_app.spec.rundir import (
+    BEST_CONFIG,
+    SUMMARY,
+    TRIALS,
+    VAL_PREDICTIONS,
+    RunDir,
+    best_fields,
+    retrain_yaml,
+)
 from tune_app.spec.space import CONFIRMS_KEY, HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 
 BEST_SCOPE = "all: each trial's best epoch (ASHA-stopped trials included)"
@@ -30,9 +39,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
+def trial_rows(cfg: StudyConfig, grid, run: RunDir) -> list[dict[str, Any]]:
     """One row per trial: model, stage (search, or confirm with the search trial it confirms) and seed, status,
-    every hyperparameter, epochs reached, final and best metric."""
+    every hyperparameter, epochs reached, final and best metric; its checkpoint (and error file) relative to the
+    run directory."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for result in grid:
@@ -44,7 +54,6 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
         best = _best_record(records, metric, mode, _kept_epoch(result, checkpoint))
         epochs = int(max((r.get("training_iteration", 0) for r in records), default=0))
         status = ("FAILED" if result.error else "STOPPED_EARLY" if epochs < cfg.train.epochs else "COMPLETED")
-        trial_path = Path(result.path)
         row: dict[str, Any] = {
             "trial_id": trial_id_of(result),
             "model": config.get(MODEL_KEY),
@@ -65,8 +74,8 @@ def trial_rows(cfg: StudyConfig, grid, run_dir: Path) -> list[dict[str, Any]]:
             "peak_reserved_mb": max((r.get("peak_reserved_mb") or 0 for r in records), default=None) or None,
             "trainable_params": records[-1].get("trainable_params") if records else None,
             "total_params": records[-1].get("total_params") if records else None,
-            "checkpoint": _relative(checkpoint.path, run_dir) if checkpoint else None,
-            "error": _relative(str(trial_path / "error.txt"), run_dir) if result.error else None,
+            "checkpoint": _relative(checkpoint.path, run) if checkpoint else None,
+            "error": _relative(posixpath.join(result.path, "error.txt"), run) if result.error else None,
         }
         rows.append({k: _clean(v) for k, v in row.items()})
     rows.sort(key=lambda r: (r["stage"] != "search", str(r["model"]), str(r["trial_id"])))
@@ -94,9 +103,14 @@ def trial_id_of(result) -> str:
     return Path(result.path).name.rsplit("_", 1)[-1]
 
 
-def _relative(path: str, run_dir: Path) -> str:
+def _relative(path: str, run: RunDir) -> str:
+    """A path Ray Tune gave (inside the run directory's filesystem: a local path, or bucket/prefix/... in a remote
+    store) relative to the run directory; as given when outside it."""
+    if run.remote:
+        root = run.path.rstrip("/") + "/"
+        return path[len(root):] if path.startswith(root) else path
     try:
-        return str(Path(path).resolve().relative_to(run_dir.resolve()))
+        return str(Path(path).resolve().relative_to(run.local.resolve()))
     except ValueError:
         return str(path)
 
@@ -171,16 +185,18 @@ def comparison(cfg: StudyConfig, summary: dict[str, Any], results: list, labels,
     return {"metric": cfg.tune.metric, "resamples": RESAMPLES, "confidence": 0.95, "models": scores} if scores else {}
 
 
-def write_results(cfg: StudyConfig, run_dir: Path, grid, prepared, resources, extra: dict[str, Any] | None = None,
+def write_results(cfg: StudyConfig, run: RunDir, grid, prepared, resources, extra: dict[str, Any] | None = None,
                   confirmation: tuple[dict, list] | None = None) -> dict[str, Any]:
     """trials.csv, summary.json and best_config.yaml of a study: `grid`, its search's finished results;
-    `confirmation`, (confirm.candidates' picks, the confirmation stage's finished results) once that has run."""
+    `confirmation`, (confirm.candidates' picks, the confirmation stage's finished results) once that has run. They
+    are written to `run.local` (its staging folder when remote: the caller publishes them)."""
     from tune_app.study import confirm
 
+    run_dir = run.local
     run_dir.mkdir(parents=True, exist_ok=True)
     picked, confirm_grid = confirmation or ({}, [])
     results = [*grid, *confirm_grid]
-    rows = trial_rows(cfg, results, run_dir)
+    rows = trial_rows(cfg, results, run)
     with open(run_dir / TRIALS, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
         writer.writeheader()

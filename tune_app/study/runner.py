@@ -328,7 +328,7 @@ def confirm_stage(cfg: StudyConfig, run: RunDir, session: Session, search: list)
 
     from tune_app.study import confirm, results
 
-    picked = confirm.candidates(cfg, results.trial_rows(cfg, search, run.local))
+    picked = confirm.candidates(cfg, results.trial_rows(cfg, search, run))
     configs = confirm.confirmation_trials(cfg, picked, {results.trial_id_of(r): r.config for r in search})
     experiment = f"{run.uri}/{CONFIRM_DIR}"
     if not configs:  # no search trial reported a score: nothing to confirm
@@ -375,7 +375,7 @@ def finish_study(cfg: StudyConfig, run: RunDir, grid, session: Session) -> dict[
         extra["warm_start"] = warm_started(cfg.tune.warm_start, studies)
     if not complete:
         extra["resume_command"] = resume_command(run.uri)
-    summary = results.write_results(cfg, run.local, finished, session.prepared, session.resources, extra=extra,
+    summary = results.write_results(cfg, run, finished, session.prepared, session.resources, extra=extra,
                                     confirmation=confirmation)
     run.publish(SUMMARY, TRIALS, BEST_CONFIG, WANDB_DIR)  # W&B offline runs need a local dir
     return summary
