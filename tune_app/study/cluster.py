@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from tune_app.errors import ConfigError
 from tune_app.spec.config import StudyConfig
@@ -85,6 +87,67 @@ def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
                   flush=True)
     if errors:
         raise ConfigError(errors)
+
+
+REACH_TIMEOUT_S = 120
+"""How long the storage check waits for every node to answer (a node may first set up the job's runtime env)."""
+
+
+def check_storage_reachable(output_dir: str) -> None:
+    """On a cluster, each trial's checkpoints are written by the node that runs it, into output_dir: a local
+    output_dir must be a folder every alive node sees (a shared filesystem mounted at the same path), or trials
+    train an epoch and then fail at their first checkpoint. A marker file written here is looked for from each node;
+    ConfigError naming the nodes that do not see it, and the fix. No-op for a URI and on a one-node Ray. The marker
+    goes again, and so does any folder this check made."""
+    import ray
+
+    if is_uri(output_dir):
+        return
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+    if list(nodes) == [ray.get_runtime_context().get_node_id()]:
+        return
+    root = Path(output_dir).expanduser().resolve()
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".tune_app-reach-{uuid.uuid4().hex}"
+    marker.write_text("written by a tune_app driver to learn which Ray nodes see this folder; removed at once\n")
+    try:
+        blind = _nodes_not_seeing(marker, nodes)
+    finally:
+        marker.unlink(missing_ok=True)
+    if not blind:
+        return
+    for folder in made:  # deepest first: only what this check created, and only while empty
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    shown = "; ".join(blind)
+    raise ConfigError([f"output_dir: {str(root)!r} is a folder that {len(blind)} of this cluster's {len(nodes)} "
+                       f"nodes cannot see ({shown}), and each trial writes its checkpoints from the node that runs "
+                       f"it; give output_dir as a URI every node reaches (s3://bucket/prefix, gs://bucket/prefix), "
+                       f"or mount one shared filesystem (NFS, EFS, ...) at {root} on every node"])
+
+
+def _nodes_not_seeing(marker: Path, nodes: dict[str, dict]) -> list[str]:
+    """'<ip> (node <id>)' of each node in `nodes` on which `marker` is not there, or that did not answer."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+    pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+        str(marker)): node_id for node_id in nodes}
+    answered, _ = ray.wait(list(pending), num_returns=len(pending), timeout=REACH_TIMEOUT_S)
+    seen = set()
+    for ref in answered:
+        try:
+            if ray.get(ref):
+                seen.add(pending[ref])
+        except ray.exceptions.RayError:  # the node died meanwhile: it cannot hold trials either
+            continue
+    return [f"{nodes[node_id].get('NodeManagerAddress', '?')} (node {node_id[:8]}"
+            f"{'' if any(pending[r] == node_id for r in answered) else f', no answer within {REACH_TIMEOUT_S} s'})"
+            for node_id in nodes if node_id not in seen]
 
 
 def connect_ray(address: str | None = None) -> None:

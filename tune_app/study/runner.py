@@ -35,7 +35,7 @@ from tune_app.spec.rundir import (
 )
 from tune_app.spec.space import MODEL_KEY
 from tune_app.study import packing
-from tune_app.study.cluster import check_trials_fit, connect_ray, warn_if_lost_in_job
+from tune_app.study.cluster import check_storage_reachable, check_trials_fit, connect_ray, warn_if_lost_in_job
 from tune_app.study.prepare import PreparedData, prepare_data
 from tune_app.study.storage import load_run_config, new_run_dir, save_study
 
@@ -104,6 +104,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
 
     prepared = prepared or prepare_data(cfg)
     connect_ray(address)
+    check_storage_reachable(cfg.output_dir)  # every node writes checkpoints there: refused before any trial starts
     tune_logger = logging.getLogger("ray.tune.tune")  # run and resume: tune_app's resume hint, not Ray's
     if not any(isinstance(f, _NoTunerRestoreHint) for f in tune_logger.filters):
         tune_logger.addFilter(_NoTunerRestoreHint())
