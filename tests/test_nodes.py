@@ -75,15 +75,16 @@ class Cluster:
         self.wait_for_nodes(1)
 
     def add_worker(self, host: str, private: Path) -> None:
-        """A worker node with 2 CPUs, host name `host`, seeing an empty folder of its own at `private`."""
+        """A worker node with 2 CPUs and 1 GPU (as Ray counts them: this machine has no GPU, so trials train on the
+        CPU), host name `host`, seeing an empty folder of its own at `private`."""
         temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
-        start = [str(RAY), "start", f"--address={self.address}", "--block", "--num-cpus=2", "--num-gpus=0",
+        start = [str(RAY), "start", f"--address={self.address}", "--block", "--num-cpus=2", "--num-gpus=1",
                  "--disable-usage-stats", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *_node_ports()]
         script = f"hostname {host} && mount -t tmpfs tmpfs {private} && exec {' '.join(start)}"
         # --kill-child: when unshare dies, the node's first process gets SIGKILL, and with it every process of the
         # node's own PID namespace.
         node = subprocess.Popen(["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc",
-                                 "sh", "-c", script], env=clean_env(self.home, **self.worker_env),
+                                 "sh", "-c", script], env={**clean_env(self.home), **self.worker_env},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.workers[host] = (node, temp)
         self.wait_for_nodes(1 + sum(p.poll() is None for p, _ in self.workers.values()))
@@ -118,18 +119,27 @@ class Cluster:
         stop_head(self.head, self.temp)
 
 
+A10G_MIB = 23028
+"""What nvidia-smi lists as the memory of cluster.yaml's worker GPU (an A10G), in MiB."""
+
+
 @pytest.fixture
 def cluster(tmp_path, s3_server):
-    """A head and one worker (host tune-worker-1) that sees an empty folder of its own at tmp_path/runs."""
+    """A head and one worker (host tune-worker-1) that sees an empty folder of its own at tmp_path/runs. Workers
+    have the nvidia-smi of an A10G node on their PATH (the driver has none, as cluster.yaml's head)."""
     if reason := _namespaces_work():
         pytest.skip(reason)
-    home, private = tmp_path / "home", tmp_path / "runs"
-    home.mkdir()
-    private.mkdir()
+    home, private, tools = tmp_path / "home", tmp_path / "runs", tmp_path / "worker-bin"
+    for folder in (home, private, tools):
+        folder.mkdir()
+    smi = tools / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {A10G_MIB}\n")
+    smi.chmod(0o755)
     # The worker holds the bucket's credentials as a cloud node would (its own environment or instance role); the
     # endpoint override is the driver's only: it travels with the study's storage.
-    credentials = {k: v for k, v in s3_server.env.items() if k != "AWS_ENDPOINT_URL_S3"}
-    nodes = Cluster(home, credentials)
+    worker_env = {k: v for k, v in s3_server.env.items() if k != "AWS_ENDPOINT_URL_S3"}
+    worker_env["PATH"] = f"{tools}{os.pathsep}{clean_env(home)['PATH']}"
+    nodes = Cluster(home, worker_env)
     try:
         nodes.add_worker("tune-worker-1", private)
         yield nodes
@@ -142,7 +152,7 @@ def _study(tmp_path: Path, tiny: str, source: Path, output_dir: str, **tune) -> 
     study = one_model_study("nodes", tiny, source, Path("unused"), space=space, epochs=tune.pop("epochs", 2),
                             trials=2)
     study["output_dir"] = output_dir
-    study["models"]["tiny"]["cpu"] = 1
+    study["models"]["tiny"].update(cpu=1, gpu="auto")
     study["data"]["limit"] = tune.pop("limit", 200)
     study["tune"].update(tune)
     path = tmp_path / "study.yaml"
@@ -195,6 +205,10 @@ def test_with_s3_output_the_trials_run_on_the_worker(cluster, s3_server, tmp_pat
     study = _study(tmp_path, tiny_models("bert"), tweets_csv, f"s3://{prefix}", max_concurrent=2)
     with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
         assert p.finish(timeout=400) == 0, p.output[-4000:]
+    # gpu: auto planned for the worker's GPU, as its nvidia-smi reads it, not for a default: a tiny model fits
+    # many trials in 22.5 GiB, but the worker's 2 CPUs hold 2 (cpu: 1 each).
+    assert (f"resources per trial: tiny 1 CPU + 0.5 GPU; gpu: auto planned for {A10G_MIB / 1024:.1f} GiB per GPU "
+            f"(the smallest GPU on the cluster's GPU nodes, read by nvidia-smi on 1)") in p.output, p.output[-4000:]
     fs = s3_server.filesystem()
     run = _run_path(fs, prefix)
     summary = json.loads(_read(fs, f"{run}/{SUMMARY}"))

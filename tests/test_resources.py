@@ -190,3 +190,17 @@ def test_a_trial_no_node_can_hold_is_warned_about(ray_session, capsys):
     check_trials_fit({"big": {"cpu": 999, "gpu": 0.5}})  # the test session's Ray: started by its caller
     assert ("warning: no node of this Ray cluster has 999 CPU and 0.5 GPU for one trial of big; its trials wait "
             "until such a node joins (an autoscaler adds it), or lower models.big.cpu/gpu") in capsys.readouterr().out
+
+
+def test_gpu_auto_plans_for_the_setting_else_says_it_guesses(ray_session, monkeypatch):
+    """Where no GPU node can tell its GPUs' memory (this test session's Ray has none), the plan says it guessed and
+    how to set it; TUNE_APP_GPU_MEMORY_GB wins. (The GPU nodes' own nvidia-smi: tests/test_nodes.py.)"""
+    from tune_app.study.cluster import planned_gpu_memory
+
+    monkeypatch.delenv(GPU_MEMORY_ENV, raising=False)
+    guessed = planned_gpu_memory()
+    assert guessed.bytes == gpu_memory_bytes() and guessed.basis.startswith("a guess: no GPU node")
+    assert GPU_MEMORY_ENV in guessed.describe()
+    monkeypatch.setenv(GPU_MEMORY_ENV, "24")
+    assert planned_gpu_memory().bytes == 24 * 10**9
+    assert planned_gpu_memory().describe() == f"22.4 GiB per GPU ({GPU_MEMORY_ENV}=24)"

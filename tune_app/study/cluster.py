@@ -150,6 +150,48 @@ def _nodes_not_seeing(marker: Path, nodes: dict[str, dict]) -> list[str]:
             for node_id in nodes if node_id not in seen]
 
 
+@dataclass(frozen=True)
+class GpuMemory:
+    """The GPU memory `gpu: auto` plans trials for, and where that figure comes from."""
+
+    bytes: int
+    basis: str
+
+    def describe(self) -> str:
+        return f"{self.bytes / 2**30:.1f} GiB per GPU ({self.basis})"
+
+
+def planned_gpu_memory() -> GpuMemory:
+    """TUNE_APP_GPU_MEMORY_GB; else the smallest GPU of the cluster's alive GPU nodes, as nvidia-smi reads it on
+    each (a task holding no resources, pinned to the node: it opens no CUDA context there); else this machine's
+    (resources.gpu_memory_bytes: torch, then the 80 GB default), said to be a guess. Trials land on any GPU node:
+    the smallest GPU is what each must fit."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tune_app.study.resources import GPU_MEMORY_ENV, gpu_memory_bytes, nvidia_smi_memory
+
+    if os.environ.get(GPU_MEMORY_ENV):
+        return GpuMemory(gpu_memory_bytes(), f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}")
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    probe = ray.remote(num_cpus=0, num_gpus=0, max_retries=0)(nvidia_smi_memory)
+    pending = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+               for n in nodes]
+    answered, _ = ray.wait(pending, num_returns=len(pending), timeout=REACH_TIMEOUT_S) if pending else ([], [])
+    read = []
+    for ref in answered:
+        try:
+            read.append(ray.get(ref))
+        except ray.exceptions.RayError:  # the node died meanwhile
+            continue
+    found = [memory for memory in read if memory is not None]
+    if found:
+        told = f"{len(found)} of {len(nodes)}" if len(found) < len(nodes) else f"{len(nodes)}"
+        return GpuMemory(min(found), f"the smallest GPU on the cluster's GPU nodes, read by nvidia-smi on {told}")
+    return GpuMemory(gpu_memory_bytes(), f"a guess: no GPU node could read its GPUs' memory (no nvidia-smi); set "
+                                         f"{GPU_MEMORY_ENV} to the memory of the GPUs trials run on")
+
+
 def connect_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets for its driver); otherwise
     start a local Ray with this machine's CPUs/GPUs and no dashboard."""

@@ -23,9 +23,10 @@ from tune_app.train.precision import checkpoint_dtype, count_parameters, dimensi
 
 GIB = 2**30
 DEFAULT_GPU_MEMORY_GB = 80.0
-"""GPU memory assumed when the driver sees no GPU (a CPU-only head of a GPU cluster): an 80 GB A100/H100."""
+"""GPU memory assumed when neither the cluster's GPU nodes nor this machine can say (no nvidia-smi, no CUDA)."""
 GPU_MEMORY_ENV = "TUNE_APP_GPU_MEMORY_GB"
-"""Set to the GPU memory (GB) of the workers when the driver cannot see one of them, or to pack more tightly."""
+"""Set to plan `gpu: auto` for this GPU memory (GB) instead of what the GPU nodes report (to pack more tightly, or
+where nvidia-smi is missing)."""
 USABLE_MEMORY = 0.90
 """Share of a GPU's memory that trials may plan on (the rest: allocator fragmentation, neighbours' spikes)."""
 PROCESS_OVERHEAD_BYTES = int(1.0 * GIB)
@@ -110,18 +111,28 @@ def padded_length(longest: int | None, max_length: int) -> int:
     return min(max_length, padded_width(longest, bucket_widths(max_length)))
 
 
-def gpu_memory_bytes() -> int:
-    """Total memory of one GPU: TUNE_APP_GPU_MEMORY_GB, else the first GPU nvidia-smi lists (a subprocess, so the
-    driver opens no CUDA context of its own on a GPU its trials share), else torch's first visible GPU, else 80 GB."""
-    if os.environ.get(GPU_MEMORY_ENV):
-        return int(float(os.environ[GPU_MEMORY_ENV]) * 1e9)
+def nvidia_smi_memory() -> int | None:
+    """Memory of the smallest GPU that nvidia-smi lists on this machine, in bytes; None without nvidia-smi or a
+    working driver. A subprocess: the caller opens no CUDA context (on a GPU its trials share, or in a Ray worker
+    that lives on)."""
     if smi := shutil.which("nvidia-smi"):
         try:
             listed = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                                     capture_output=True, text=True, timeout=20, check=True).stdout.split()
-            return int(float(listed[0]) * 2**20)  # MiB
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            pass  # a broken driver install: ask torch
+            return min(int(float(mib) * 2**20) for mib in listed) if listed else None  # MiB per GPU
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass  # a broken driver install
+    return None
+
+
+def gpu_memory_bytes() -> int:
+    """Total memory of one GPU of this machine: TUNE_APP_GPU_MEMORY_GB, else the smallest GPU nvidia-smi lists,
+    else torch's first visible GPU, else 80 GB. (A study asks its cluster's GPU nodes first:
+    cluster.planned_gpu_memory.)"""
+    if os.environ.get(GPU_MEMORY_ENV):
+        return int(float(os.environ[GPU_MEMORY_ENV]) * 1e9)
+    if (listed := nvidia_smi_memory()) is not None:
+        return listed
     try:
         import torch
 
@@ -183,9 +194,11 @@ def gpu_share(model, gpus_available: float, *, estimate: MemoryEstimate | None =
 
 
 def trial_resources(cfg, gpus_available: float, *, cpus_available: float | None = None,
-                    longest: dict[str, int] | None = None, num_labels: int = 2) -> dict[str, dict[str, float]]:
+                    longest: dict[str, int] | None = None, num_labels: int = 2,
+                    gpu_memory: int | None = None) -> dict[str, dict[str, float]]:
     """Ray resources of one trial, per model: its CPUs, and its GPU share when the cluster has GPUs.
-    `longest`: model name -> longest tokenized training row (tighter activation estimate than max_length)."""
+    `longest`: model name -> longest tokenized training row (tighter activation estimate than max_length);
+    `gpu_memory`: bytes of the GPUs `gpu: auto` plans for (default: this machine's, gpu_memory_bytes)."""
     plan = {}
     for name, m in cfg.models.items():
         estimate = None
@@ -193,5 +206,6 @@ def trial_resources(cfg, gpus_available: float, *, cpus_available: float | None 
             estimate = auto_estimate(m, cfg.model_space(name), cfg.data.max_length, (longest or {}).get(name),
                                      num_labels, precision=cfg.train.precision)
         plan[name] = {"cpu": m.cpu, "gpu": gpu_share(m, gpus_available, estimate=estimate,
-                                                     cpus_available=cpus_available, packed=cfg.tune.pack != "off")}
+                                                     cpus_available=cpus_available, gpu_memory=gpu_memory,
+                                                     packed=cfg.tune.pack != "off")}
     return plan

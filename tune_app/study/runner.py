@@ -35,7 +35,14 @@ from tune_app.spec.rundir import (
 )
 from tune_app.spec.space import MODEL_KEY
 from tune_app.study import packing
-from tune_app.study.cluster import check_storage_reachable, check_trials_fit, connect_ray, warn_if_lost_in_job
+from tune_app.study.cluster import (
+    GpuMemory,
+    check_storage_reachable,
+    check_trials_fit,
+    connect_ray,
+    planned_gpu_memory,
+    warn_if_lost_in_job,
+)
 from tune_app.study.prepare import PreparedData, prepare_data
 from tune_app.study.storage import load_run_config, new_run_dir, save_study
 
@@ -43,15 +50,15 @@ from tune_app.study.storage import load_run_config, new_run_dir, save_study
 
 
 def trial_resources(cfg: StudyConfig, gpus_available: float, prepared: PreparedData | None = None,
-                    cpus_available: float | None = None) -> dict[str, dict[str, float]]:
+                    cpus_available: float | None = None, gpu_memory: int | None = None) -> dict[str, dict[str, float]]:
     """Ray resources of one trial, per model: its cpus, and its GPU share when the cluster has GPUs
-    (`gpu: auto`: packed by memory estimate and cores, see resources.py)."""
+    (`gpu: auto`: packed by memory estimate and cores into `gpu_memory` bytes per GPU, see resources.py)."""
     from tune_app.study.resources import trial_resources as plan
 
     longest = {name: int(prepared.tokenized[key].train.lengths.max()) for name, key in prepared.model_keys.items()
                } if prepared else None
     return plan(cfg, gpus_available, cpus_available=cpus_available, longest=longest,
-                num_labels=prepared.splits.num_labels if prepared else 2)
+                num_labels=prepared.splits.num_labels if prepared else 2, gpu_memory=gpu_memory)
 
 
 def build_context(cfg: StudyConfig, prepared: PreparedData, data_refs: dict[str, Any]):
@@ -83,6 +90,8 @@ class Session:
     packs: dict[str, packing.PackPlan] = field(default_factory=dict)
     """Model -> how its trials are packed (tune.pack); models not listed train one trial per process."""
     pack_actors: list = field(default_factory=list)
+    gpu_memory: GpuMemory | None = None
+    """What `gpu: auto` planned each GPU's memory as (None: no model asked for it, or the cluster has no GPU)."""
 
 
 class _NoTunerRestoreHint(logging.Filter):
@@ -110,7 +119,10 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
         tune_logger.addFilter(_NoTunerRestoreHint())
     data_refs = {key: ray.put(data) for key, data in prepared.tokenized.items()}
     cluster = ray.cluster_resources()
-    resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"))
+    auto = cluster.get("GPU", 0.0) > 0 and any(m.gpu == "auto" for m in cfg.models.values())
+    gpu_memory = planned_gpu_memory() if auto else None  # the GPU nodes' own, not the driver's
+    resources = trial_resources(cfg, cluster.get("GPU", 0.0), prepared, cluster.get("CPU"),
+                                gpu_memory=gpu_memory.bytes if gpu_memory else None)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     plans = packing.plan(cfg, resources, max((n.get("CPU", 0) for n in nodes), default=0))
     resources = packing.apply(resources, plans)
@@ -120,7 +132,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     actors = packing.start(ctx, plans, resources)  # before the context goes to the object store with the trainable
     trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
                                     resources=lambda config: resources[config[MODEL_KEY]])
-    return Session(prepared, resources, trainable, plans, actors)
+    return Session(prepared, resources, trainable, plans, actors, gpu_memory)
 
 
 def wandb_callback(cfg: StudyConfig, run_dir: Path):
@@ -200,8 +212,17 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"{_storage_line(cfg, run)}\n{_packing_line(cfg, session)}\n{_confirm_line(cfg)}\n"
+          f"{_resources_line(cfg, session)}\n{_storage_line(cfg, run)}\n{_packing_line(cfg, session)}\n"
+          f"{_confirm_line(cfg)}\n"
           f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
+
+
+def _resources_line(cfg: StudyConfig, session: Session) -> str:
+    """What each trial holds, per model, and what GPU memory `gpu: auto` planned for."""
+    held = "; ".join(f"{name} {need['cpu']:g} CPU" + (f" + {need['gpu']:g} GPU" if need["gpu"] else "")
+                     for name, need in session.resources.items())
+    planned = f"; gpu: auto planned for {session.gpu_memory.describe()}" if session.gpu_memory else ""
+    return f"resources per trial: {held}{planned}"
 
 
 def _packing_line(cfg: StudyConfig, session: Session) -> str:
