@@ -152,7 +152,7 @@ def _study(tmp_path: Path, tiny: str, source: Path, output_dir: str, **tune) -> 
     study = one_model_study("nodes", tiny, source, Path("unused"), space=space, epochs=tune.pop("epochs", 2),
                             trials=2)
     study["output_dir"] = output_dir
-    study["models"]["tiny"].update(cpu=1, gpu="auto")
+    study["models"]["tiny"].update(cpu=tune.pop("cpu", 1), gpu="auto")
     study["data"]["limit"] = tune.pop("limit", 200)
     study["tune"].update(tune)
     path = tmp_path / "study.yaml"
@@ -238,6 +238,14 @@ def test_a_local_output_dir_the_worker_cannot_see_is_refused_before_any_trial(cl
     with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
         assert p.finish(timeout=300) == cli.EXIT_BAD_INPUT, p.output[-4000:]
     assert sorted(path.name for path in runs.iterdir()) == ["mine.txt"]
+
+    # Trials no node can hold yet wait for nodes to join (as cluster.yaml's, from zero workers): nothing to ask, so
+    # a local output_dir is refused, unless the user vouches for a shared filesystem with a file:// URI.
+    study = _study(tmp_path, tiny_models("bert"), tweets_csv, str(tmp_path / "elsewhere"), cpu=4)
+    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+        assert p.finish(timeout=300) == cli.EXIT_BAD_INPUT, p.output[-4000:]
+    assert "no node of this cluster can run a trial yet" in p.output, p.output[-3000:]
+    assert f"file://{tmp_path / 'elsewhere'}" in p.output and not (tmp_path / "elsewhere").exists()
 
 
 def test_a_lost_worker_s_trial_is_retried_on_the_node_that_replaces_it(cluster, s3_server, tmp_path, tiny_models,

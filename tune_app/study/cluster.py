@@ -73,7 +73,7 @@ def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
     most = {kind: max((r.get(kind, 0) for r in nodes), default=0) for kind in ("CPU", "GPU")}
     errors = []
     for name, need in resources.items():
-        if any(r.get("CPU", 0) >= need["cpu"] and r.get("GPU", 0) >= need["gpu"] for r in nodes):
+        if any(_can_hold(r, {name: need}) for r in nodes):
             continue
         key = "cpu" if need["cpu"] > most["CPU"] else "gpu"
         gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
@@ -93,12 +93,14 @@ REACH_TIMEOUT_S = 120
 """How long the storage check waits for every node to answer (a node may first set up the job's runtime env)."""
 
 
-def check_storage_reachable(output_dir: str) -> None:
+def check_storage_reachable(output_dir: str, resources: dict[str, dict[str, float]]) -> None:
     """On a cluster, each trial's checkpoints are written by the node that runs it, into output_dir: a local
-    output_dir must be a folder every alive node sees (a shared filesystem mounted at the same path), or trials
-    train an epoch and then fail at their first checkpoint. A marker file written here is looked for from each node;
-    ConfigError naming the nodes that do not see it, and the fix. No-op for a URI and on a one-node Ray. The marker
-    goes again, and so does any folder this check made."""
+    output_dir must be a folder every node sees (a shared filesystem mounted at the same path), or trials train an
+    epoch and then fail at their first checkpoint. A marker file written here is looked for from each alive node;
+    ConfigError naming the nodes that do not see it, and the fix. Where no alive node can hold a trial yet (they
+    wait for an autoscaler's nodes), nothing can be checked: refused too, unless written as a file:// URI (the user's
+    word that the folder is shared). No-op for a URI and on a one-node Ray. The marker goes again, and so does any
+    folder this check made. `resources`: each model's trial resources."""
     import ray
 
     if is_uri(output_dir):
@@ -107,6 +109,13 @@ def check_storage_reachable(output_dir: str) -> None:
     if list(nodes) == [ray.get_runtime_context().get_node_id()]:
         return
     root = Path(output_dir).expanduser().resolve()
+    holding = [node_id for node_id, n in nodes.items() if _can_hold(n.get("Resources", {}), resources)]
+    if not holding:
+        raise ConfigError([f"output_dir: {str(root)!r} is a local folder, but no node of this cluster can run a "
+                           f"trial yet (its trials wait for nodes to join, as an autoscaler's), so whether they "
+                           f"will see it cannot be checked; give output_dir as a URI every node reaches "
+                           f"(s3://bucket/prefix, gs://bucket/prefix), or, for one shared filesystem mounted there "
+                           f"on every node, as file://{root}"])
     made = [folder for folder in (root, *root.parents) if not folder.exists()]
     root.mkdir(parents=True, exist_ok=True)
     marker = root / f".tune_app-reach-{uuid.uuid4().hex}"
@@ -127,6 +136,12 @@ def check_storage_reachable(output_dir: str) -> None:
                        f"nodes cannot see ({shown}), and each trial writes its checkpoints from the node that runs "
                        f"it; give output_dir as a URI every node reaches (s3://bucket/prefix, gs://bucket/prefix), "
                        f"or mount one shared filesystem (NFS, EFS, ...) at {root} on every node"])
+
+
+def _can_hold(offered: dict[str, float], resources: dict[str, dict[str, float]]) -> bool:
+    """Whether a node offering `offered` can run one trial of some model."""
+    return any(offered.get("CPU", 0) >= need["cpu"] and offered.get("GPU", 0) >= need["gpu"]
+               for need in resources.values())
 
 
 def _nodes_not_seeing(marker: Path, nodes: dict[str, dict]) -> list[str]:

@@ -113,7 +113,6 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
 
     prepared = prepared or prepare_data(cfg)
     connect_ray(address)
-    check_storage_reachable(cfg.output_dir)  # every node writes checkpoints there: refused before any trial starts
     tune_logger = logging.getLogger("ray.tune.tune")  # run and resume: tune_app's resume hint, not Ray's
     if not any(isinstance(f, _NoTunerRestoreHint) for f in tune_logger.filters):
         tune_logger.addFilter(_NoTunerRestoreHint())
@@ -127,6 +126,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     plans = packing.plan(cfg, resources, max((n.get("CPU", 0) for n in nodes), default=0))
     resources = packing.apply(resources, plans)
     check_trials_fit(resources)
+    check_storage_reachable(cfg.output_dir, resources)  # every node writes checkpoints there: refused before trials
     ctx = build_context(cfg, prepared, data_refs)
     ctx.progress = start_board()  # what trials' heartbeats tell, and the progress printer reads
     actors = packing.start(ctx, plans, resources)  # before the context goes to the object store with the trainable
