@@ -138,7 +138,6 @@ def postgres_url():
     tests run as root (PostgreSQL refuses root; its folder is then outside pytest's root-only temp tree). Stopped
     at the end by its own pg_ctl, which ends only it."""
     import shutil
-    import socket
     import subprocess
     import tempfile
 
@@ -150,9 +149,7 @@ def postgres_url():
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_user:
         shutil.chown(folder, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True, text=True)  # noqa: E731
     run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tune")
     run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",

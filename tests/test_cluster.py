@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tune_app.spec.rundir import BEST_CONFIG, STUDY, SUMMARY, TRIALS
 
 RAY = Path(sys.executable).parent / "ray"
@@ -49,12 +48,6 @@ def test_cluster_yaml_matches_the_schema_inside_ray():
     assert all("RAY_AUTH_MODE=token" in " ".join(cluster["worker_start_ray_commands"]) for _ in workers)
     assert "~/.ray/auth_token" in cluster["file_mounts"]
     assert any("[cluster]" in command for command in cluster["setup_commands"])
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
