@@ -66,16 +66,19 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
     from transformers import AutoTokenizer
 
     from tune_app.train.model import build_model, quiet_libraries
-    from tune_app.train.precision import autocast_factory
+    from tune_app.train.precision import autocast_factory, train_in_fp32
 
     quiet_libraries()
     dev = _device(device)
     spec = base_spec(bundle)
+    # The trial's autocast, and its base in the dtype that autocast gave it (`dtype: auto` is fp32 without one).
+    autocast, precision = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     torch.manual_seed(0)  # fresh LoRA init is overwritten below; seeded anyway so nothing varies run to run
     with warnings.catch_warnings():  # transformers' deprecation notes from inside peft: not for users
         warnings.simplefilter("ignore", FutureWarning)
-        model, _family, pad_id = build_model(spec, bundle.manifest["hyperparameters"], bundle.label_names,
-                                             on_gpu=dev.type == "cuda")
+        model, family, pad_id = build_model(spec, bundle.manifest["hyperparameters"], bundle.label_names,
+                                            on_gpu=dev.type == "cuda", precision=precision)
+    train_in_fp32(model, family)  # adapter and head in fp32, computing as the trial's did (precision.py)
     try:  # open_bundle checked the file and its head; this is for what a header cannot show
         result = set_peft_model_state_dict(model, load_file(str(bundle.path / ADAPTER_FILES[1])))
     except (SafetensorError, RuntimeError, ValueError, OSError) as e:  # safetensors' errors, a tensor of the wrong size
@@ -86,7 +89,6 @@ def load_classifier(bundle: Bundle, *, device: str | None = None) -> Classifier:
                          f"(unexpected: {result.unexpected_keys[:3]} ...); export the bundle again")
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(bundle.path))
-    autocast, _ = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     return Classifier(bundle, model, tokenizer, pad_id, dev, autocast,
                       int(bundle.manifest["inference"]["batch_size"]), int(bundle.manifest["data"]["max_length"]))
 
@@ -333,15 +335,15 @@ def baseline_probs(spec, bundle: Bundle, texts: list[str], device: str | None) -
 
     quiet_libraries()
     dev = _device(device)
+    autocast, precision = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     torch.manual_seed(0)  # an untrained head is random: the same random head on every run
-    base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda")
+    base = load_base(spec, bundle.label_names, on_gpu=dev.type == "cuda", precision=precision)
     model, tokenizer, pad_id = base.model, base.tokenizer, base.pad_id
     fresh = sorted({k.split(".")[0] for k in fresh_weights(base.loading)})
     if fresh:
         note = f"its classification head is untrained (random: {', '.join(fresh)}), so it scores near chance"
     else:  # the checkpoint has a classification head: kept (rows matched by label name) or replaced
         note = base.head_note or "its own trained classification head"
-    autocast, _ = autocast_factory(dev, bundle.manifest["inference"]["precision"])
     model.to(dev)
     logits = text_logits(model, tokenizer, texts, pad_id=pad_id, max_length=int(bundle.manifest["data"]["max_length"]),
                          batch_size=int(bundle.manifest["inference"]["batch_size"]), device=dev, autocast=autocast)

@@ -122,10 +122,13 @@ def reusable(model) -> bool:
 def strip_adapter(model) -> None:
     """Undo get_peft_model on its base `model`, in place: each head wrapper (modules_to_save) back to the module it
     wrapped, untouched by training; each LoRA layer back to the layer it wrapped; every parameter frozen, without a
-    gradient; the peft_config PEFT attached removed."""
+    gradient; the peft_config PEFT attached and the hooks of `precision.train_in_fp32` removed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
+    from tune_app.train.precision import remove_hooks
+
+    remove_hooks(model)  # a half-precision base's views of the biases it trained
     # Wrappers first: a wrapped head can hold LoRA layers of its own (a target name that matches inside it).
     for kind, inner in ((ModulesToSaveWrapper, lambda m: m.original_module),
                         (BaseTunerLayer, lambda m: m.get_base_layer())):

@@ -212,6 +212,7 @@ class Pack:
         from transformers import get_scheduler
 
         from tune_app.train.model import mask_preparer
+        from tune_app.train.precision import train_in_fp32
 
         if not packable(params):
             raise ValueError(f"trial {name}: lora_bias={params['lora_bias']} trains the base's biases; it cannot "
@@ -237,10 +238,8 @@ class Pack:
         slot = Slot(name, params, seed, random_state())
         self.slots[name] = slot
         self._mark_trainable()
+        train_in_fp32(self.model, family)  # this trial's adapter and head in fp32, as a solo trial's
         slot.trainable = [p for n, p in self.model.named_parameters() if _owned_by(n, name)]
-        for p in slot.trainable:  # adapters and heads train in fp32, as a solo trial's do
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
         total_steps = int(np.ceil(len(self.train) / slot.batch_size)) * self.epochs
         slot.optimizer = torch.optim.AdamW(slot.trainable, lr=float(params["learning_rate"]),
                                            weight_decay=float(params["weight_decay"]), fused=self.device.type == "cuda")

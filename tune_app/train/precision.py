@@ -3,6 +3,12 @@
 Base weights stay in half precision on a GPU for half-precision checkpoints and for models of 1B parameters or
 more (no fp32 copy of a 7B model); LoRA layers and the head always train in fp32. The parameter count comes from
 config.json alone (no weights loaded), so the driver's memory estimate uses the same rule.
+
+What trains is fp32 over any base (`train_in_fp32`); where a half-precision base runs without autocast (`dtype:
+bf16` on a CPU, or `train.precision: fp32` on a GPU), each part computes in its own dtype and casts at its edges,
+as autocast would have cast for it: PEFT's LoRA layers already cast their input to their fp32 weights; the head
+copies (modules_to_save) get the same, and a base layer whose bias trains (lora_bias) uses a half-precision view of
+its fp32 bias. Under autocast none of this runs: autocast casts as it always did.
 """
 
 from __future__ import annotations
@@ -81,7 +87,6 @@ def weights_dtype(name: str, checkpoint_dtype: Any, n_params: int, *, on_gpu: bo
     return "fp32"
 
 
-
 def dtype_of(name: str):
     """torch dtype of a precision name: bf16, fp16 or fp32."""
     import torch
@@ -123,3 +128,118 @@ def autocast_factory(device, precision: str):
     if precision == "bf16":
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16), "bf16"
     return contextlib.nullcontext, "fp32"
+
+
+# --------------------------------------------------------------------------------------------- what trains
+
+
+HOOKS = "_tune_app_precision_hooks"
+"""The attribute of a module holding the handles of the hooks `train_in_fp32` gave it (`remove_hooks` removes
+them)."""
+
+
+def train_in_fp32(model, family=None) -> None:
+    """Adapters and heads train in fp32 even when the frozen base is in half precision (AdamW on bf16 weights loses
+    updates): every trainable parameter is cast to fp32. Over a half-precision base, the parts that then hold fp32
+    weights among half-precision ones compute without autocast too (see the module docstring):
+
+    - each head copy (PEFT's modules_to_save) casts its inputs to its fp32 weights; its output stays fp32 for the
+      family's head (the logits), and goes back to the dtype it came in for any other trained copy (a module the
+      checkpoint lacked, which the base's half-precision layers read on from);
+    - a base layer whose own parameters train (lora_bias all / lora_only) beside frozen half-precision weights uses
+      a half-precision view of them in its forward, the trained parameters themselves staying fp32.
+
+    Idempotent: a pack calls it again for each trial that joins. A kept base loses the base layers' hooks when its
+    adapter is stripped (`remove_hooks`)."""
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+
+    from tune_app.spec.families import head_modules, inside
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if not any(_half(p) and not p.requires_grad for p in model.parameters()):
+        return  # an fp32 base: everything computes in fp32 already
+    heads = head_modules(family)
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            logits = any(inside(name, h) for h in heads)
+            for trained_copy in module.modules_to_save.values():
+                if HOOKS not in trained_copy.__dict__:
+                    trained_copy.__dict__[HOOKS] = _cast_inputs_hooks(trained_copy, keep_fp32=logits)
+            continue
+        # A head copy holds nothing frozen, its original nothing trained: only base layers qualify here.
+        own = dict(module.named_parameters(recurse=False))
+        trained = tuple(n for n, p in own.items() if p.requires_grad)
+        frozen = {p.dtype for p in own.values() if not p.requires_grad and _half(p)}
+        if trained and len(frozen) == 1 and HOOKS not in module.__dict__:
+            module.__dict__[HOOKS] = _half_view_hooks(module, trained, frozen.pop())
+
+
+def remove_hooks(model) -> None:
+    """Remove every hook `train_in_fp32` gave the modules of `model` (a base whose adapter is stripped)."""
+    for module in model.modules():
+        for handle in module.__dict__.pop(HOOKS, ()):
+            handle.remove()
+
+
+def _half(p) -> bool:
+    import torch
+
+    return p.dtype in (torch.float16, torch.bfloat16)
+
+
+def _autocast_on(device) -> bool:
+    import torch
+
+    return torch.is_autocast_enabled(device.type)
+
+
+def _cast_inputs_hooks(module, keep_fp32: bool) -> list:
+    """A trained copy computing in its own dtype: floating-point inputs cast to it; the output back to the inputs'
+    dtype unless `keep_fp32`. Nothing under autocast."""
+    import torch
+
+    def before(mod, args, kwargs):
+        dtype = next((p.dtype for p in mod.parameters() if p.is_floating_point()), None)
+        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.is_floating_point()]
+        if dtype is None or not tensors or _autocast_on(tensors[0].device):
+            return None
+        mod.__dict__["_tune_app_input_dtype"] = tensors[0].dtype
+
+        def cast(t):
+            return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    def after(mod, args, output):
+        came_in = mod.__dict__.pop("_tune_app_input_dtype", None)
+        if came_in is not None and not keep_fp32 and torch.is_tensor(output) and output.is_floating_point():
+            return output.to(came_in)
+        return None
+
+    return [module.register_forward_pre_hook(before, with_kwargs=True),
+            module.register_forward_hook(after, always_call=True)]
+
+
+def _half_view_hooks(module, names: tuple[str, ...], dtype) -> list:
+    """A half-precision layer with fp32 parameters of its own that train: during its forward, those parameters are
+    seen in the layer's dtype (gradients flow back to them through the cast), as autocast would cast them; put back
+    after the forward, also when it raises. Nothing under autocast."""
+
+    def before(mod, args):
+        first = mod._parameters[names[0]]
+        if _autocast_on(first.device):
+            return
+        kept = {n: mod._parameters[n] for n in names}
+        mod.__dict__["_tune_app_trained"] = kept
+        for n, p in kept.items():
+            mod._parameters[n] = p.to(dtype)
+
+    def after(mod, args, output):
+        kept = mod.__dict__.pop("_tune_app_trained", None)
+        if kept is not None:
+            mod._parameters.update(kept)
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after, always_call=True)]

@@ -35,7 +35,7 @@ from tune_app.train.model import (
     trial_base,
 )
 from tune_app.train.pack import pack_name, packable
-from tune_app.train.precision import autocast_factory
+from tune_app.train.precision import autocast_factory, train_in_fp32
 from tune_app.train.step import TrainStep
 from tune_app.train.tokens import fetch
 
@@ -148,7 +148,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     model, family, pad_id = build_model(spec, params, ctx.label_names, base=lease.base)
     model.to(device)
     lease.adapted(model)
-    train_in_fp32(model)
+    train_in_fp32(model, family)
     use_compile, use_graphs = _step_mode(ctx, on_gpu, precision)
     fixed_shapes = use_compile or use_graphs  # padding buckets and filled-up batches: few shapes to build for
     graphs_before = compiled_graphs()
@@ -211,15 +211,6 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     if start_epoch >= ctx.epochs:  # resumed after its last epoch: nothing trained, nothing reported
         lease.give_back()
     return history
-
-
-def train_in_fp32(model) -> None:
-    """Adapters and head train in fp32 even when the frozen base is bf16 (AdamW on bf16 weights loses updates)."""
-    import torch
-
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
 
 
 def _step_mode(ctx: TrialContext, on_gpu: bool, precision: str) -> tuple[bool, bool]:
