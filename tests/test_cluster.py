@@ -209,33 +209,60 @@ def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys
 
 
 TWO_NODES = '''
-import json, sys
+import json, socket, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-worker = cluster.add_node(num_cpus=2)
-cluster.wait_for_nodes()
+late = sys.argv[3] == "late"
+nodes = {"head": cluster.head_node.node_id}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_later():
+    """`ray start` of a worker once the study has started (Cluster.add_node must run in the main thread)."""
+    time.sleep(8)
+    ports = [f"--{name}={free_port()}" for name in ("node-manager-port", "object-manager-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")]
+    subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", f"--address={cluster.address}", "--block",
+                      "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                      f"--temp-dir={tempfile.mkdtemp(prefix='rayl', dir='/tmp')}", *ports])
+
+
+if late:
+    threading.Thread(target=join_later, daemon=True).start()
+else:
+    nodes["worker"] = cluster.add_node(num_cpus=2).node_id
+    cluster.wait_for_nodes()
 try:
     from tune_app.cli import main
     code = main(["run", sys.argv[1], "--address", cluster.address])
-    Path(sys.argv[2]).write_text(json.dumps({"code": code, "worker": worker.node_id,
-                                             "head": cluster.head_node.node_id}))
+    Path(sys.argv[2]).write_text(json.dumps({"code": code, **nodes}))
 finally:
     ray.shutdown()
     cluster.shutdown()
 '''
 """A head without CPUs (as cluster.yaml's) and a worker node with 2, both on this machine (Ray's Cluster helper),
-running a study given as argv[1] from this process as its driver; argv[2] gets the exit code and the nodes' ids."""
+there from the start or (argv[3] == 'late') joining once the study has started; runs the study given as argv[1]
+from this process as its driver; argv[2] gets the exit code and the nodes' ids."""
 
 
 @pytest.mark.slow
-def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny_models, tweets_csv):
+@pytest.mark.parametrize("worker", ["there", "late"])
+def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny_models, tweets_csv, worker):
     """tune.pack on a cluster whose head holds no CPUs: both trials Ray placed on the worker train in the worker's
-    one pack."""
+    one pack, also when the worker joins after the study started (as an autoscaler's does): the study's pack
+    registry starts its pack for the first trial that lands there."""
     study = {
-        "name": "two", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"},
+        # file://: the study cannot ask a node that is not there yet whether it sees a local folder.
+        "name": "two", "output_dir": f"file://{tmp_path / 'runs'}", "wandb": {"mode": "disabled"},
         "data": {"source": str(tweets_csv), "text": "text", "label": "target", "limit": 160, "max_length": 32},
         "models": {"m": {"checkpoint": tiny_models("bert"), "cpu": 1}},
         "space": {"lora_rank": {"choice": [2, 4]}, "learning_rate": {"loguniform": [1.0e-4, 5.0e-2]}},
@@ -245,8 +272,8 @@ def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     (tmp_path / "two_nodes.py").write_text(TWO_NODES)
     out = tmp_path / "out.json"
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "two_nodes.py"), str(tmp_path / "study.yaml"), str(out)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "two_nodes.py"), str(tmp_path / "study.yaml"), str(out),
+                             worker], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     try:
         log, _ = proc.communicate(timeout=420)
@@ -256,10 +283,14 @@ def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny
     assert proc.returncode == 0 and out.is_file(), log[-4000:]
     nodes = json.loads(out.read_text())
     assert nodes["code"] == 0, log[-4000:]
-    assert "packing: m: up to 2 trials per node in one process over one base" in log
+    # The plan is made from the nodes there at the start: with none that can hold a trial, it is made for 2.
+    assert "packing: m: up to 2 trials per node in one process over one base" in log, log[-4000:]
+    assert "trains alone" not in log, log[-4000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     results = [json.loads(path.read_text().splitlines()[-1]) for path in run_dir.glob("m_*/result.json")]
     assert len(results) == 2
     packs = {r["pack"] for r in results}
-    assert len(packs) == 1 and nodes["worker"][:12] in packs.pop()  # the worker's pack; the head has no CPU
+    pack = packs.pop()
+    assert len(packs) == 0 and nodes["head"][:12] not in pack  # the worker's pack; the head has no CPU
+    assert worker == "late" or nodes["worker"][:12] in pack
     assert max(r["packed_trials"] for r in results) == 2

@@ -60,6 +60,9 @@ class TrialContext:
     max_oom_retries: int = 3
     packs: dict[str, str] = field(default_factory=dict)
     """Model -> the name prefix of its packs (tune.pack): its trials train in the pack on their node's device."""
+    pack_registry: str | None = None
+    """The actor name of the study's pack registry (tune_app.study.packing), which starts the pack of a node that
+    joined after the study started."""
     progress: Any = None
     """The study's progress board (a Ray actor handle, tune_app.study.progress) that heartbeats tell; None: none."""
 
@@ -86,21 +89,26 @@ def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | None) -> bool:
-    """A thin trial: join the pack of this trial's model on the device Ray placed it on, report each epoch's result
-    the pack sends, and leave. False when this node has no pack (a node that joined after the study started): the
-    trial then trains alone."""
+    """A thin trial: join the pack of this trial's model on the device Ray placed it on (the study's pack registry
+    starts it on a node that joined after the study started), report each epoch's result the pack sends, and
+    leave. False when this device can have no pack: the trial then trains alone."""
     import ray
     from ray import tune
 
     quiet_ray()  # the thin trial imports no model library: only Ray's loggers need quieting
     gpus = ray.get_gpu_ids()
     device = str(gpus[0]) if gpus else "cpu"
-    name = pack_name(ctx.packs[config[MODEL_KEY]], ray.get_runtime_context().get_node_id(), device)
+    node_id = ray.get_runtime_context().get_node_id()
+    name = pack_name(ctx.packs[config[MODEL_KEY]], node_id, device)
     try:
         pack = ray.get_actor(name)
-    except ValueError:
-        print(f"[tune_app] no pack {name} on this node: this trial trains alone", flush=True)
-        return False
+    except ValueError:  # a node that joined later: the registry starts its pack
+        started = ray.get(ray.get_actor(ctx.pack_registry).ensure.remote(config[MODEL_KEY], node_id, device)) \
+            if ctx.pack_registry else None
+        if started is None:
+            print(f"[tune_app] no pack {name} on this node: this trial trains alone", flush=True)
+            return False
+        pack = ray.get_actor(started)
     trial_id = tune.get_context().get_trial_id()
     ray.get(pack.join.remote(trial_id, config, resume_dir))
     try:
