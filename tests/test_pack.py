@@ -74,6 +74,21 @@ def test_packed_trials_train_what_each_trains_alone(tiny_models, family):
     assert len({round(runs[-1][0]["train_loss"], 6) for runs in solo.values()}) == 3
 
 
+def test_out_of_memory_halves_a_packed_trial_s_micro_batch_as_alone(tiny_models, monkeypatch, capsys):
+    """A packed step that runs out of memory is taken again trial by trial, and a trial that runs out alone halves
+    its micro-batch (its effective batch unchanged), as a solo trial's step does: each trial then trains what it
+    trains alone under the same limit. Injected: any micro-batch of more than 2 rows raises a CUDA-style OOM."""
+    monkeypatch.setenv(memory.OOM_TEST_ENV, "2")
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=40, n_val=16, vocab=1000)
+    configs = {name: make_config(**params) for name, params in TRIALS.items()}
+    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx)
+    for name in configs:
+        assert [m["micro_batch_size"] for m, _, _ in packed[name]] == [2, 2]
+        assert [m["micro_batch_size"] for m, _, _ in solo[name]] == [2, 2]
+        assert_same_training(solo[name], packed[name])
+    assert "c: out of memory in its pack: micro-batch -> 8, gradient accumulation -> 2" in capsys.readouterr().out
+
+
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=40, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items() if name != "c"}

@@ -38,7 +38,7 @@ from tune_app.spec.space import resolve_alpha
 from tune_app.train import checkpoint
 from tune_app.train.batching import collate, length_grouped_batches
 from tune_app.train.heartbeat import Heartbeat
-from tune_app.train.memory import peak_memory_mb, random_state, set_random_state
+from tune_app.train.memory import is_oom, oom_test_limit, peak_memory_mb, random_state, set_random_state
 from tune_app.train.step import share_of_loss
 from tune_app.train.tokens import TokenizedSplit, fetch
 
@@ -103,6 +103,9 @@ class Slot:
     batches: list[np.ndarray] = field(default_factory=list)
     batch_index: int = 0
     micro_start: int = 0
+    micro_batch: int = 0
+    """Rows of its micro-batches: its batch size, halved by each out-of-memory error of its own (`halve`), its
+    effective batch unchanged (gradient accumulation, as a solo trial's step does)."""
     step_loss: Any = None
     loss_sum: Any = None
 
@@ -138,10 +141,22 @@ class Slot:
     def epoch_done(self) -> bool:
         return self.batch_index >= len(self.batches)
 
+    def halve(self) -> bool:
+        """After an out-of-memory error of this trial's own: the current effective batch again, in micro-batches of
+        half the rows; False when they are single rows already."""
+        if self.micro_batch <= 1:
+            return False
+        self.micro_batch = max(1, self.micro_batch // 2)
+        self.restart_batch()
+        print(f"[tune_app] {self.name}: out of memory in its pack: micro-batch -> {self.micro_batch}, gradient "
+              f"accumulation -> {-(-self.batch_size // self.micro_batch)} (effective batch {self.batch_size} "
+              f"unchanged)", flush=True)
+        return True
+
     def next_part(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """The next micro-batch's rows, its effective batch's rows, and whether it ends that batch."""
         rows = self.batches[self.batch_index]
-        part = rows[self.micro_start:self.micro_start + self.batch_size]
+        part = rows[self.micro_start:self.micro_start + (self.micro_batch or self.batch_size)]
         self.micro_start += len(part)
         return part, rows, self.micro_start >= len(rows)
 
@@ -149,11 +164,12 @@ class Slot:
         """What a checkpoint keeps of the trial's training, as a solo trial's step keeps it (no loss scaler: packed
         trials never train under fp16 loss scaling)."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": None,
-                "micro_batch": self.batch_size}
+                "micro_batch": self.micro_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_batch = min(int(state.get("micro_batch") or self.batch_size), self.batch_size)
 
     def optimizer_step(self) -> None:
         """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch."""
@@ -199,6 +215,15 @@ class Pack:
         self.random_state = random_state()
         """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
         self._attention_dropout = _attention_dropout(base.model.config)
+        self.test_limit = oom_test_limit()
+        """memory.OOM_TEST_ENV: a micro-batch of more rows raises a test OOM (0: off)."""
+
+    def free_cached_memory(self) -> None:
+        """After an out-of-memory error: give the allocator's cached blocks back before the next try."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------------------------------- joining and leaving
 
@@ -235,7 +260,7 @@ class Pack:
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
-        slot = Slot(name, params, seed, random_state())
+        slot = Slot(name, params, seed, random_state(), micro_batch=int(params["batch_size"]))
         self.slots[name] = slot
         self._mark_trainable()
         train_in_fp32(self.model, family)  # this trial's adapter and head in fp32, as a solo trial's
@@ -287,6 +312,8 @@ class Pack:
         if not slots:
             return
         parts = [s.next_part() for s in slots]
+        if self.test_limit and (big := [len(part) for part, _, _ in parts if len(part) > self.test_limit]):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {big[0]} > {self.test_limit})")
         batches = [collate(self.train, part, self.base.pad_id) for part, _, _ in parts]
         width = max(ids.shape[1] for ids, _, _ in batches)
         layout, start = [], 0
@@ -309,6 +336,28 @@ class Pack:
             slot.step_loss = loss.detach() if slot.step_loss is None else slot.step_loss + loss.detach()
             if last:
                 slot.optimizer_step()
+
+    def step_each(self, slots: list[Slot]) -> dict[str, str]:
+        """After a packed step raised: each trial's effective batch again from its start, each trial on its own. A
+        trial that runs out of memory alone takes it again in micro-batches of half the rows (down to single rows).
+        Returns the trials whose own step raised otherwise (name -> traceback): they fail, the others train on."""
+        import traceback
+
+        failed = {}
+        for slot in slots:
+            slot.restart_batch()
+        for slot in slots:
+            while True:
+                try:
+                    self.step([slot])
+                    break
+                except Exception as e:  # noqa: BLE001 - this trial's own failure: it fails alone
+                    if is_oom(e) and slot.halve():
+                        self.free_cached_memory()
+                        continue
+                    failed[slot.name] = traceback.format_exc()
+                    break
+        return failed
 
     def evaluate(self, name: str, val: TokenizedSplit, batch_size: int, class_weights: np.ndarray | None):
         """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast); its
@@ -582,7 +631,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
             train_loss = float(slot.loss_sum) / len(slot.batches)
             metrics = pack.evaluate(name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights)
             metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
-                           train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.batch_size,
+                           train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.micro_batch,
                            **pack.sizes(name), packed_trials=len(pack.slots), device=device.type)
             history[name].append(metrics)
             with tempfile.TemporaryDirectory() as tmp:
@@ -595,7 +644,13 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
                 slot.start_epoch(data.train, slot.epoch + 1)
                 started[name] = time.perf_counter()
         if pack.slots:
-            pack.step()
+            active = [s for s in pack.slots.values() if not s.epoch_done]
+            try:
+                pack.step(active)
+            except Exception:  # noqa: BLE001 - sorted out trial by trial
+                if failed := pack.step_each(active):
+                    name, error = next(iter(failed.items()))
+                    raise RuntimeError(f"trial {name} failed in its pack:\n{error}") from None
     return history
 
 
@@ -796,17 +851,9 @@ class PackServer:
                     self.cond.wait(timeout=0.01)
 
     def _step_alone(self, slots: list[Slot]) -> None:
-        """A packed step raised: each trial's effective batch again from its start, each trial on its own; a trial
-        whose own step raises fails, the others train on."""
-        import traceback
-
-        for slot in slots:
-            slot.restart_batch()
-        for slot in slots:
-            try:
-                self.pack.step([slot])
-            except Exception:  # noqa: BLE001 - this trial's own failure: it fails alone
-                self._fail(slot.name, traceback.format_exc())
+        """A packed step raised: each trial on its own (Pack.step_each); a trial whose own step raises fails."""
+        for name, error in self.pack.step_each(slots).items():
+            self._fail(name, error)
 
     def _fail(self, name: str, error: str) -> None:
         trial = self.trials.get(name)
@@ -837,7 +884,7 @@ class PackServer:
         metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, train_time_s=trial.train_seconds,
                        epoch_time_s=epoch_seconds, eval_time_s=time.perf_counter() - t0, **trial.setup,
                        train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
-                       micro_batch_size=slot.batch_size, autocast=self.pack.precision, compiled=False,
+                       micro_batch_size=slot.micro_batch, autocast=self.pack.precision, compiled=False,
                        compiled_graphs=0, cuda_graphs=0, device=self.device.type, threads=torch.get_num_threads(),
                        packed_trials=len(self.pack.slots), pack=self.name, first_step_s=trial.first_step_s,
                        **peak_memory_mb(self.device.type == "cuda"))
