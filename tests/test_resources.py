@@ -203,4 +203,4 @@ def test_gpu_auto_plans_for_the_setting_else_says_it_guesses(ray_session, monkey
     assert GPU_MEMORY_ENV in guessed.describe()
     monkeypatch.setenv(GPU_MEMORY_ENV, "24")
     assert planned_gpu_memory().bytes == 24 * 10**9
-    assert planned_gpu_memory().describe() == f"22.4 GiB per GPU ({GPU_MEMORY_ENV}=24)"
+    assert planned_gpu_memory().describe() == f"24.0 GB per GPU ({GPU_MEMORY_ENV}=24)"

@@ -10,6 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tune_app.errors import ConfigError
 from tune_app.spec.config import StudyConfig
@@ -73,7 +74,7 @@ def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
     most = {kind: max((r.get(kind, 0) for r in nodes), default=0) for kind in ("CPU", "GPU")}
     errors = []
     for name, need in resources.items():
-        if any(_can_hold(r, {name: need}) for r in nodes):
+        if any(can_hold(r, {name: need}) for r in nodes):
             continue
         key = "cpu" if need["cpu"] > most["CPU"] else "gpu"
         gpu = f" and {need['gpu']:g} GPU" if need["gpu"] else ""
@@ -89,31 +90,61 @@ def check_trials_fit(resources: dict[str, dict[str, float]]) -> None:
         raise ConfigError(errors)
 
 
-REACH_TIMEOUT_S = 120
-"""How long the storage check waits for every node to answer (a node may first set up the job's runtime env)."""
+PROBE_TIMEOUT_S = 120
+"""How long a question asked of every node (does it see output_dir, how large are its GPUs) waits for the answers:
+a node may first set up the job's runtime env."""
+
+
+def _on_each_node(function, node_ids: list[str], *args) -> tuple[dict[str, Any], set[str]]:
+    """`function(*args)` run on each node, as a task holding no resources pinned there: (node -> its answer, the
+    nodes that died meanwhile). A node that gives no answer within PROBE_TIMEOUT_S is in neither; its task is
+    cancelled."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, num_gpus=0, max_retries=0)(function)
+    pending = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(*args):
+               node_id for node_id in node_ids}
+    done, late = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S) if pending else ([], [])
+    answers, died = {}, set()
+    for ref in done:
+        try:
+            answers[pending[ref]] = ray.get(ref)
+        except ray.exceptions.RayError:  # the node died meanwhile (or its worker did)
+            died.add(pending[ref])
+    for ref in late:
+        ray.cancel(ref, force=True)
+    return answers, died
+
+
+def can_hold(offered: dict[str, float], resources: dict[str, dict[str, float]]) -> bool:
+    """Whether a node offering `offered` (its Ray resources) can run one trial of some model in `resources`."""
+    return any(offered.get("CPU", 0) >= need["cpu"] and offered.get("GPU", 0) >= need["gpu"]
+               for need in resources.values())
 
 
 def check_storage_reachable(output_dir: str, resources: dict[str, dict[str, float]]) -> None:
     """On a cluster, each trial's checkpoints are written by the node that runs it, into output_dir: a local
-    output_dir must be a folder every node sees (a shared filesystem mounted at the same path), or trials train an
-    epoch and then fail at their first checkpoint. A marker file written here is looked for from each alive node;
-    ConfigError naming the nodes that do not see it, and the fix. Where no alive node can hold a trial yet (they
-    wait for an autoscaler's nodes), nothing can be checked: refused too, unless written as a file:// URI (the user's
-    word that the folder is shared). No-op for a URI and on a one-node Ray. The marker goes again, and so does any
-    folder this check made. `resources`: each model's trial resources."""
+    output_dir must be a folder that every node able to run a trial sees (a shared filesystem mounted at the same
+    path), or trials train an epoch and then fail at their first checkpoint. A marker file written here is looked
+    for from each of those nodes; ConfigError naming the nodes that do not see it, and the fix. Where no node can
+    run a trial yet (they wait for an autoscaler's nodes), nothing can be asked: refused too, unless written as a
+    file:// URI (the user's word that the folder is shared). No-op for a URI and where the trials run on this
+    machine alone. The marker goes again, and so does any folder this check made. `resources`: each model's trial
+    resources."""
     import ray
 
     if is_uri(output_dir):
         return
     nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
-    if list(nodes) == [ray.get_runtime_context().get_node_id()]:
-        return
+    holding = [node_id for node_id, n in nodes.items() if can_hold(n.get("Resources", {}), resources)]
+    if holding == [ray.get_runtime_context().get_node_id()] and len(nodes) == 1:
+        return  # one machine: what the driver sees, its trials see
     root = Path(output_dir).expanduser().resolve()
-    holding = [node_id for node_id, n in nodes.items() if _can_hold(n.get("Resources", {}), resources)]
     if not holding:
         raise ConfigError([f"output_dir: {str(root)!r} is a local folder, but no node of this cluster can run a "
-                           f"trial yet (its trials wait for nodes to join, as an autoscaler's), so whether they "
-                           f"will see it cannot be checked; give output_dir as a URI every node reaches "
+                           f"trial yet (its trials wait for nodes to join, as an autoscaler's), so none can be asked "
+                           f"whether it sees the folder; give output_dir as a URI every node reaches "
                            f"(s3://bucket/prefix, gs://bucket/prefix), or, for one shared filesystem mounted there "
                            f"on every node, as file://{root}"])
     made = [folder for folder in (root, *root.parents) if not folder.exists()]
@@ -121,9 +152,10 @@ def check_storage_reachable(output_dir: str, resources: dict[str, dict[str, floa
     marker = root / f".tune_app-reach-{uuid.uuid4().hex}"
     marker.write_text("written by a tune_app driver to learn which Ray nodes see this folder; removed at once\n")
     try:
-        blind = _nodes_not_seeing(marker, nodes)
+        seen, died = _on_each_node(os.path.exists, holding, str(marker))
     finally:
         marker.unlink(missing_ok=True)
+    blind = [node_id for node_id in holding if node_id not in died and not seen.get(node_id)]
     if not blind:
         return
     for folder in made:  # deepest first: only what this check created, and only while empty
@@ -131,38 +163,13 @@ def check_storage_reachable(output_dir: str, resources: dict[str, dict[str, floa
             folder.rmdir()
         except OSError:
             break
-    shown = "; ".join(blind)
-    raise ConfigError([f"output_dir: {str(root)!r} is a folder that {len(blind)} of this cluster's {len(nodes)} "
-                       f"nodes cannot see ({shown}), and each trial writes its checkpoints from the node that runs "
-                       f"it; give output_dir as a URI every node reaches (s3://bucket/prefix, gs://bucket/prefix), "
-                       f"or mount one shared filesystem (NFS, EFS, ...) at {root} on every node"])
-
-
-def _can_hold(offered: dict[str, float], resources: dict[str, dict[str, float]]) -> bool:
-    """Whether a node offering `offered` can run one trial of some model."""
-    return any(offered.get("CPU", 0) >= need["cpu"] and offered.get("GPU", 0) >= need["gpu"]
-               for need in resources.values())
-
-
-def _nodes_not_seeing(marker: Path, nodes: dict[str, dict]) -> list[str]:
-    """'<ip> (node <id>)' of each node in `nodes` on which `marker` is not there, or that did not answer."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    probe = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
-    pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
-        str(marker)): node_id for node_id in nodes}
-    answered, _ = ray.wait(list(pending), num_returns=len(pending), timeout=REACH_TIMEOUT_S)
-    seen = set()
-    for ref in answered:
-        try:
-            if ray.get(ref):
-                seen.add(pending[ref])
-        except ray.exceptions.RayError:  # the node died meanwhile: it cannot hold trials either
-            continue
-    return [f"{nodes[node_id].get('NodeManagerAddress', '?')} (node {node_id[:8]}"
-            f"{'' if any(pending[r] == node_id for r in answered) else f', no answer within {REACH_TIMEOUT_S} s'})"
-            for node_id in nodes if node_id not in seen]
+    shown = "; ".join(f"{nodes[node_id].get('NodeManagerAddress', '?')} (node {node_id[:8]}"
+                      f"{'' if node_id in seen else f', no answer within {PROBE_TIMEOUT_S} s'})" for node_id in blind)
+    raise ConfigError([f"output_dir: {str(root)!r} is a folder that {len(blind)} of this cluster's {len(holding)} "
+                       f"node(s) able to run trials cannot see ({shown}), and each trial writes its checkpoints "
+                       f"from the node that runs it; give output_dir as a URI every node reaches "
+                       f"(s3://bucket/prefix, gs://bucket/prefix), or mount one shared filesystem (NFS, EFS, ...) at "
+                       f"{root} on every node"])
 
 
 @dataclass(frozen=True)
@@ -173,38 +180,29 @@ class GpuMemory:
     basis: str
 
     def describe(self) -> str:
-        return f"{self.bytes / 2**30:.1f} GiB per GPU ({self.basis})"
+        return f"{self.bytes / 1e9:.1f} GB per GPU ({self.basis})"
 
 
 def planned_gpu_memory() -> GpuMemory:
     """TUNE_APP_GPU_MEMORY_GB; else the smallest GPU of the cluster's alive GPU nodes, as nvidia-smi reads it on
-    each (a task holding no resources, pinned to the node: it opens no CUDA context there); else this machine's
-    (resources.gpu_memory_bytes: torch, then the 80 GB default), said to be a guess. Trials land on any GPU node:
-    the smallest GPU is what each must fit."""
+    each (a task holding no resources, pinned to the node: it opens no CUDA context there; nvidia-smi lists every
+    GPU of the machine, also those Ray was told not to use, and a whole card under MIG); else what this machine
+    says (resources.gpu_memory_bytes: its nvidia-smi, torch, then the 80 GB default), said to be a guess. Trials
+    land on any GPU node: the smallest GPU is what each must fit."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tune_app.study.resources import GPU_MEMORY_ENV, gpu_memory_bytes, nvidia_smi_memory
 
     if os.environ.get(GPU_MEMORY_ENV):
         return GpuMemory(gpu_memory_bytes(), f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}")
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
-    probe = ray.remote(num_cpus=0, num_gpus=0, max_retries=0)(nvidia_smi_memory)
-    pending = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-               for n in nodes]
-    answered, _ = ray.wait(pending, num_returns=len(pending), timeout=REACH_TIMEOUT_S) if pending else ([], [])
-    read = []
-    for ref in answered:
-        try:
-            read.append(ray.get(ref))
-        except ray.exceptions.RayError:  # the node died meanwhile
-            continue
-    found = [memory for memory in read if memory is not None]
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    answers, _ = _on_each_node(nvidia_smi_memory, nodes)
+    found = [memory for memory in answers.values() if memory is not None]
     if found:
         told = f"{len(found)} of {len(nodes)}" if len(found) < len(nodes) else f"{len(nodes)}"
         return GpuMemory(min(found), f"the smallest GPU on the cluster's GPU nodes, read by nvidia-smi on {told}")
-    return GpuMemory(gpu_memory_bytes(), f"a guess: no GPU node could read its GPUs' memory (no nvidia-smi); set "
-                                         f"{GPU_MEMORY_ENV} to the memory of the GPUs trials run on")
+    return GpuMemory(gpu_memory_bytes(), f"a guess: no GPU node told its GPUs' memory (no nvidia-smi there, or no "
+                                         f"answer); set {GPU_MEMORY_ENV} to the memory of the GPUs trials run on")
 
 
 def connect_ray(address: str | None = None) -> None:

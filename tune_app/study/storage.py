@@ -34,7 +34,7 @@ def portable_raw(cfg: StudyConfig, run: RunDir) -> dict:
     """The merged study with local paths made absolute, output_dir pinned and the keys whose default may change
     written out (config.RUN_DEFAULTS), so it reruns from anywhere, the same."""
     raw = absolute_paths(cfg.raw)
-    raw["output_dir"] = run.storage_path
+    raw["output_dir"] = _as_written(cfg.output_dir, run.storage_path)
     for section, key in config_mod.RUN_DEFAULTS:
         raw.setdefault(section, {})[key] = getattr(getattr(cfg, section), key)
     return raw
@@ -57,8 +57,17 @@ def finished_summary(run: RunDir) -> dict[str, Any] | None:
 
 
 def load_run_config(run: RunDir) -> StudyConfig:
-    """The study a run directory was started with (its study.yaml)."""
+    """The study a run directory was started with (its study.yaml), its output_dir where the run is now (it may
+    have moved since)."""
     run.local.mkdir(parents=True, exist_ok=True)
     if run.remote:
         (run.local / STUDY).write_text(run.read_text(STUDY))
-    return config_mod.load(run.local / STUDY, check_wandb=True, check_outputs=True, of_run=True)
+    cfg = config_mod.load(run.local / STUDY, check_wandb=True, check_outputs=True, of_run=True)
+    cfg.output_dir = _as_written(cfg.output_dir, run.storage_path)
+    return cfg
+
+
+def _as_written(output_dir: str, storage_path: str) -> str:
+    """A run's parent folder spelled as the user spelled output_dir: file:// kept (their word that a local folder is
+    a shared filesystem every node sees: cluster.check_storage_reachable)."""
+    return f"file://{storage_path}" if output_dir.startswith("file://") and not is_uri(storage_path) else storage_path
