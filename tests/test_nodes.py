@@ -57,37 +57,50 @@ def _node_ports() -> list[str]:
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
+STARTS = 3
+"""Tries to start a node: a port picked free here can be taken by another process before the node binds it."""
+
+
 class Cluster:
     """A head (`CPU: 0`) started here, and worker nodes each in namespaces of their own."""
 
     def __init__(self, home: Path, worker_env: dict[str, str]):
         self.home, self.worker_env = home, worker_env
-        self.temp = Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))  # short: sockets have a path length limit
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.workers: dict[str, tuple[subprocess.Popen, Path]] = {}
-        self.head = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats",
-             f"--temp-dir={self.temp}", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *_node_ports()],
-            env=clean_env(home, **HEALTH_CHECKS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
-        self.wait_for_nodes(1)
+        for _ in range(STARTS):
+            self.temp = Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))  # short: sockets have a path length limit
+            self.port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            self.head = subprocess.Popen(
+                [str(RAY), "start", "--head", "--block", "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats",
+                 f"--temp-dir={self.temp}", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                 "--include-dashboard=false", f"--ray-client-server-port={free_port()}", *_node_ports()],
+                env=clean_env(home, **HEALTH_CHECKS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True)
+            if (failed := self._wait(1)) is None:
+                return
+            stop_head(self.head, self.temp)
+        pytest.fail(failed)
 
     def add_worker(self, host: str, private: Path) -> None:
         """A worker node with 2 CPUs and 1 GPU (as Ray counts them: this machine has no GPU, so trials train on the
         CPU), host name `host`, seeing an empty folder of its own at `private`."""
-        temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
-        start = [str(RAY), "start", f"--address={self.address}", "--block", "--num-cpus=2", "--num-gpus=1",
-                 "--disable-usage-stats", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *_node_ports()]
-        script = f"hostname {host} && mount -t tmpfs tmpfs {private} && exec {' '.join(start)}"
-        # --kill-child: when unshare dies, the node's first process gets SIGKILL, and with it every process of the
-        # node's own PID namespace.
-        node = subprocess.Popen(["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc",
-                                 "sh", "-c", script], env={**clean_env(self.home), **self.worker_env},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.workers[host] = (node, temp)
-        self.wait_for_nodes(1 + sum(p.poll() is None for p, _ in self.workers.values()))
+        for _ in range(STARTS):
+            temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
+            start = [str(RAY), "start", f"--address={self.address}", "--block", "--num-cpus=2", "--num-gpus=1",
+                     "--disable-usage-stats", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *_node_ports()]
+            script = f"hostname {host} && mount -t tmpfs tmpfs {private} && exec {' '.join(start)}"
+            # --kill-child: when unshare dies, the node's first process gets SIGKILL, and with it every process of
+            # the node's own PID namespace.
+            node = subprocess.Popen(["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc",
+                                     "sh", "-c", script], env={**clean_env(self.home), **self.worker_env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            self.workers[host] = (node, temp)
+            if (failed := self._wait(1 + len(self.workers))) is None:
+                return
+            self.kill_worker(host)
+        pytest.fail(failed)
 
     def kill_worker(self, host: str) -> None:
         node, temp = self.workers.pop(host)
@@ -102,15 +115,20 @@ class Cluster:
         return [info for info in infos.values() if info.state == 0]  # GcsNodeInfo.ALIVE
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        if (failed := self._wait(count, timeout)) is not None:
+            pytest.fail(failed)
+
+    def _wait(self, count: int, timeout: float = 120) -> str | None:
+        """None once `count` nodes are alive; else (a node process ended, or time ran out) what went wrong."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(Exception):  # the GCS is not up yet
                 if len(self.alive_nodes()) == count:
-                    return
+                    return None
             dead = [p for p in (self.head, *(p for p, _ in self.workers.values())) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                pytest.fail(f"the cluster did not reach {count} node(s):\n"
-                            + "\n".join(p.stdout.read()[-2000:] for p in dead))
+                return f"the cluster did not reach {count} node(s):\n" + "\n".join(p.stdout.read()[-2000:]
+                                                                                  for p in dead)
             time.sleep(0.5)
 
     def close(self) -> None:
@@ -152,7 +170,7 @@ def _study(tmp_path: Path, tiny: str, source: Path, output_dir: str, **tune) -> 
     study = one_model_study("nodes", tiny, source, Path("unused"), space=space, epochs=tune.pop("epochs", 2),
                             trials=2)
     study["output_dir"] = output_dir
-    study["models"]["tiny"].update(cpu=tune.pop("cpu", 1), gpu="auto")
+    study["models"]["tiny"].update(cpu=1, gpu="auto")
     study["data"]["limit"] = tune.pop("limit", 200)
     study["tune"].update(tune)
     path = tmp_path / "study.yaml"
@@ -160,8 +178,12 @@ def _study(tmp_path: Path, tiny: str, source: Path, output_dir: str, **tune) -> 
     return path
 
 
-def _driver_env(cluster: Cluster, s3_server) -> dict[str, str]:
-    return {**clean_env(cluster.home), **s3_server.env, "WANDB_MODE": "disabled"}
+def _driver(cluster: Cluster, s3_server, study: Path) -> StudyProcess:
+    """`tune-app run STUDY --address` the cluster. Its whole environment: this machine's without Ray's settings (a
+    Ray started in this test process sets RAY_AUTH_MODE in it), the cluster's HOME, the bucket's endpoint and
+    credentials."""
+    return StudyProcess(["run", str(study), "--address", cluster.address], inherit=False,
+                        env={**clean_env(cluster.home), **s3_server.env, "WANDB_MODE": "disabled"})
 
 
 def _read(fs, path: str) -> str:
@@ -203,11 +225,11 @@ def _run_path(fs, prefix: str) -> str:
 def test_with_s3_output_the_trials_run_on_the_worker(cluster, s3_server, tmp_path, tiny_models, tweets_csv):
     prefix = f"{s3_server.bucket}/nodes-{uuid.uuid4().hex[:8]}"
     study = _study(tmp_path, tiny_models("bert"), tweets_csv, f"s3://{prefix}", max_concurrent=2)
-    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+    with _driver(cluster, s3_server, study) as p:
         assert p.finish(timeout=400) == 0, p.output[-4000:]
     # gpu: auto planned for the worker's GPU, as its nvidia-smi reads it, not for a default: a tiny model fits
     # many trials in 22.5 GiB, but the worker's 2 CPUs hold 2 (cpu: 1 each).
-    assert (f"resources per trial: tiny 1 CPU + 0.5 GPU; gpu: auto planned for {A10G_MIB / 1024:.1f} GiB per GPU "
+    assert (f"resources per trial: tiny 1 CPU + 0.5 GPU; gpu: auto planned for {A10G_MIB * 2**20 / 1e9:.1f} GB per GPU "
             f"(the smallest GPU on the cluster's GPU nodes, read by nvidia-smi on 1)") in p.output, p.output[-4000:]
     fs = s3_server.filesystem()
     run = _run_path(fs, prefix)
@@ -225,24 +247,26 @@ def test_a_local_output_dir_the_worker_cannot_see_is_refused_before_any_trial(cl
     runs = tmp_path / "runs"
     (runs / "mine.txt").write_text("a user's file")
     study = _study(tmp_path, tiny_models("bert"), tweets_csv, str(runs))
-    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+    with _driver(cluster, s3_server, study) as p:
         assert p.finish(timeout=300) == cli.EXIT_BAD_INPUT, p.output[-4000:]
     assert "cannot see" in p.output and "(node " in p.output and "s3://" in p.output, p.output[-3000:]
-    assert "1 of this cluster's 2 nodes" in p.output, p.output[-3000:]
+    assert "1 of this cluster's 1 node(s) able to run trials cannot see" in p.output, p.output[-3000:]
     assert " started |" not in p.output and "Traceback" not in p.output
     assert sorted(path.name for path in runs.iterdir()) == ["mine.txt"]  # no run directory, no marker left
     assert (runs / "mine.txt").read_text() == "a user's file"
 
     # Another folder inside it that does not exist yet: refused too, and not left behind.
     study = _study(tmp_path, tiny_models("bert"), tweets_csv, str(runs / "new" / "deeper"))
-    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+    with _driver(cluster, s3_server, study) as p:
         assert p.finish(timeout=300) == cli.EXIT_BAD_INPUT, p.output[-4000:]
     assert sorted(path.name for path in runs.iterdir()) == ["mine.txt"]
 
-    # Trials no node can hold yet wait for nodes to join (as cluster.yaml's, from zero workers): nothing to ask, so
-    # a local output_dir is refused, unless the user vouches for a shared filesystem with a file:// URI.
-    study = _study(tmp_path, tiny_models("bert"), tweets_csv, str(tmp_path / "elsewhere"), cpu=4)
-    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+    # The head alone (cluster.yaml's, its workers scaled to zero): trials wait for nodes to join, none can be asked,
+    # so a local output_dir is refused, unless the user vouches for a shared filesystem with a file:// URI.
+    cluster.kill_worker("tune-worker-1")
+    cluster.wait_for_nodes(1, timeout=60)
+    study = _study(tmp_path, tiny_models("bert"), tweets_csv, str(tmp_path / "elsewhere"))
+    with _driver(cluster, s3_server, study) as p:
         assert p.finish(timeout=300) == cli.EXIT_BAD_INPUT, p.output[-4000:]
     assert "no node of this cluster can run a trial yet" in p.output, p.output[-3000:]
     assert f"file://{tmp_path / 'elsewhere'}" in p.output and not (tmp_path / "elsewhere").exists()
@@ -257,7 +281,7 @@ def test_a_lost_worker_s_trial_is_retried_on_the_node_that_replaces_it(cluster, 
     study = _study(tmp_path, tiny_models("bert"), tweets_csv, f"s3://{prefix}", epochs=3, limit=1200,
                    max_concurrent=1, max_failures=2, storage=storage)
     fs = s3_server.filesystem()
-    with StudyProcess(["run", str(study), "--address", cluster.address], env=_driver_env(cluster, s3_server)) as p:
+    with _driver(cluster, s3_server, study) as p:
         line = p.wait_for(lambda line: " epoch 1:" in line, timeout=300)
         victim = line.split("] ", 1)[1].split()[1]
         run = _run_path(fs, prefix)

@@ -27,15 +27,17 @@ from tune_app.spec.rundir import STUDY, SUMMARY, TRIALS
 class StudyProcess:
     """`python -m tune_app ...` in its own process group (its local Ray cluster too), output read line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.args, self.env = args, env
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, inherit: bool = True):
+        """`env` on top of this process's environment, or (inherit=False) as the whole of it."""
+        self.args, self.env, self.inherit = args, env, inherit
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
 
     def __enter__(self) -> StudyProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "tune_app", *self.args], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "WANDB_MODE": "disabled", **(self.env or {})})
+                                     env={**(os.environ if self.inherit else {}), "WANDB_MODE": "disabled",
+                                          **(self.env or {})})
         self.pgid = os.getpgid(self.proc.pid)
         threading.Thread(target=self._read, daemon=True).start()
         return self
