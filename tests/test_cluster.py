@@ -209,7 +209,7 @@ def test_driver_in_a_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch, capsys
 
 
 TWO_NODES = '''
-import json, socket, subprocess, sys, tempfile, threading, time
+import json, shutil, socket, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
@@ -217,6 +217,7 @@ from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
 late = sys.argv[3] == "late"
 nodes = {"head": cluster.head_node.node_id}
+late_node = []
 
 
 def free_port():
@@ -226,14 +227,20 @@ def free_port():
 
 
 def join_later():
-    """`ray start` of a worker once the study has started (Cluster.add_node must run in the main thread)."""
-    time.sleep(8)
+    """`ray start` of a worker once the study's packs are planned and started without it (its pack registry is up);
+    in a thread: Cluster.add_node must run in the main thread."""
+    deadline = time.monotonic() + 300
+    while not (ray.is_initialized() and any(name.endswith("-registry") for name in ray.util.list_named_actors())):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
     ports = [f"--{name}={free_port()}" for name in ("node-manager-port", "object-manager-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port")]
-    subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", f"--address={cluster.address}", "--block",
-                      "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                      f"--temp-dir={tempfile.mkdtemp(prefix='rayl', dir='/tmp')}", *ports])
+    temp = tempfile.mkdtemp(prefix="rayl", dir="/tmp")
+    start = [str(Path(sys.executable).parent / "ray"), "start", f"--address={cluster.address}", "--block",
+             "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", *ports]
+    late_node.append((subprocess.Popen(start), temp))
 
 
 if late:
@@ -247,6 +254,10 @@ try:
     Path(sys.argv[2]).write_text(json.dumps({"code": code, **nodes}))
 finally:
     ray.shutdown()
+    for node, temp in late_node:  # `ray start --block` ends its node's processes on SIGTERM
+        node.terminate()
+        node.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
     cluster.shutdown()
 '''
 """A head without CPUs (as cluster.yaml's) and a worker node with 2, both on this machine (Ray's Cluster helper),
@@ -286,6 +297,8 @@ def test_a_packed_study_on_a_two_node_cluster_packs_on_the_worker(tmp_path, tiny
     # The plan is made from the nodes there at the start: with none that can hold a trial, it is made for 2.
     assert "packing: m: up to 2 trials per node in one process over one base" in log, log[-4000:]
     assert "trains alone" not in log, log[-4000:]
+    # Late, the worker's pack came from the study's pack registry, for the first trial Ray placed there.
+    assert ("on a node that joined after the study started" in log) == (worker == "late"), log[-4000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     results = [json.loads(path.read_text().splitlines()[-1]) for path in run_dir.glob("m_*/result.json")]
     assert len(results) == 2

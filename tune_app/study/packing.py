@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tune_app.spec.config import StudyConfig
+from tune_app.study.cluster import can_hold
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _start_packs(ctx, model: str, p: PackPlan, need: dict[str, float], node: dic
     from tune_app.train.pack import PackServer, pack_name
 
     offered = node.get("Resources", {})
-    if offered.get("CPU", 0) < need["cpu"] or (p.on_gpu and offered.get("GPU", 0) < need["gpu"]):
+    if not can_hold(offered, {model: need}):
         return []
     all_devices = _devices(node, p)
     threads = max(1, int(min(offered.get("CPU", 1), need["cpu"] * p.per_device) // len(all_devices)))
@@ -130,7 +131,7 @@ class PackRegistry:
     def __init__(self, ctx, plans: dict[str, PackPlan], resources: dict[str, dict[str, float]]):
         self.ctx, self.plans, self.resources = ctx, plans, resources
         self.started: dict[str, Any] = {}
-        """Pack name -> the handle of a pack this registry started (it keeps the actor alive)."""
+        """Pack name -> the handle of the pack this registry started last under that name (it keeps it alive)."""
 
     def ensure(self, model: str, node_id: str, device: str) -> str | None:
         """The name of `model`'s pack on that node's device, started now if there is none; None where there can be
@@ -140,10 +141,8 @@ class PackRegistry:
         from tune_app.train.pack import pack_name
 
         name = pack_name(self.ctx.packs[model], node_id, device)
-        if name in self.started:
-            return name
         try:
-            ray.get_actor(name)
+            ray.get_actor(name)  # alive (one that died is no longer found by its name)
             return name
         except ValueError:
             pass
@@ -154,4 +153,5 @@ class PackRegistry:
         if handle is None:
             return None
         self.started[name] = handle
+        print(f"[tune_app] started pack {name} on a node that joined after the study started", flush=True)
         return name

@@ -105,10 +105,13 @@ def train_in_pack(config: dict[str, Any], ctx: TrialContext, resume_dir: str | N
     except ValueError:  # a node that joined later: the registry starts its pack
         started = ray.get(ray.get_actor(ctx.pack_registry).ensure.remote(config[MODEL_KEY], node_id, device)) \
             if ctx.pack_registry else None
-        if started is None:
+        try:
+            pack = ray.get_actor(started) if started else None
+        except ValueError:  # the pack it started died at once
+            pack = None
+        if pack is None:
             print(f"[tune_app] no pack {name} on this node: this trial trains alone", flush=True)
             return False
-        pack = ray.get_actor(started)
     trial_id = tune.get_context().get_trial_id()
     ray.get(pack.join.remote(trial_id, config, resume_dir))
     try:
