@@ -5,7 +5,7 @@ torch is left out: CI installs the build on this machine's disk first. A depende
 or an optional extra that names a direct dependency with another lower bound (the extras repeat ray), is an
 error: exit 1, saying which.
 
-Usage: python .ci/lowest_constraints.py [pyproject.toml] > constraints.txt
+Usage: python .ci/lowest_constraints.py [pyproject.toml] > constraints.txt   (Python 3.11+: tomllib)
 """
 
 from __future__ import annotations
