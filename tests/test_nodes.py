@@ -29,7 +29,7 @@ import yaml
 
 from tests.conftest import free_port, one_model_study
 from tests.test_cluster import RAY, clean_env, stop_head
-from tests.test_resume import StudyProcess
+from tests.test_resume import StudyProcess, trial_in_state
 from tune_app import cli
 from tune_app.spec.rundir import SUMMARY, TRIALS
 
@@ -202,17 +202,11 @@ def _saved_iteration(fs, run: str, trial_id: str) -> int | None:
 
     states = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
                     if info.base_name.startswith("experiment_state-"))
-    for state in states[-1:]:
-        try:
-            trial_data = json.loads(_read(fs, state))["trial_data"]
-        except (OSError, ValueError):
-            return None  # being replaced right now
-        for trial_json, metadata in trial_data:
-            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-            if trial.get("trial_id") == trial_id:
-                meta = json.loads(metadata) if isinstance(metadata, str) else metadata
-                return int((meta.get("last_result") or {}).get("training_iteration") or 0)
-    return None
+    try:
+        found = trial_in_state(_read(fs, states[-1]), trial_id) if states else None
+    except OSError:
+        return None  # being replaced right now
+    return found[0] if found else None
 
 
 def _run_path(fs, prefix: str) -> str:

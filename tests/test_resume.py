@@ -86,14 +86,24 @@ def saved_iteration(run_dir: Path, trial_id: str) -> tuple[int, str] | None:
     checkpoint when keep_checkpoints is 1), or None while it is not there."""
     for state_file in sorted(run_dir.glob("experiment_state-*.json"), reverse=True)[:1]:
         try:
-            trial_data = json.loads(state_file.read_text())["trial_data"]
-        except (OSError, ValueError):
+            return trial_in_state(state_file.read_text(), trial_id)
+        except OSError:
             return None  # being replaced right now
-        for trial_json, metadata in trial_data:
-            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-            if trial.get("trial_id") == trial_id:
-                meta = json.loads(metadata) if isinstance(metadata, str) else metadata
-                return int((meta.get("last_result") or {}).get("training_iteration") or 0), trial.get("status")
+    return None
+
+
+def trial_in_state(state: str, trial_id: str) -> tuple[int, str] | None:
+    """(training_iteration, status) of a trial in the text of an experiment_state-*.json Tune saved, or None where
+    the trial is not in it or the text is cut short (being replaced right now)."""
+    try:
+        trial_data = json.loads(state)["trial_data"]
+    except ValueError:
+        return None
+    for trial_json, metadata in trial_data:
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        if trial.get("trial_id") == trial_id:
+            meta = json.loads(metadata) if isinstance(metadata, str) else metadata
+            return int((meta.get("last_result") or {}).get("training_iteration") or 0), trial.get("status")
     return None
 
 
@@ -182,7 +192,7 @@ def test_resume_refuses_what_is_not_a_study(tmp_path, capsys):
 
 def test_study_yaml_reruns_from_another_directory(tmp_path, small_csv, minilm_path, monkeypatch):
     """study.yaml pins relative paths and output_dir, so `resume` works from any working directory; a file://
-    output_dir is the same local folder as the plain path."""
+    output_dir is the same local folder as the plain path, and stays spelled so."""
     from tune_app.spec import config as config_mod
     from tune_app.spec.rundir import open_run_dir
     from tune_app.study.storage import load_run_config, new_run_dir, save_study
@@ -202,4 +212,6 @@ def test_study_yaml_reruns_from_another_directory(tmp_path, small_csv, minilm_pa
     monkeypatch.chdir(tmp_path)
     again = load_run_config(open_run_dir(run.uri))
     assert again.data.source == str(project / "data" / "tweets.csv")
-    assert again.output_dir == str(tmp_path / "out") and again.models["minilm"].checkpoint == minilm_path
+    # output_dir pinned to the run's parent, spelled as written: file:// is the user's word that the folder is a
+    # shared filesystem, which a resume on a cluster takes again (cluster.check_storage_reachable).
+    assert again.output_dir == f"file://{tmp_path / 'out'}" and again.models["minilm"].checkpoint == minilm_path
