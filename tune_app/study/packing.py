@@ -149,9 +149,9 @@ class PackRegistry:
         node = next((n for n in ray.nodes() if n.get("Alive") and n["NodeID"] == node_id), None)
         if node is None or device not in _devices(node, self.plans[model]):
             return None
-        (handle,) = _start_packs(self.ctx, model, self.plans[model], self.resources[model], node, [device]) or (None,)
-        if handle is None:
+        started = _start_packs(self.ctx, model, self.plans[model], self.resources[model], node, [device])
+        if not started:
             return None
-        self.started[name] = handle
+        self.started[name] = started[0]
         print(f"[tune_app] started pack {name} on a node that joined after the study started", flush=True)
         return name

@@ -3,7 +3,7 @@ so far; and, while epochs run, where each running trial is inside its epoch.
 
 Trials tell a board (a small actor on the driver's node, `ProgressBoard`) their step every few seconds, by calls
 that do not wait (`tune_app.train.heartbeat.Heartbeat`: no device sync, nothing the step waits on). The printer
-reads the board between Tune's steps: on a terminal, one status line redrawn in place at least every 10 s; to a
+reads the board between Tune's steps: on a terminal, one status line redrawn in place every TTY_EVERY_S; to a
 file or a pipe (`ray job logs`, CI), a plain line every PLAIN_EVERY_S.
 """
 

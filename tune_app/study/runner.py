@@ -212,12 +212,12 @@ def _describe(cfg: StudyConfig, session: Session, run: RunDir) -> None:
           f"{len(splits.train_texts)} train / {len(splits.val_texts)} validation rows, labels "
           f"{splits.label_names}{positive}, "
           f"{len(session.prepared.tokenized)} tokenization(s); run directory {run.uri}\n"
-          f"{_resources_line(cfg, session)}\n{_storage_line(cfg, run)}\n{_packing_line(cfg, session)}\n"
+          f"{_resources_line(session)}\n{_storage_line(cfg, run)}\n{_packing_line(cfg, session)}\n"
           f"{_confirm_line(cfg)}\n"
           f"(if it stops midway, continue with: {resume_command(run.uri)})", flush=True)
 
 
-def _resources_line(cfg: StudyConfig, session: Session) -> str:
+def _resources_line(session: Session) -> str:
     """What each trial holds, per model, and what GPU memory `gpu: auto` planned for."""
     held = "; ".join(f"{name} {need['cpu']:g} CPU" + (f" + {need['gpu']:g} GPU" if need["gpu"] else "")
                      for name, need in session.resources.items())

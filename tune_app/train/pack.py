@@ -104,10 +104,13 @@ class Slot:
     batch_index: int = 0
     micro_start: int = 0
     micro_batch: int = 0
-    """Rows of its micro-batches: its batch size, halved by each out-of-memory error of its own (`halve`), its
-    effective batch unchanged (gradient accumulation, as a solo trial's step does)."""
+    """Rows of its micro-batches: its batch size (0 given: set so), halved by each out-of-memory error of its own
+    (`halve`), its effective batch unchanged (gradient accumulation, as a solo trial's step does)."""
     step_loss: Any = None
     loss_sum: Any = None
+
+    def __post_init__(self) -> None:
+        self.micro_batch = self.micro_batch or self.batch_size
 
     @property
     def batch_size(self) -> int:
@@ -156,7 +159,7 @@ class Slot:
     def next_part(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """The next micro-batch's rows, its effective batch's rows, and whether it ends that batch."""
         rows = self.batches[self.batch_index]
-        part = rows[self.micro_start:self.micro_start + (self.micro_batch or self.batch_size)]
+        part = rows[self.micro_start:self.micro_start + self.micro_batch]
         self.micro_start += len(part)
         return part, rows, self.micro_start >= len(rows)
 
@@ -260,7 +263,7 @@ class Pack:
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
-        slot = Slot(name, params, seed, random_state(), micro_batch=int(params["batch_size"]))
+        slot = Slot(name, params, seed, random_state())
         self.slots[name] = slot
         self._mark_trainable()
         train_in_fp32(self.model, family)  # this trial's adapter and head in fp32, as a solo trial's
