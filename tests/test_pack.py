@@ -24,9 +24,10 @@ TRIALS = {
 }
 
 
-def run_pack(configs, ctx, stop_after: dict[str, int] | None = None):
+def run_pack(configs, ctx, stop_after: dict[str, int] | None = None, threads: int = 1):
     """fit_pack with a report that keeps each trial's metrics and adapter per epoch; a trial in `stop_after` leaves
-    after that many epochs (as ASHA stops it)."""
+    after that many epochs (as ASHA stops it). `threads`: the pack's CPU cores (its trials step in that many
+    groups at once)."""
     from safetensors.torch import load_file
 
     epochs = {name: [] for name in configs}
@@ -37,8 +38,24 @@ def run_pack(configs, ctx, stop_after: dict[str, int] | None = None):
         return len(epochs[name]) < (stop_after or {}).get(name, 10**6)
 
     memory.clear()
-    fit_pack(configs, ctx, report=report, threads=1)
+    fit_pack(configs, ctx, report=report, threads=threads)
     return epochs
+
+
+@pytest.fixture
+def step_threads(monkeypatch):
+    """The threads each packed forward ran in, and the trials of each (Pack.step, recorded)."""
+    import threading
+
+    seen = []
+    step = Pack.step
+
+    def recorded(self, slots=None):
+        seen.append((threading.current_thread().name, tuple(sorted(s.name for s in slots or self.slots.values()))))
+        return step(self, slots)
+
+    monkeypatch.setattr(Pack, "step", recorded)
+    return seen
 
 
 def solo_runs(configs, ctx):
@@ -62,31 +79,48 @@ def assert_same_training(solo, packed):
                 "val_predictions.npy"} <= set(files)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_packed_trials_train_what_each_trains_alone(tiny_models, family):
+@pytest.mark.parametrize("family,threads", [("bert", 1), ("llama", 1), ("bert", 2)])
+def test_packed_trials_train_what_each_trains_alone(tiny_models, family, threads, step_threads):
+    """Also on two CPU threads, where the trials step in two groups at once, each group a packed forward of its own
+    in its own thread (the groups change from step to step with the trials' work)."""
     checkpoint = tiny_models(family, **(DROPOUT if family == "bert" else {}))
     ctx = make_context(checkpoint, epochs=2, n_train=48, n_val=16, vocab=1000 if family == "bert" else 400)
     configs = {name: make_config(**params) for name, params in TRIALS.items()}
-    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx)
+    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx, threads=threads)
     for name in configs:
         assert_same_training(solo[name], packed[name])
     # The trials really differ: a pack that trained one adapter for all would fail above, but say so plainly too.
     assert len({round(runs[-1][0]["train_loss"], 6) for runs in solo.values()}) == 3
+    workers = {thread for thread, _ in step_threads if thread.startswith("tune_app-pack-step")}
+    if threads == 1:
+        assert not workers and max(len(trials) for _, trials in step_threads) == 3  # all three in one forward
+    else:
+        assert workers  # a second group stepped beside the first, in the pack's step thread
+        assert {len(trials) for _, trials in step_threads} == {1, 2}
 
 
-def test_out_of_memory_halves_a_packed_trial_s_micro_batch_as_alone(tiny_models, monkeypatch, capsys):
-    """A packed step that runs out of memory is taken again trial by trial, and a trial that runs out alone halves
-    its micro-batch (its effective batch unchanged), as a solo trial's step does: each trial then trains what it
-    trains alone under the same limit. Injected: any micro-batch of more than 2 rows raises a CUDA-style OOM."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_out_of_memory_packs_fewer_trials_per_forward_and_halves_micro_batches(tiny_models, monkeypatch, capsys,
+                                                                               threads, step_threads):
+    """A packed forward that runs out of memory is taken again trial by trial, and lowers the work one forward may
+    take, so later steps pack fewer trials per forward instead of failing every step; a trial that runs out alone
+    halves its micro-batch (its effective batch unchanged), as a solo trial's step does. Each trial then trains what
+    it trains alone under the same limit: a batch taken again draws its dropout masks again. Injected: a forward of
+    more than 2 rows raises a CUDA-style OOM (so, in the end, one trial of micro-batch 2 per forward)."""
     monkeypatch.setenv(memory.OOM_TEST_ENV, "2")
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=40, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items()}
-    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx)
+    solo, packed = solo_runs(configs, ctx), run_pack(configs, ctx, threads=threads)
     for name in configs:
         assert [m["micro_batch_size"] for m, _, _ in packed[name]] == [2, 2]
         assert [m["micro_batch_size"] for m, _, _ in solo[name]] == [2, 2]
         assert_same_training(solo[name], packed[name])
-    assert "c: out of memory in its pack: micro-batch -> 8, gradient accumulation -> 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "c: out of memory in its pack: micro-batch -> 8, gradient accumulation -> 2" in out
+    assert f"pack: out of memory with {3 if threads == 1 else 2} trials in one forward" in out
+    # Packing fewer per forward: after the first failures, every forward holds one trial.
+    steps = len(step_threads)
+    assert all(len(trials) == 1 for _, trials in step_threads[steps // 2:])
 
 
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):

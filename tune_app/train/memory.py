@@ -29,8 +29,8 @@ from typing import Any
 from tune_app.train.model import activation_checkpointing
 
 OOM_TEST_ENV = "TUNE_APP_TEST_OOM_ABOVE"
-"""Fault injection for tests only: raise a CUDA-style OOM when a training micro-batch, or the widest evaluation
-batch, exceeds this many rows."""
+"""Fault injection for tests only: raise a CUDA-style OOM when a training forward (a trial's micro-batch, or a
+pack's packed forward), or the widest evaluation batch, exceeds this many rows."""
 _last_trial: list = []
 """The running or last trial's model, optimizer and graphs, held from its first report until this worker's next
 trial starts (`release_memory`)."""

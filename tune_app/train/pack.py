@@ -1,11 +1,13 @@
 """Adapter packing: trials of one model train in one process over one copy of the frozen base.
 
-    pack = Pack(base, ...);  pack.join(name, params)  ...  pack.step()  ...  pack.leave(name)
+    pack = Pack(base, ...);  pack.join(name, params)  ...  pack.advance(slots)  ...  pack.leave(name)
 
 Each packed step takes the next micro-batch of every trial in the pack, concatenates their rows, and runs the base's
-layers once over all of them (one large matmul per layer instead of one small one per trial). Each trial's rows see
-only that trial's LoRA layers, head, loss weights and dropout; each trial then steps its own optimizer, schedule and
-gradient clipping at its own effective batch size, over its own data order.
+layers once over all of them (one large matmul per layer instead of one small one per trial); on a CPU, where a
+large matmul gains nothing, the trials step in one such group per core, each in a thread of its own
+(`Pack.advance`). Each trial's rows see only that trial's LoRA layers, head, loss weights and dropout; each trial
+then steps its own optimizer, schedule and gradient clipping at its own effective batch size, over its own data
+order.
 
 Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
 the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
@@ -65,6 +67,10 @@ class _Rows:
     width: int
 
 
+_process_random = threading.Lock()
+"""Held while a trial's streams are the process's (`Slot.random`)."""
+
+
 class _Layout(threading.local):
     rows: list[_Rows] | None = None
     """While a packed forward runs: whose rows are where (None outside a packed forward)."""
@@ -93,7 +99,8 @@ class Slot:
     params: dict[str, Any]
     seed: int
     random_state: Any
-    """The trial's own random streams (CPU and CUDA, `memory.random_state`): its dropout draws, as in its solo run."""
+    """The trial's own random streams (CPU and CUDA, `memory.random_state`) where it joined: its dropout draws, as in
+    its solo run. From there on its CPU stream is `generator`, its CUDA streams `cuda_state`."""
     trainable: list = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
@@ -108,9 +115,21 @@ class Slot:
     (`halve`), its effective batch unchanged (gradient accumulation, as a solo trial's step does)."""
     step_loss: Any = None
     loss_sum: Any = None
+    tried_work: int = 0
+    """The work (`next_work`) of its part of the packed forward tried last."""
+    generator: Any = None
+    """Its CPU stream, a torch.Generator of its own: its CPU draws need not touch the process's (`dropout`)."""
+    cuda_state: Any = None
+    batch_random: Any = None
+    """Its streams where its current effective batch began (`restart_batch`)."""
 
     def __post_init__(self) -> None:
+        import torch
+
         self.micro_batch = self.micro_batch or self.batch_size
+        cpu, self.cuda_state = self.random_state
+        self.generator = torch.Generator()
+        self.generator.set_state(cpu)
 
     @property
     def batch_size(self) -> int:
@@ -118,14 +137,34 @@ class Slot:
 
     @contextlib.contextmanager
     def random(self):
-        """Run with this trial's random streams as the process's (swapped in, and their advance kept)."""
-        saved = random_state()
-        set_random_state(self.random_state)
-        try:
-            yield
-        finally:
-            self.random_state = random_state()
-            set_random_state(saved)
+        """Run with this trial's random streams as the process's (swapped in, and their advance kept). One trial at a
+        time: the trials of a CPU pack step in parallel threads (`Pack.advance`)."""
+        with _process_random:
+            saved = random_state()
+            set_random_state((self.generator.get_state(), self.cuda_state))
+            try:
+                yield
+            finally:
+                cpu, self.cuda_state = random_state()
+                self.generator.set_state(cpu)
+                set_random_state(saved)
+
+    def dropout(self, x, p: float):
+        """torch.nn.functional.dropout in training, drawn from this trial's streams: the mask its solo run draws.
+        On a CPU from its own generator (what dropout does there: a Bernoulli draw of x's shape, scaled by 1/(1-p)),
+        so the threads of a CPU pack need not take turns; on a GPU, whose dropout is one fused kernel of its own,
+        with its streams swapped in."""
+        import torch
+
+        if p == 0 or x.numel() == 0:
+            return x
+        if x.device.type != "cpu":
+            with self.random():
+                return torch.nn.functional.dropout(x, p, True)
+        if p >= 1:
+            return x * torch.zeros((), dtype=x.dtype)
+        noise = torch.empty_like(x).bernoulli_(1 - p, generator=self.generator)
+        return x * noise.div_(1 - p)
 
     def start_epoch(self, train: TokenizedSplit, epoch: int, device=None) -> None:
         """The epoch's batches, drawn as the solo trial draws them (seed and epoch), and a fresh loss sum."""
@@ -136,9 +175,14 @@ class Slot:
         self.loss_sum = torch.zeros((), device=device)
 
     def restart_batch(self) -> None:
-        """Take the current effective batch again from its first micro-batch (after a packed step raised)."""
+        """Take the current effective batch again from its first micro-batch (after a packed step raised), with the
+        random streams it started with: what a try that failed drew is drawn again, so a trial trains the same
+        whichever forwards of its pack ran out of memory."""
         self.optimizer.zero_grad(set_to_none=True)
         self.step_loss, self.micro_start = None, 0
+        if self.batch_random is not None:
+            cpu, self.cuda_state = self.batch_random
+            self.generator.set_state(cpu)
 
     @property
     def epoch_done(self) -> bool:
@@ -156,9 +200,16 @@ class Slot:
               f"unchanged)", flush=True)
         return True
 
+    def next_work(self, train: TokenizedSplit) -> int:
+        """Rows x padded width of its next micro-batch: what its share of a packed step costs, roughly."""
+        rows = self.batches[self.batch_index][self.micro_start:self.micro_start + self.micro_batch]
+        return len(rows) * int(train.lengths[rows].max())
+
     def next_part(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """The next micro-batch's rows, its effective batch's rows, and whether it ends that batch."""
         rows = self.batches[self.batch_index]
+        if self.micro_start == 0:
+            self.batch_random = (self.generator.get_state(), self.cuda_state)
         part = rows[self.micro_start:self.micro_start + self.micro_batch]
         self.micro_start += len(part)
         return part, rows, self.micro_start >= len(rows)
@@ -198,7 +249,7 @@ class Pack:
 
     def __init__(self, base, *, train: TokenizedSplit, epochs: int, class_weights: np.ndarray | None,
                  num_labels: int, target_modules: tuple[str, ...] | None = None, autocast=contextlib.nullcontext,
-                 precision: str = "fp32", seed: int = 0):
+                 precision: str = "fp32", seed: int = 0, threads: int = 1):
         import torch
 
         self.base = base
@@ -219,7 +270,12 @@ class Pack:
         """The random state right after the base's load: where each trial's own stream starts, as in its solo run."""
         self._attention_dropout = _attention_dropout(base.model.config)
         self.test_limit = oom_test_limit()
-        """memory.OOM_TEST_ENV: a micro-batch of more rows raises a test OOM (0: off)."""
+        """memory.OOM_TEST_ENV: a packed forward of more rows raises a test OOM (0: off)."""
+        self.threads = threads if self.device.type == "cpu" else 1
+        """The CPU cores a pack on a CPU trains with: up to that many groups of its trials step at once (`advance`)."""
+        self._workers = None
+        self.work_limit: int | None = None
+        """Rows x tokens one packed forward may take, set by an out-of-memory error (`advance`); None: no limit."""
 
     def free_cached_memory(self) -> None:
         """After an out-of-memory error: give the allocator's cached blocks back before the next try."""
@@ -306,6 +362,93 @@ class Pack:
 
     # ----------------------------------------------------------------------------------------- training
 
+    def advance(self, slots: list[Slot]) -> dict[str, str]:
+        """One micro-step of these trials, packed. Returns the trials that failed on their own (name -> traceback):
+        the others train on.
+
+        On a GPU the trials step in one packed forward. On a CPU of T cores they step in up to T groups at once,
+        each a packed forward of its own in a thread of its own on one core: a CPU core runs a small matmul near
+        its peak already, so one large matmul gains little there, while T threads of one process running ops of
+        one thread each use T cores about as fully as T processes would (intra-op threads over a small step do
+        not). The base and the libraries stay one copy.
+
+        A packed forward that raises is taken again trial by trial (`step_each`). One that runs out of memory with
+        several trials in it also lowers `work_limit`: from then on the trials step in as many forwards as keep
+        each under it (`_groups`), so a pack too full for its device packs fewer trials per forward instead of
+        failing every step."""
+        groups = self._groups([s for s in slots if not s.epoch_done])
+        errors: list[BaseException | None] = []
+        for wave in (groups[i:i + self.threads] for i in range(0, len(groups), self.threads)):
+            if len(wave) == 1:
+                errors.append(self._try_step(wave[0], self.threads))
+                continue
+            if self._workers is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tune_app-pack-step")
+            per_group = max(1, self.threads // len(wave))
+            pending = [self._workers.submit(self._try_step, group, per_group) for group in wave[1:]]
+            errors += [self._try_step(wave[0], per_group)] + [future.result() for future in pending]
+        failed = {}
+        for group, error in zip(groups, errors):
+            if error is None:
+                continue
+            if is_oom(error) and len(group) > 1:
+                self._lower_work_limit(group)
+            failed.update(self.step_each(group))
+        return failed
+
+    def _intra_op_threads(self, n: int) -> None:
+        """On a CPU, torch's intra-op threads for the ops the calling thread runs (OpenMP's count is that thread's
+        own); a GPU pack leaves them as set."""
+        import torch
+
+        if self.device.type == "cpu" and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    def close(self) -> None:
+        """End the step threads (a CPU pack's); the pack can still train, and starts them again."""
+        if self._workers is not None:
+            self._workers.shutdown()
+            self._workers = None
+
+    def _groups(self, slots: list[Slot]) -> list[list[Slot]]:
+        """The trials in groups of about equal work (rows x padded width of their next micro-batch), each group one
+        packed forward: as many groups as the CPU threads (one on a GPU), and more where `work_limit` asks."""
+        work = {s.name: s.next_work(self.train) for s in slots}
+        n = min(self.threads, len(slots))
+        if self.work_limit:
+            n = max(n, -(-sum(work.values()) // self.work_limit))
+        n = min(n, len(slots))
+        if n <= 1:
+            return [slots] if slots else []
+        groups: list[list[Slot]] = [[] for _ in range(n)]
+        load = [0] * n
+        for slot in sorted(slots, key=lambda s: -work[s.name]):
+            i = load.index(min(load))
+            groups[i].append(slot)
+            load[i] += work[slot.name]
+        return groups
+
+    def _lower_work_limit(self, group: list[Slot]) -> None:
+        """A packed forward of several trials ran out of memory: later forwards take at most half its work."""
+        work = sum(s.tried_work for s in group)
+        limit = max(1, work // 2)
+        if self.work_limit is None or limit < self.work_limit:
+            self.work_limit = limit
+            print(f"[tune_app] pack: out of memory with {len(group)} trials in one forward ({work} rows x tokens); "
+                  f"its trials now step in forwards of at most {limit}", flush=True)
+
+    def _try_step(self, group: list[Slot], threads: int) -> BaseException | None:
+        self._intra_op_threads(threads)
+        for slot in group:
+            slot.tried_work = slot.next_work(self.train)
+        try:
+            self.step(group)
+        except Exception as error:  # noqa: BLE001 - sorted out trial by trial (step_each)
+            return error
+        return None
+
     def step(self, slots: list[Slot] | None = None) -> None:
         """One packed micro-step: the next micro-batch of each given trial (default: every trial with work left in
         its epoch), forward and backward together; a trial whose effective batch is complete steps its optimizer."""
@@ -315,8 +458,8 @@ class Pack:
         if not slots:
             return
         parts = [s.next_part() for s in slots]
-        if self.test_limit and (big := [len(part) for part, _, _ in parts if len(part) > self.test_limit]):
-            raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {big[0]} > {self.test_limit})")
+        if self.test_limit and (rows := sum(len(part) for part, _, _ in parts)) > self.test_limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {rows} rows in one forward > {self.test_limit})")
         batches = [collate(self.train, part, self.base.pad_id) for part, _, _ in parts]
         width = max(ids.shape[1] for ids, _, _ in batches)
         layout, start = [], 0
@@ -367,6 +510,7 @@ class Pack:
         predictions are kept for its checkpoint."""
         from tune_app.train.evaluation import eager, evaluate
 
+        self._intra_op_threads(self.threads)
         self.model.eval()
         with self.alone(name), eager():
             metrics, self.slots[name].predictions = evaluate(self.model, val, self.base.pad_id, batch_size,
@@ -484,10 +628,8 @@ def _dropout_forward(module, x):
     parts = []
     for rows in _own_rows(layout, x.shape[0]):
         part, shape = _width_slice(x, rows)
-        with rows.slot.random():
-            dropped = torch.nn.functional.dropout(part, module.p, True, module.inplace)
-        parts.append(_restore_width(dropped, shape))
-    return torch.cat(parts)
+        parts.append(_restore_width(rows.slot.dropout(part, module.p), shape))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _lora_forward(layer, x, *args, **kwargs):
@@ -508,14 +650,13 @@ def _lora_forward(layer, x, *args, **kwargs):
             inputs, shape = _width_slice(x, rows)
             inputs = inputs.to(lora_a.weight.dtype)
             dropout = layer.lora_dropout[name]
-            if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
-                with rows.slot.random():
-                    inputs = torch.nn.functional.dropout(inputs, dropout.p, True)
+            if isinstance(dropout, torch.nn.Dropout) and dropout.training:
+                inputs = rows.slot.dropout(inputs, dropout.p)
             delta = lora_b(lora_a(inputs)) * layer.scaling[name]
             delta = _restore_width(delta, (*shape[:-1], delta.shape[-1])) if delta.dim() == 3 else delta
             out = (out + delta).to(dtype)
         parts.append(out)
-    return torch.cat(parts)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _head_forward(wrapper, x, *args, **kwargs):
@@ -525,8 +666,9 @@ def _head_forward(wrapper, x, *args, **kwargs):
     layout = _layout.rows
     if layout is None:
         return wrapper._packed_original(x, *args, **kwargs)
-    return torch.cat([wrapper.modules_to_save[rows.slot.name](x[rows.start:rows.stop], *args, **kwargs)
-                      for rows in _own_rows(layout, x.shape[0])])
+    parts = [wrapper.modules_to_save[rows.slot.name](x[rows.start:rows.stop], *args, **kwargs)
+             for rows in _own_rows(layout, x.shape[0])]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, **kwargs):
@@ -552,7 +694,7 @@ def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.
         if w < query.shape[2]:
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[2] - w))
         outputs.append(out)
-    return torch.cat(outputs), None
+    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), None
 
 
 def _install(model, attention_dropout: float) -> None:
@@ -621,7 +763,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
     base = trial_base(spec, ctx.label_names, precision="fp32")
     pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
-                target_modules=spec.target_modules, seed=ctx.seed)
+                target_modules=spec.target_modules, seed=ctx.seed, threads=threads or 1)
     history: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
     for name, config in configs.items():
@@ -646,14 +788,11 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
             else:
                 slot.start_epoch(data.train, slot.epoch + 1)
                 started[name] = time.perf_counter()
-        if pack.slots:
-            active = [s for s in pack.slots.values() if not s.epoch_done]
-            try:
-                pack.step(active)
-            except Exception:  # noqa: BLE001 - sorted out trial by trial
-                if failed := pack.step_each(active):
-                    name, error = next(iter(failed.items()))
-                    raise RuntimeError(f"trial {name} failed in its pack:\n{error}") from None
+        if pack.slots and (failed := pack.advance(list(pack.slots.values()))):
+            pack.close()
+            name, error = next(iter(failed.items()))
+            raise RuntimeError(f"trial {name} failed in its pack:\n{error}")
+    pack.close()
     return history
 
 
@@ -818,7 +957,7 @@ class PackServer:
         base.model.to(self.device)
         self.pack = Pack(base, train=self.data.train, epochs=self.ctx.epochs, class_weights=self.weights,
                          num_labels=len(self.ctx.label_names), target_modules=spec.target_modules,
-                         autocast=self.autocast, precision=precision, seed=self.ctx.seed)
+                         autocast=self.autocast, precision=precision, seed=self.ctx.seed, threads=self.threads)
 
     def _run(self) -> None:
         import time
@@ -838,10 +977,8 @@ class PackServer:
                         return  # nobody left: the thread ends, the next join starts it again
                     self.cond.wait(timeout=5.0)
                     continue
-                try:
-                    self.pack.step(active)
-                except Exception:  # noqa: BLE001 - sorted out trial by trial below
-                    self._step_alone(active)
+                for name, error in self.pack.advance(active).items():
+                    self._fail(name, error)
                 now = time.perf_counter()
                 for slot in active:
                     if (trial := self.trials.get(slot.name)) is None:
@@ -852,11 +989,6 @@ class PackServer:
                                     slot.batch_index * slot.batch_size, now - trial.started)
                 while self.callers:  # trials' calls first (wait releases the lock to them)
                     self.cond.wait(timeout=0.01)
-
-    def _step_alone(self, slots: list[Slot]) -> None:
-        """A packed step raised: each trial on its own (Pack.step_each); a trial whose own step raises fails."""
-        for name, error in self.pack.step_each(slots).items():
-            self._fail(name, error)
 
     def _fail(self, name: str, error: str) -> None:
         trial = self.trials.get(name)
