@@ -21,6 +21,11 @@ What makes the replay train exactly like the eager step:
 
 All graphs of a trial share one memory pool: they run one after another on one stream, and each call's loss is
 copied out before the next call, so one graph's temporaries may reuse another's.
+
+A pack of trials (`train.pack`) uses the same graphs for its packed step: the key then also names the trials in the
+forward and their rows, the summed class weights are one per trial, each trial's random stream is a generator state
+of its own registered with the graph (replays advance each one), and a key is captured only once it recurs
+(`min_uses`: a set of trials seen once, while another trial pauses between epochs, trains eagerly).
 """
 
 from __future__ import annotations
@@ -57,9 +62,12 @@ class StepGraphs:
     itself) runs eagerly from then on, with a log line; the other shapes keep their graphs. An out-of-memory error
     is raised as such (the trial halves its micro-batch); any other capture failure raises CaptureFailed."""
 
-    def __init__(self, step: Callable, params: list):
+    def __init__(self, step: Callable, params: list, *, min_uses: int = 1):
         self.step = step
         self.params = params
+        self.min_uses = min_uses
+        """Calls of a key before it is captured (the earlier ones run eagerly)."""
+        self.uses: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple] = {}
         self.eager_shapes: set[tuple] = set()
         self.pool = None
@@ -70,39 +78,60 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self.graphs)
 
-    def __call__(self, ids, mask, labels, total_weight: float):
-        key = (tuple(ids.shape), tuple(mask.shape), tuple(labels.shape))
+    def __call__(self, ids, mask, labels, total_weight, *, key: tuple = (), params: list | None = None,
+                 generators: tuple = ()):
+        """`total_weight`: a float, or a tensor (a pack's, one per trial). A pack also gives `key` (its trials and
+        their rows), `params` (their trainable parameters) and `generators` (their random streams' states)."""
+        import torch
+
+        key = (key, tuple(ids.shape), tuple(mask.shape), tuple(labels.shape))
         if key in self.eager_shapes:
             return self.step(ids, mask, labels, total_weight)
         if key not in self.graphs:
+            self.uses[key] = self.uses.get(key, 0) + 1
+            if self.uses[key] < self.min_uses:
+                return self.step(ids, mask, labels, total_weight)
             try:
-                self.graphs[key] = self._capture(ids, mask, labels, total_weight)
+                self.graphs[key] = self._capture(ids, mask, labels, total_weight, params or self.params, generators)
             except _SyncInStep as error:
                 self.eager_shapes.add(key)
-                print(f"[tune_app] CUDA graphs: batches of shape {key[0]} train eagerly: {error}", flush=True)
+                print(f"[tune_app] CUDA graphs: batches of shape {key[1]} train eagerly: {error}", flush=True)
                 return self.step(ids, mask, labels, total_weight)
         graph, inputs, loss = self.graphs[key]
         for static, value in zip(inputs, (ids, mask, labels)):
             static.copy_(value, non_blocking=True)
-        inputs[3].fill_(total_weight)
+        if torch.is_tensor(total_weight):
+            inputs[3].copy_(total_weight, non_blocking=True)
+        else:
+            inputs[3].fill_(total_weight)
         graph.replay()
         return loss.clone()  # the next replay of any graph may overwrite it
+
+    def forget(self, uses: Callable[[tuple], bool]) -> None:
+        """Drop the graphs whose key `uses` names (a pack's, of a trial that left: they hold its parameters)."""
+        for key in [k for k in self.graphs if uses(k[0])]:
+            del self.graphs[key]
+        self.uses = {k: n for k, n in self.uses.items() if not uses(k[0])}
+        self.eager_shapes = {k for k in self.eager_shapes if not uses(k[0])}
 
     def reset(self) -> None:
         """Drop every graph and its memory (before gradients are freed, or after an out-of-memory error)."""
         self.graphs.clear()
         self.eager_shapes.clear()
+        self.uses.clear()
         self.pool = None
 
-    def _capture(self, ids, mask, labels, total_weight: float) -> tuple:
+    def _capture(self, ids, mask, labels, total_weight, params: list, generators: tuple = ()) -> tuple:
         import torch
 
         # The current step's gradients, which the warm-up adds to. A parameter without one yet gets it from the
         # warm-up's backward, and the graph then accumulates into that tensor; one the step never reaches keeps
         # None, so AdamW skips it (no weight decay) as it does in eager training.
-        kept = [(p, p.grad.clone()) for p in self.params if p.grad is not None]
-        fresh = [p for p in self.params if p.grad is None]
-        inputs = (ids.clone(), mask.clone(), labels.clone(), torch.full((), total_weight, device=ids.device))
+        kept = [(p, p.grad.clone()) for p in params if p.grad is not None]
+        fresh = [p for p in params if p.grad is None]
+        weight = total_weight.to(ids.device) if torch.is_tensor(total_weight) else torch.full(
+            (), total_weight, device=ids.device)
+        inputs = (ids.clone(), mask.clone(), labels.clone(), weight.clone())
         if self.stream is None:
             self.stream = torch.cuda.Stream()
         caller = torch.cuda.current_stream()
@@ -110,6 +139,11 @@ class StepGraphs:
             self.stream.wait_stream(caller)
             self._warm_up(inputs)
             graph = torch.cuda.CUDAGraph()
+            # Each replay advances these streams by what the capture drew from them. A torch without this call
+            # registers a stream at its first draw in a capture.
+            if (register := getattr(graph, "register_generator_state", None)) is not None:
+                for state in generators:
+                    register(state)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             try:

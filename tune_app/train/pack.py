@@ -7,7 +7,8 @@ layers once over all of them (one large matmul per layer instead of one small on
 large matmul gains nothing, the trials step in one such group per core, each in a thread of its own
 (`Pack.advance`). Each trial's rows see only that trial's LoRA layers, head, loss weights and dropout; each trial
 then steps its own optimizer, schedule and gradient clipping at its own effective batch size, over its own data
-order.
+order. On a GPU the packed step replays CUDA graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their
+rows and the padding bucket), each trial's CUDA stream a generator state of its own that every replay advances.
 
 Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
 the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
@@ -38,15 +39,21 @@ import numpy as np
 from tune_app.spec.families import modules_to_save
 from tune_app.spec.space import resolve_alpha
 from tune_app.train import checkpoint
-from tune_app.train.batching import collate, length_grouped_batches
+from tune_app.train.batching import bucket_widths, collate, length_grouped_batches
+from tune_app.train.cuda_graphs import CaptureFailed, StepGraphs
 from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import is_oom, oom_test_limit, peak_memory_mb, random_state, set_random_state
-from tune_app.train.step import share_of_loss
+from tune_app.train.step import share_of_loss, step_mode
 from tune_app.train.tokens import TokenizedSplit, fetch
 
 ATTENTION = "tune_app_packed"
 """The attention implementation of a packed base whose attention drops out probabilities: per trial, each with its
 own random stream and keys (registered with transformers' AttentionInterface)."""
+
+
+GRAPH_MIN_USES = 3
+"""A packed step's key (its trials, their rows, its bucket) is captured as a CUDA graph at its third use: one seen
+less often (its set of trials changes as trials pause between epochs, join and leave) trains eagerly."""
 
 
 def packable(params: dict[str, Any]) -> bool:
@@ -100,7 +107,7 @@ class Slot:
     seed: int
     random_state: Any
     """The trial's own random streams (CPU and CUDA, `memory.random_state`) where it joined: its dropout draws, as in
-    its solo run. From there on its CPU stream is `generator`, its CUDA streams `cuda_state`."""
+    its solo run. From there on its CPU stream is `generator`, its CUDA stream `cuda_generator`."""
     trainable: list = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
@@ -119,17 +126,20 @@ class Slot:
     """The work (`next_work`) of its part of the packed forward tried last."""
     generator: Any = None
     """Its CPU stream, a torch.Generator of its own: its CPU draws need not touch the process's (`dropout`)."""
-    cuda_state: Any = None
+    cuda_generator: Any = None
+    """In a GPU pack, its CUDA stream: a generator state of its own (`Generator.clone_state`), swapped into the
+    device's generator for its draws in a way CUDA graphs can capture (`graphsafe_set_state`); None on a CPU."""
     batch_random: Any = None
     """Its streams where its current effective batch began (`restart_batch`)."""
+    fixed_grads: bool = False
+    """Its gradients live in fixed tensors (the pack captures CUDA graphs): zeroed in place, never set to None."""
 
     def __post_init__(self) -> None:
         import torch
 
         self.micro_batch = self.micro_batch or self.batch_size
-        cpu, self.cuda_state = self.random_state
         self.generator = torch.Generator()
-        self.generator.set_state(cpu)
+        self.generator.set_state(self.random_state[0])
 
     @property
     def batch_size(self) -> int:
@@ -139,15 +149,22 @@ class Slot:
     def random(self):
         """Run with this trial's random streams as the process's (swapped in, and their advance kept). One trial at a
         time: the trials of a CPU pack step in parallel threads (`Pack.advance`)."""
+        import torch
+
         with _process_random:
-            saved = random_state()
-            set_random_state((self.generator.get_state(), self.cuda_state))
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.generator.get_state())
+            if self.cuda_generator is not None:
+                device = torch.cuda.default_generators[self.cuda_generator.device.index]
+                saved_cuda = device.graphsafe_get_state()
+                device.graphsafe_set_state(self.cuda_generator)
             try:
                 yield
             finally:
-                cpu, self.cuda_state = random_state()
-                self.generator.set_state(cpu)
-                set_random_state(saved)
+                self.generator.set_state(torch.get_rng_state())
+                torch.set_rng_state(saved)
+                if self.cuda_generator is not None:
+                    device.graphsafe_set_state(saved_cuda)
 
     def dropout(self, x, p: float):
         """torch.nn.functional.dropout in training, drawn from this trial's streams: the mask its solo run draws.
@@ -178,11 +195,13 @@ class Slot:
         """Take the current effective batch again from its first micro-batch (after a packed step raised), with the
         random streams it started with: what a try that failed drew is drawn again, so a trial trains the same
         whichever forwards of its pack ran out of memory."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.fixed_grads)
         self.step_loss, self.micro_start = None, 0
         if self.batch_random is not None:
-            cpu, self.cuda_state = self.batch_random
+            cpu, cuda = self.batch_random
             self.generator.set_state(cpu)
+            if cuda is not None:
+                self.cuda_generator.set_state(cuda)
 
     @property
     def epoch_done(self) -> bool:
@@ -209,7 +228,8 @@ class Slot:
         """The next micro-batch's rows, its effective batch's rows, and whether it ends that batch."""
         rows = self.batches[self.batch_index]
         if self.micro_start == 0:
-            self.batch_random = (self.generator.get_state(), self.cuda_state)
+            self.batch_random = (self.generator.get_state(),
+                                 None if self.cuda_generator is None else self.cuda_generator.get_state())
         part = rows[self.micro_start:self.micro_start + self.micro_batch]
         self.micro_start += len(part)
         return part, rows, self.micro_start >= len(rows)
@@ -226,7 +246,8 @@ class Slot:
         self.micro_batch = min(int(state.get("micro_batch") or self.batch_size), self.batch_size)
 
     def optimizer_step(self) -> None:
-        """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch."""
+        """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch (gradients zeroed
+        in place while the pack has CUDA graphs: they accumulate into fixed tensors)."""
         import torch
 
         max_grad_norm = float(self.params["max_grad_norm"])
@@ -234,7 +255,7 @@ class Slot:
             torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.fixed_grads)
         self.loss_sum += self.step_loss
         self.step_loss = None
         self.batch_index += 1
@@ -249,7 +270,8 @@ class Pack:
 
     def __init__(self, base, *, train: TokenizedSplit, epochs: int, class_weights: np.ndarray | None,
                  num_labels: int, target_modules: tuple[str, ...] | None = None, autocast=contextlib.nullcontext,
-                 precision: str = "fp32", seed: int = 0, threads: int = 1):
+                 precision: str = "fp32", seed: int = 0, threads: int = 1, widths: tuple[int, ...] | None = None,
+                 cuda_graphs: bool = False):
         import torch
 
         self.base = base
@@ -276,6 +298,12 @@ class Pack:
         self._workers = None
         self.work_limit: int | None = None
         """Rows x tokens one packed forward may take, set by an out-of-memory error (`advance`); None: no limit."""
+        self.graphs = StepGraphs(self._forward_backward, [], min_uses=GRAPH_MIN_USES) \
+            if cuda_graphs and self.device.type == "cuda" else None
+        """The packed step's CUDA graphs (train.cuda_graphs), keyed by its trials, their rows and the padding
+        bucket; None: eager."""
+        self.widths = widths if self.graphs is not None else None
+        """The padding buckets (train.batching.bucket_widths) under graphs: few shapes to capture."""
 
     def free_cached_memory(self) -> None:
         """After an out-of-memory error: give the allocator's cached blocks back before the next try."""
@@ -319,7 +347,10 @@ class Pack:
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
-        slot = Slot(name, params, seed, random_state())
+        slot = Slot(name, params, seed, random_state(), fixed_grads=self.graphs is not None)
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            slot.cuda_generator = torch.cuda.default_generators[index].clone_state()
         self.slots[name] = slot
         self._mark_trainable()
         train_in_fp32(self.model, family)  # this trial's adapter and head in fp32, as a solo trial's
@@ -337,6 +368,8 @@ class Pack:
         from tune_app.train.memory import strip_adapter
 
         self.slots.pop(name)
+        if self.graphs is not None:  # those holding its parameters and stream
+            self.graphs.forget(lambda trials: any(trial == name for trial, _ in trials))
         if self.slots:
             with warnings.catch_warnings():  # "Adapter x was active which is now deleted": none is active here
                 warnings.simplefilter("ignore", UserWarning)
@@ -393,8 +426,10 @@ class Pack:
         for group, error in zip(groups, errors):
             if error is None:
                 continue
-            if is_oom(error) and len(group) > 1:
-                self._lower_work_limit(group)
+            if is_oom(error):
+                self.drop_graphs()  # their memory
+                if len(group) > 1:
+                    self._lower_work_limit(group)
             failed.update(self.step_each(group))
         return failed
 
@@ -460,28 +495,64 @@ class Pack:
         parts = [s.next_part() for s in slots]
         if self.test_limit and (rows := sum(len(part) for part, _, _ in parts)) > self.test_limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (test: {rows} rows in one forward > {self.test_limit})")
-        batches = [collate(self.train, part, self.base.pad_id) for part, _, _ in parts]
+        graphs = self.graphs is not None
+        batches = [collate(self.train, part, self.base.pad_id, widths=self.widths,
+                           num_rows=slot.micro_batch if graphs else None) for slot, (part, _, _) in zip(slots, parts)]
         width = max(ids.shape[1] for ids, _, _ in batches)
         layout, start = [], 0
         for slot, (ids, _, _) in zip(slots, batches):
-            layout.append(_Rows(slot, start, start + len(ids), ids.shape[1]))
+            # Under graphs a trial's rows take the forward's bucket (its draws that shape): fewer graphs to capture.
+            layout.append(_Rows(slot, start, start + len(ids), width if graphs else ids.shape[1]))
             start += len(ids)
-        ids = torch.cat([_pad(ids, width, self.base.pad_id) for ids, _, _ in batches]).to(self.device)
-        mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches]).to(self.device)
+        ids = torch.cat([_pad(ids, width, self.base.pad_id) for ids, _, _ in batches])
+        mask = torch.cat([_pad(mask, width, 0) for _, mask, _ in batches])
+        labels = torch.cat([labels for _, _, labels in batches])
+        # Each effective batch's summed class weight, on the host from its labels, as the solo step takes it.
+        weights = [float(self.row_weights[self.train.labels[batch]].sum()) for _, batch, _ in parts]
+        ids, mask, labels = (t.pin_memory().to(self.device, non_blocking=True) if graphs else t.to(self.device)
+                             for t in (ids, mask, labels))
         self.model.train()
-        with _rows_of(layout), self.autocast():
-            logits = self.model(input_ids=ids, attention_mask=self.prepare_mask(mask)).logits
-        losses = []
-        for rows, (_, _, labels), (_, batch, _) in zip(layout, batches, parts):
-            # The effective batch's summed class weight, on the host from its labels, as the solo step takes it.
-            total_weight = float(self.row_weights[self.train.labels[batch]].sum())
-            losses.append(share_of_loss(logits[rows.start:rows.stop], labels.to(self.device), self.loss_weight,
-                                        total_weight))
-        torch.stack(losses).sum().backward()
+        with _rows_of(layout):
+            losses = None
+            if graphs:
+                try:
+                    losses = self.graphs(ids, mask, labels, torch.tensor(weights).pin_memory(),
+                                         key=tuple((s.name, r.stop - r.start) for s, r in zip(slots, layout)),
+                                         params=[p for s in slots for p in s.trainable],
+                                         generators=tuple(s.cuda_generator for s in slots))
+                except CaptureFailed as error:
+                    self.drop_graphs(str(error))
+            if losses is None:
+                losses = self._forward_backward(ids, mask, labels, weights)
         for slot, loss, (_, _, last) in zip(slots, losses, parts):
-            slot.step_loss = loss.detach() if slot.step_loss is None else slot.step_loss + loss.detach()
+            slot.step_loss = loss if slot.step_loss is None else slot.step_loss + loss
             if last:
                 slot.optimizer_step()
+
+    def _forward_backward(self, ids, mask, labels, weights):
+        """The packed forward and backward over the current layout: each trial's share of its effective batch's
+        loss (`weights`: its summed class weights, floats or a tensor); returns them, detached, one per trial."""
+        import torch
+
+        layout = _layout.rows
+        with self.autocast():
+            logits = self.model(input_ids=ids, attention_mask=self.prepare_mask(mask)).logits
+        losses = torch.stack([share_of_loss(logits[rows.start:rows.stop], labels[rows.start:rows.stop],
+                                            self.loss_weight, weights[i]) for i, rows in enumerate(layout)])
+        losses.sum().backward()
+        return losses.detach()
+
+    def drop_graphs(self, why: str | None = None) -> None:
+        """Free the captured graphs (captured again as their keys recur: after an out-of-memory error); with `why`,
+        graphs stay off for the pack, and the log says why."""
+        if self.graphs is None:
+            return
+        self.graphs.reset()
+        if why:
+            print(f"[tune_app] pack: CUDA graphs off, its trials train eagerly: {why}", flush=True)
+            self.graphs, self.widths = None, None
+            for slot in self.slots.values():
+                slot.fixed_grads = False
 
     def step_each(self, slots: list[Slot]) -> dict[str, str]:
         """After a packed step raised: each trial's effective batch again from its start, each trial on its own. A
@@ -737,7 +808,8 @@ def _uninstall(model) -> None:
 
 def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, dict[str, Any], str], bool | None],
              threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Train several trials of one model packed in this process for ctx.epochs epochs each (`fit`'s packed twin).
+    """Train several trials of one model packed in this process for ctx.epochs epochs each (`fit`'s packed twin: on
+the GPU when there is one, at ctx.precision, with CUDA graphs as ctx.cuda_graphs says).
 
     After each of a trial's epochs, `report(name, metrics, checkpoint_dir)` gets what `fit` reports (the same
     checkpoint files); returning False ends that trial there (an early stop) and the others train on. Returns every
@@ -749,6 +821,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
     from tune_app.train.memory import release_memory
     from tune_app.train.model import quiet_libraries, trial_base
+    from tune_app.train.precision import autocast_factory
 
     quiet_libraries()
     release_memory()
@@ -758,17 +831,21 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     spec = ctx.models[models.pop()]
     torch.set_num_threads(threads or 1)
     torch.manual_seed(ctx.seed)
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = fetch(ctx.data_refs[spec.data_key])
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
-    base = trial_base(spec, ctx.label_names, precision="fp32")
+    autocast, precision = autocast_factory(device, ctx.precision)
+    base = trial_base(spec, ctx.label_names, on_gpu=device.type == "cuda", precision=precision)
+    base.model.to(device)
     pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
-                target_modules=spec.target_modules, seed=ctx.seed, threads=threads or 1)
+                target_modules=spec.target_modules, autocast=autocast, precision=precision, seed=ctx.seed,
+                threads=threads or 1, widths=bucket_widths(ctx.max_length),
+                cuda_graphs=step_mode(ctx, device.type == "cuda", precision)[1])
     history: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
     for name, config in configs.items():
         slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, config.get(SEED_KEY, ctx.seed))
-        slot.start_epoch(data.train, 0)
+        slot.start_epoch(data.train, 0, device)
         history[name], started[name] = [], time.perf_counter()
     while pack.slots:
         for slot in [s for s in pack.slots.values() if s.epoch_done]:
@@ -777,7 +854,8 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
             metrics = pack.evaluate(name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights)
             metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
                            train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.micro_batch,
-                           **pack.sizes(name), packed_trials=len(pack.slots), device=device.type)
+                           **pack.sizes(name), packed_trials=len(pack.slots), device=device.type,
+                           cuda_graphs=len(pack.graphs or ()))
             history[name].append(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 pack.checkpoint(name, tmp, metrics=metrics, model_name=configs[name][MODEL_KEY],
@@ -786,7 +864,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
             if not go_on or slot.epoch + 1 >= ctx.epochs:
                 pack.leave(name)
             else:
-                slot.start_epoch(data.train, slot.epoch + 1)
+                slot.start_epoch(data.train, slot.epoch + 1, device)
                 started[name] = time.perf_counter()
         if pack.slots and (failed := pack.advance(list(pack.slots.values()))):
             pack.close()
@@ -957,7 +1035,9 @@ class PackServer:
         base.model.to(self.device)
         self.pack = Pack(base, train=self.data.train, epochs=self.ctx.epochs, class_weights=self.weights,
                          num_labels=len(self.ctx.label_names), target_modules=spec.target_modules,
-                         autocast=self.autocast, precision=precision, seed=self.ctx.seed, threads=self.threads)
+                         autocast=self.autocast, precision=precision, seed=self.ctx.seed, threads=self.threads,
+                         widths=bucket_widths(self.ctx.max_length),
+                         cuda_graphs=step_mode(self.ctx, self.device.type == "cuda", precision)[1])
 
     def _run(self) -> None:
         import time
@@ -1020,7 +1100,8 @@ class PackServer:
                        epoch_time_s=epoch_seconds, eval_time_s=time.perf_counter() - t0, **trial.setup,
                        train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
                        micro_batch_size=slot.micro_batch, autocast=self.pack.precision, compiled=False,
-                       compiled_graphs=0, cuda_graphs=0, device=self.device.type, threads=torch.get_num_threads(),
+                       compiled_graphs=0, cuda_graphs=len(self.pack.graphs or ()), device=self.device.type,
+                       threads=torch.get_num_threads(),
                        packed_trials=len(self.pack.slots), pack=self.name, first_step_s=trial.first_step_s,
                        **peak_memory_mb(self.device.type == "cuda"))
         folder = tempfile.mkdtemp(prefix="tune_app-pack-")

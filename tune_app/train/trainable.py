@@ -36,7 +36,7 @@ from tune_app.train.model import (
 )
 from tune_app.train.pack import pack_name, packable
 from tune_app.train.precision import autocast_factory, train_in_fp32
-from tune_app.train.step import TrainStep
+from tune_app.train.step import TrainStep, step_mode
 from tune_app.train.tokens import fetch
 
 
@@ -160,7 +160,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     model.to(device)
     lease.adapted(model)
     train_in_fp32(model, family)
-    use_compile, use_graphs = _step_mode(ctx, on_gpu, precision)
+    use_compile, use_graphs = step_mode(ctx, on_gpu, precision)
     fixed_shapes = use_compile or use_graphs  # padding buckets and filled-up batches: few shapes to build for
     graphs_before = compiled_graphs()
     if use_compile:
@@ -222,18 +222,6 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     if start_epoch >= ctx.epochs:  # resumed after its last epoch: nothing trained, nothing reported
         lease.give_back()
     return history
-
-
-def _step_mode(ctx: TrialContext, on_gpu: bool, precision: str) -> tuple[bool, bool]:
-    """(torch.compile, CUDA graphs) for this trial.
-
-    compile: auto stays eager: regional compilation measured slower than eager on an H100 (roberta-large 51 vs
-    80 samples/s; llama-7b recompiled per block, 192 graphs); `train.compile: true` turns it on. Graphs capture the
-    eager step: never with torch.compile (its compilation would run inside the capture stream's sync-checked
-    warm-up), nor under fp16, whose loss scaling reads found-inf on the host."""
-    use_compile = ctx.compile is True
-    use_graphs = on_gpu and ctx.cuda_graphs in (True, "auto") and not use_compile and precision != "fp16"
-    return use_compile, use_graphs
 
 
 def _resume(model, step: TrainStep, resume_dir: str, device) -> tuple[int, float]:
