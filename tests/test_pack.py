@@ -24,10 +24,10 @@ TRIALS = {
 }
 
 
-def run_pack(configs, ctx, stop_after: dict[str, int] | None = None, threads: int = 1):
+def run_pack(configs, ctx, stop_after: dict[str, int] | None = None, threads: int = 1, device: str = "cpu"):
     """fit_pack with a report that keeps each trial's metrics and adapter per epoch; a trial in `stop_after` leaves
     after that many epochs (as ASHA stops it). `threads`: the pack's CPU cores (its trials step in that many
-    groups at once)."""
+    groups at once). On the CPU unless told otherwise, even where there is a GPU (the thread groups are a CPU's)."""
     from safetensors.torch import load_file
 
     epochs = {name: [] for name in configs}
@@ -38,7 +38,7 @@ def run_pack(configs, ctx, stop_after: dict[str, int] | None = None, threads: in
         return len(epochs[name]) < (stop_after or {}).get(name, 10**6)
 
     memory.clear()
-    fit_pack(configs, ctx, report=report, threads=threads)
+    fit_pack(configs, ctx, report=report, threads=threads, device=device)
     return epochs
 
 
@@ -188,7 +188,7 @@ def test_a_trial_with_its_own_seed_trains_its_own_run_in_the_pack(tiny_models):
     assert_same_training(solo_runs({"own": same}, ctx)["own"], packed["own"])
     assert packed["other"][-1][0]["train_loss"] != pytest.approx(packed["own"][-1][0]["train_loss"], rel=1e-6)
     memory.clear()
-    fit_pack(configs, ctx, report=report, threads=1)
+    fit_pack(configs, ctx, report=report, threads=1, device="cpu")
     assert seen["own"][0]["seed"] == ctx.seed and seen["other"][0]["seed"] == ctx.seed + 1
     for metrics, predictions, _ in seen.values():  # the predictions the epoch's metrics were computed from
         labels = ctx.data_refs["toy"].val.labels
@@ -211,8 +211,8 @@ def test_a_pack_replaying_cuda_graphs_trains_what_it_trains_eagerly(tiny_models)
     checkpoint = tiny_models("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ctx = make_context(checkpoint, epochs=2, n_train=48, n_val=16, vocab=1000)
     configs = {name: make_config(**{**params, "lora_dropout": 0.0}) for name, params in TRIALS.items()}
-    eager = run_pack(configs, ctx, stop_after={"b": 1})
-    graphed = run_pack(configs, dataclasses.replace(ctx, cuda_graphs=True), stop_after={"b": 1})
+    eager = run_pack(configs, ctx, stop_after={"b": 1}, device="cuda")
+    graphed = run_pack(configs, dataclasses.replace(ctx, cuda_graphs=True), stop_after={"b": 1}, device="cuda")
     for name in configs:
         assert_same_training(eager[name], graphed[name], rtol=1e-4)  # padded to buckets: other matmul shapes
         assert all(metrics["cuda_graphs"] == 0 for metrics, _, _ in eager[name])
@@ -228,7 +228,7 @@ def test_each_trial_in_a_graphed_pack_draws_from_its_own_stream(tiny_models):
     ctx = dataclasses.replace(make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=48, n_val=16,
                                            vocab=1000), cuda_graphs=True)
     twin = make_config(**TRIALS["a"])
-    packed = run_pack({"one": twin, "two": twin, "other": {**twin, "seed": ctx.seed + 1}}, ctx)
+    packed = run_pack({"one": twin, "two": twin, "other": {**twin, "seed": ctx.seed + 1}}, ctx, device="cuda")
     assert max(metrics["cuda_graphs"] for metrics, _, _ in packed["one"]) > 0
     assert_same_training(packed["one"], packed["two"], rtol=1e-6)
     assert packed["other"][-1][0]["train_loss"] != pytest.approx(packed["one"][-1][0]["train_loss"], rel=1e-6)

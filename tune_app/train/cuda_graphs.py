@@ -37,6 +37,14 @@ WARMUP_STEPS = 2
 and a host sync raises there, before any capture begins)."""
 
 
+def _registers_generators() -> bool:
+    """Whether this torch wants a CUDA graph's extra random streams registered before its capture (up to 2.13)."""
+    import torch
+
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version < (2, 14) and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
 class CaptureFailed(RuntimeError):
     """A step could not be captured: the trial drops its graphs and trains eagerly from here on."""
 
@@ -133,17 +141,22 @@ class StepGraphs:
             (), total_weight, device=ids.device)
         inputs = (ids.clone(), mask.clone(), labels.clone(), weight.clone())
         if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        caller = torch.cuda.current_stream()
+            self.stream = torch.cuda.Stream(device=ids.device)
+        caller = torch.cuda.current_stream(ids.device)
+        # The warm-up's draws from the given streams (a pack's trials') are drawn again by the capture: a trial's
+        # masks then do not depend on when its steps were captured.
+        drawn_from = [(state, state.get_state()) for state in generators]
         try:
             self.stream.wait_stream(caller)
             self._warm_up(inputs)
+            for state, where in drawn_from:
+                state.set_state(where)
             graph = torch.cuda.CUDAGraph()
-            # Each replay advances these streams by what the capture drew from them. A torch without this call
-            # registers a stream at its first draw in a capture.
-            if (register := getattr(graph, "register_generator_state", None)) is not None:
+            # Each replay advances these streams by what the capture drew from them: registered before it, up to
+            # torch 2.13 (2.14 registers a stream at its first draw in a capture, and warns at the call).
+            if _registers_generators():
                 for state in generators:
-                    register(state)
+                    graph.register_generator_state(state)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             try:

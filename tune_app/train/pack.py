@@ -553,6 +553,24 @@ class Pack:
             self.graphs, self.widths = None, None
             for slot in self.slots.values():
                 slot.fixed_grads = False
+            self._fresh_cuda_streams()
+
+    def _fresh_cuda_streams(self) -> None:
+        """After a capture that failed: every CUDA stream the pack draws from (each trial's, and the device's own)
+        as a new generator state where the old one was, since a capture that never ended leaves its streams marked
+        as capturing, and an eager draw from them then raises."""
+        import torch
+
+        def fresh(state):
+            new = torch.Generator(device=self.device)
+            new.set_state(state.get_state())
+            return new
+
+        for slot in self.slots.values():
+            slot.cuda_generator = fresh(slot.cuda_generator)
+        device = torch.cuda.default_generators[self.device.index if self.device.index is not None
+                                               else torch.cuda.current_device()]
+        device.graphsafe_set_state(fresh(device.graphsafe_get_state()))
 
     def step_each(self, slots: list[Slot]) -> dict[str, str]:
         """After a packed step raised: each trial's effective batch again from its start, each trial on its own. A
@@ -570,6 +588,7 @@ class Pack:
                     break
                 except Exception as e:  # noqa: BLE001 - this trial's own failure: it fails alone
                     if is_oom(e) and slot.halve():
+                        self.drop_graphs()  # their memory, and that of the micro-batch they were captured for
                         self.free_cached_memory()
                         continue
                     failed[slot.name] = traceback.format_exc()
@@ -807,9 +826,9 @@ def _uninstall(model) -> None:
 
 
 def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, dict[str, Any], str], bool | None],
-             threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
+             threads: int | None = None, device: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """Train several trials of one model packed in this process for ctx.epochs epochs each (`fit`'s packed twin: on
-the GPU when there is one, at ctx.precision, with CUDA graphs as ctx.cuda_graphs says).
+    `device`, default the GPU when there is one, at ctx.precision, with CUDA graphs as ctx.cuda_graphs says).
 
     After each of a trial's epochs, `report(name, metrics, checkpoint_dir)` gets what `fit` reports (the same
     checkpoint files); returning False ends that trial there (an early stop) and the others train on. Returns every
@@ -831,7 +850,7 @@ the GPU when there is one, at ctx.precision, with CUDA graphs as ctx.cuda_graphs
     spec = ctx.models[models.pop()]
     torch.set_num_threads(threads or 1)
     torch.manual_seed(ctx.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = fetch(ctx.data_refs[spec.data_key])
     weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
     autocast, precision = autocast_factory(device, ctx.precision)
@@ -1042,6 +1061,10 @@ class PackServer:
     def _run(self) -> None:
         import time
 
+        import torch
+
+        if self.device.type == "cuda":  # the current device is per thread, and this thread's own starts at 0
+            torch.cuda.set_device(self.device)
         while True:
             with self.cond:
                 self._drop_expired()
