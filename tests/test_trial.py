@@ -385,3 +385,31 @@ def test_a_trial_stopped_by_tune_leaves_nothing_for_the_next(tiny_models):
     # The base is handed back before a trial's last report (epoch 1 of 1), after an earlier one (epoch 1 of 2).
     assert kept_at_report == [(1, False), (1, True)]
     assert run_fit(config, ctx)[0][0]["base_reused"] is True
+
+
+def test_a_worker_ended_inside_a_garbage_collection_callback_prints_no_traceback():
+    """Ray ends a trial's worker with SIGTERM, whose handler raises SystemExit wherever the worker is; inside a
+    garbage-collection callback Python would print it as "Exception ignored" with a traceback, into the study's
+    output. A trial's worker (quiet_ray) keeps exits quiet and every other such exception as loud as before."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import weakref",
+        "from tune_app.train.model import quiet_ray",
+        "quiet_ray()",
+        "quiet_ray()",  # a worker's next trial: the hook is not wrapped twice
+        "class Thing: pass",
+        "def raising(kind):",
+        "    def callback(_):",
+        "        raise kind('from a callback')",
+        "    return callback",
+        "a, b = Thing(), Thing()",
+        "refs = weakref.ref(a, raising(SystemExit)), weakref.ref(b, raising(ValueError))",
+        "del a, b",
+        "print('still running')",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "still running", done.stderr
+    assert "SystemExit" not in done.stderr
+    assert done.stderr.count("Exception ignored") == 1 and "ValueError: from a callback" in done.stderr

@@ -149,11 +149,27 @@ def quiet_libraries() -> None:
 
 
 def quiet_ray() -> None:
-    """No line per checkpoint from Ray Train/Tune in a trial's log ("Checkpoint successfully created ...")."""
+    """No line per checkpoint from Ray Train/Tune in a trial's log ("Checkpoint successfully created ..."), and no
+    traceback in the study's output when Ray ends a trial's worker: Ray's SIGTERM handler raises SystemExit wherever
+    the worker is, and where that is a garbage-collection callback Python prints it as "Exception ignored"."""
     import logging
+    import sys
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    if not getattr(sys.unraisablehook, "quiet_exit", False):
+        sys.unraisablehook = _quiet_exit(sys.unraisablehook)
+
+
+def _quiet_exit(hook):
+    """`hook` for every exception Python cannot raise, but an exit."""
+
+    def report(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            hook(unraisable)
+
+    report.quiet_exit = True
+    return report
 
 
 def activation_checkpointing(model) -> bool:
