@@ -13,7 +13,8 @@ rows and the padding bucket), each trial's CUDA stream a generator state of its 
 Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
 the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
 attention dropout) comes from its own random stream, in the order and shapes its solo run draws them (its own
-widths), and its attention sees only its own keys. Rows never interact in a transformer, so the shared base's
+widths; under CUDA graphs its rows take the forward's padding bucket, so on a GPU its draws have that shape), and
+its attention sees only its own keys. Rows never interact in a transformer, so the shared base's
 gradients reach each trial's parameters from its own rows alone.
 
 The trials are PEFT adapters of one PeftModel (one named adapter per trial, each with its own LoraConfig: rank,
