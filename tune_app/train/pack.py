@@ -156,7 +156,7 @@ class Slot:
             saved = torch.get_rng_state()
             torch.set_rng_state(self.generator.get_state())
             if self.cuda_generator is not None:
-                device = torch.cuda.default_generators[self.cuda_generator.device.index]
+                device = _device_generator(self.cuda_generator.device)
                 saved_cuda = device.graphsafe_get_state()
                 device.graphsafe_set_state(self.cuda_generator)
             try:
@@ -350,8 +350,7 @@ class Pack:
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
         slot = Slot(name, params, seed, random_state(), fixed_grads=self.graphs is not None)
         if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            slot.cuda_generator = torch.cuda.default_generators[index].clone_state()
+            slot.cuda_generator = _device_generator(self.device).clone_state()
         self.slots[name] = slot
         self._mark_trainable()
         train_in_fp32(self.model, family)  # this trial's adapter and head in fp32, as a solo trial's
@@ -569,8 +568,7 @@ class Pack:
 
         for slot in self.slots.values():
             slot.cuda_generator = fresh(slot.cuda_generator)
-        device = torch.cuda.default_generators[self.device.index if self.device.index is not None
-                                               else torch.cuda.current_device()]
+        device = _device_generator(self.device)
         device.graphsafe_set_state(fresh(device.graphsafe_get_state()))
 
     def step_each(self, slots: list[Slot]) -> dict[str, str]:
@@ -654,6 +652,13 @@ class Pack:
                                   adapter_name=name)
 
 
+def _device_generator(device):
+    """The process's random generator of a CUDA device (the current one when `device` names no index)."""
+    import torch
+
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def _owned_by(parameter: str, name: str) -> bool:
     """Whether a parameter of the PeftModel is trial `name`'s (its LoRA layers or its head copy)."""
     return f".{name}." in parameter or parameter.endswith(f".{name}")
@@ -673,6 +678,13 @@ def _attention_dropout(config) -> float:
 
 
 # --------------------------------------------------------------------------------------------- packed forwards
+
+
+def _join(parts: list):
+    """The trials' parts of a packed forward's tensor, back in one (one trial's part as it is: no copy)."""
+    import torch
+
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _own_rows(layout: list[_Rows], n: int) -> list[_Rows]:
@@ -711,7 +723,6 @@ def _restore_width(part, shape):
 
 def _dropout_forward(module, x):
     """nn.Dropout in a packed forward: each trial's rows dropped with its own random stream, at its own width."""
-    import torch
 
     layout = _layout.rows
     if layout is None or not module.training or module.p == 0:
@@ -720,7 +731,7 @@ def _dropout_forward(module, x):
     for rows in _own_rows(layout, x.shape[0]):
         part, shape = _width_slice(x, rows)
         parts.append(_restore_width(rows.slot.dropout(part, module.p), shape))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return _join(parts)
 
 
 def _lora_forward(layer, x, *args, **kwargs):
@@ -747,19 +758,17 @@ def _lora_forward(layer, x, *args, **kwargs):
             delta = _restore_width(delta, (*shape[:-1], delta.shape[-1])) if delta.dim() == 3 else delta
             out = (out + delta).to(dtype)
         parts.append(out)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return _join(parts)
 
 
 def _head_forward(wrapper, x, *args, **kwargs):
     """The classification head in a packed forward: each trial's own trained copy on its rows."""
-    import torch
 
     layout = _layout.rows
     if layout is None:
         return wrapper._packed_original(x, *args, **kwargs)
-    parts = [wrapper.modules_to_save[rows.slot.name](x[rows.start:rows.stop], *args, **kwargs)
-             for rows in _own_rows(layout, x.shape[0])]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return _join([wrapper.modules_to_save[rows.slot.name](x[rows.start:rows.stop], *args, **kwargs)
+                  for rows in _own_rows(layout, x.shape[0])])
 
 
 def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, **kwargs):
@@ -785,7 +794,7 @@ def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.
         if w < query.shape[2]:
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[2] - w))
         outputs.append(out)
-    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), None
+    return _join(outputs), None
 
 
 def _install(model, attention_dropout: float) -> None:
@@ -826,6 +835,30 @@ def _uninstall(model) -> None:
 # --------------------------------------------------------------------------------------------- in one process
 
 
+def load_pack(ctx, model: str, device, threads: int) -> tuple[Pack, Any, np.ndarray | None]:
+    """A pack for `model`'s trials on `device`, its base loaded as a solo trial loads it (the study's seed set
+    first, at ctx.precision; CUDA graphs as ctx.cuda_graphs says); with the model's tokenized data and the class
+    weights of its loss (None: unweighted)."""
+    import torch
+
+    from tune_app.train.model import trial_base
+    from tune_app.train.precision import autocast_factory
+
+    spec = ctx.models[model]
+    torch.manual_seed(ctx.seed)
+    data = fetch(ctx.data_refs[spec.data_key])
+    weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
+    autocast, precision = autocast_factory(device, ctx.precision)
+    on_gpu = device.type == "cuda"
+    base = trial_base(spec, ctx.label_names, on_gpu=on_gpu, precision=precision)
+    base.model.to(device)
+    pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
+                target_modules=spec.target_modules, autocast=autocast, precision=precision, seed=ctx.seed,
+                threads=threads, widths=bucket_widths(ctx.max_length),
+                cuda_graphs=step_mode(ctx, on_gpu, precision)[1])
+    return pack, data, weights
+
+
 def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, dict[str, Any], str], bool | None],
              threads: int | None = None, device: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """Train several trials of one model packed in this process for ctx.epochs epochs each (`fit`'s packed twin: on
@@ -840,27 +873,16 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
 
     from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
     from tune_app.train.memory import release_memory
-    from tune_app.train.model import quiet_libraries, trial_base
-    from tune_app.train.precision import autocast_factory
+    from tune_app.train.model import quiet_libraries
 
     quiet_libraries()
     release_memory()
     models = {config[MODEL_KEY] for config in configs.values()}
     if len(models) != 1:
         raise ValueError(f"a pack trains trials of one model, got {sorted(models)}")
-    spec = ctx.models[models.pop()]
     torch.set_num_threads(threads or 1)
-    torch.manual_seed(ctx.seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = fetch(ctx.data_refs[spec.data_key])
-    weights = np.asarray(ctx.class_weights, dtype=np.float32) if ctx.weighted_loss else None
-    autocast, precision = autocast_factory(device, ctx.precision)
-    base = trial_base(spec, ctx.label_names, on_gpu=device.type == "cuda", precision=precision)
-    base.model.to(device)
-    pack = Pack(base, train=data.train, epochs=ctx.epochs, class_weights=weights, num_labels=len(ctx.label_names),
-                target_modules=spec.target_modules, autocast=autocast, precision=precision, seed=ctx.seed,
-                threads=threads or 1, widths=bucket_widths(ctx.max_length),
-                cuda_graphs=step_mode(ctx, device.type == "cuda", precision)[1])
+    pack, data, weights = load_pack(ctx, models.pop(), device, threads or 1)
     history: dict[str, list[dict[str, Any]]] = {}
     started: dict[str, float] = {}
     for name, config in configs.items():
@@ -1034,8 +1056,7 @@ class PackServer:
 
         import torch
 
-        from tune_app.train.model import quiet_libraries, trial_base
-        from tune_app.train.precision import autocast_factory
+        from tune_app.train.model import quiet_libraries
 
         quiet_libraries()
         torch.set_num_threads(self.threads)
@@ -1046,18 +1067,7 @@ class PackServer:
             index = visible.index(self.device_id) if self.device_id in visible else int(self.device_id)
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
-        spec = self.ctx.models[self.model_name]
-        torch.manual_seed(self.ctx.seed)
-        self.data = fetch(self.ctx.data_refs[spec.data_key])
-        self.weights = np.asarray(self.ctx.class_weights, dtype=np.float32) if self.ctx.weighted_loss else None
-        self.autocast, precision = autocast_factory(self.device, self.ctx.precision)
-        base = trial_base(spec, self.ctx.label_names, on_gpu=self.device.type == "cuda", precision=precision)
-        base.model.to(self.device)
-        self.pack = Pack(base, train=self.data.train, epochs=self.ctx.epochs, class_weights=self.weights,
-                         num_labels=len(self.ctx.label_names), target_modules=spec.target_modules,
-                         autocast=self.autocast, precision=precision, seed=self.ctx.seed, threads=self.threads,
-                         widths=bucket_widths(self.ctx.max_length),
-                         cuda_graphs=step_mode(self.ctx, self.device.type == "cuda", precision)[1])
+        self.pack, self.data, self.weights = load_pack(self.ctx, self.model_name, self.device, self.threads)
 
     def _run(self) -> None:
         import time
