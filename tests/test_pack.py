@@ -82,7 +82,8 @@ def assert_same_training(solo, packed, rtol: float = 1e-5):
 @pytest.mark.parametrize("family,threads", [("bert", 1), ("llama", 1), ("bert", 2)])
 def test_packed_trials_train_what_each_trains_alone(tiny_models, family, threads, step_threads):
     """Also on two CPU threads, where the trials step in two groups at once, each group a packed forward of its own
-    in its own thread (the groups change from step to step with the trials' work)."""
+    in a step thread of the pack's, neither waiting for the other (the groups change from step to step with the
+    trials' work and pace)."""
     checkpoint = tiny_models(family, **(DROPOUT if family == "bert" else {}))
     ctx = make_context(checkpoint, epochs=2, n_train=48, n_val=16, vocab=1000 if family == "bert" else 400)
     configs = {name: make_config(**params) for name, params in TRIALS.items()}
@@ -95,7 +96,7 @@ def test_packed_trials_train_what_each_trains_alone(tiny_models, family, threads
     if threads == 1:
         assert not workers and max(len(trials) for _, trials in step_threads) == 3  # all three in one forward
     else:
-        assert workers  # a second group stepped beside the first, in the pack's step thread
+        assert workers  # the groups stepped in the pack's step threads
         assert {len(trials) for _, trials in step_threads} == {1, 2}
 
 
@@ -121,6 +122,34 @@ def test_out_of_memory_packs_fewer_trials_per_forward_and_halves_micro_batches(t
     # Packing fewer per forward: after the first failures, every forward holds one trial.
     steps = len(step_threads)
     assert all(len(trials) == 1 for _, trials in step_threads[steps // 2:])
+
+
+def test_on_a_cpu_each_trial_steps_at_its_own_pace(tiny_models, monkeypatch):
+    """On a CPU of two cores no trial waits for another's step: while one trial's step is held (as a step of batch
+    32 takes longer than one of batch 8), the other takes step after step; in lockstep it would wait for it. The
+    held trial still trains exactly its solo run."""
+    import threading
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
+    configs = {"slow": make_config(**TRIALS["c"]), "fast": make_config(**TRIALS["a"])}
+    fast_steps, released = [], threading.Event()
+    step = Pack.step
+
+    def held(self, slots=None):
+        names = [s.name for s in slots]
+        if names == ["slow"]:
+            released.wait(timeout=20)
+        step(self, slots)
+        if names == ["fast"]:
+            fast_steps.append(threading.current_thread().name)
+            if len(fast_steps) == 3:
+                released.set()
+
+    monkeypatch.setattr(Pack, "step", held)
+    packed = run_pack(configs, ctx, threads=2)
+    assert released.is_set(), "the fast trial waited for the slow one's step"
+    assert all(name.startswith("tune_app-pack-step") for name in fast_steps)
+    assert_same_training(solo_runs({"slow": configs["slow"]}, ctx)["slow"], packed["slow"])
 
 
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):

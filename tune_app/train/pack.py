@@ -4,8 +4,8 @@
 
 Each packed step takes the next micro-batch of every trial in the pack, concatenates their rows, and runs the base's
 layers once over all of them (one large matmul per layer instead of one small one per trial); on a CPU, where a
-large matmul gains nothing, the trials step in one such group per core, each in a thread of its own
-(`Pack.advance`). Each trial's rows see only that trial's LoRA layers, head, loss weights and dropout; each trial
+large matmul gains nothing, the trials step in one such group per core, each in a thread of its own and at its own
+pace (`Pack.advance`). Each trial's rows see only that trial's LoRA layers, head, loss weights and dropout; each trial
 then steps its own optimizer, schedule and gradient clipping at its own effective batch size, over its own data
 order. On a GPU the packed step replays CUDA graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their
 rows and the padding bucket), each trial's CUDA stream a generator state of its own that every replay advances.
@@ -134,6 +134,8 @@ class Slot:
     """Its streams where its current effective batch began (`restart_batch`)."""
     fixed_grads: bool = False
     """Its gradients live in fixed tensors (the pack captures CUDA graphs): zeroed in place, never set to None."""
+    steps: int = 0
+    """Packed micro-steps it has taken since it joined."""
 
     def __post_init__(self) -> None:
         import torch
@@ -297,6 +299,8 @@ class Pack:
         self.threads = threads if self.device.type == "cpu" else 1
         """The CPU cores a pack on a CPU trains with: up to that many groups of its trials step at once (`advance`)."""
         self._workers = None
+        self._steps: dict[Any, tuple[list[Slot], int]] = {}
+        """A CPU pack's steps under way (`advance`): future -> (its trials, the cores it steps on)."""
         self.work_limit: int | None = None
         """Rows x tokens one packed forward may take, set by an out-of-memory error (`advance`); None: no limit."""
         self.graphs = StepGraphs(self._forward_backward, [], min_uses=GRAPH_MIN_USES) \
@@ -327,6 +331,7 @@ class Pack:
         from tune_app.train.model import mask_preparer
         from tune_app.train.precision import train_in_fp32
 
+        self.settle()
         if not packable(params):
             raise ValueError(f"trial {name}: lora_bias={params['lora_bias']} trains the base's biases; it cannot "
                              f"share a base and trains alone")
@@ -367,6 +372,7 @@ class Pack:
         """Remove a trial (finished, stopped or failed): its adapter and head copy go, the others train on."""
         from tune_app.train.memory import strip_adapter
 
+        self.settle()
         self.slots.pop(name)
         if self.graphs is not None:  # those holding its parameters and stream
             self.graphs.forget(lambda trials: any(trial == name for trial, _ in trials))
@@ -396,42 +402,80 @@ class Pack:
     # ----------------------------------------------------------------------------------------- training
 
     def advance(self, slots: list[Slot]) -> dict[str, str]:
-        """One micro-step of these trials, packed. Returns the trials that failed on their own (name -> traceback):
-        the others train on.
+        """Step these trials on. Returns the trials that failed on their own (name -> traceback): the others train
+        on.
 
-        On a GPU the trials step in one packed forward. On a CPU of T cores they step in up to T groups at once,
-        each a packed forward of its own in a thread of its own on one core: a CPU core runs a small matmul near
-        its peak already, so one large matmul gains little there, while T threads of one process running ops of
-        one thread each use T cores about as fully as T processes would (intra-op threads over a small step do
-        not). The base and the libraries stay one copy.
+        On a GPU (or one CPU core) this is one packed micro-step of every given trial with work left in its epoch, in
+        one packed forward.
+
+        On a CPU of T cores the trials step in up to T groups, each a packed forward of its own in a thread of its
+        own on its share of the cores, and no group waits for another: a trial of batch 8 steps on while one of
+        batch 32 takes its longer step, as each would in a process of its own (a step for all, in lockstep, would
+        hold every trial to the slowest one's pace). `advance` starts a step for every group it can form of the
+        trials that are not stepping now, on the cores that are free, and returns once some step has ended (its
+        trials are `stepping` until then). A CPU core runs a small matmul near its peak already, so one large
+        matmul gains little there, while T threads of one process running ops of one thread each use T cores about
+        as fully as T processes would. The base and the libraries stay one copy. Anything that changes the model
+        (a join, a leave, an evaluation) first waits for the steps under way (`settle`).
 
         A packed forward that raises is taken again trial by trial (`step_each`). One that runs out of memory with
         several trials in it also lowers `work_limit`: from then on the trials step in as many forwards as keep
         each under it (`_groups`), so a pack too full for its device packs fewer trials per forward instead of
         failing every step."""
-        groups = self._groups([s for s in slots if not s.epoch_done])
-        errors: list[BaseException | None] = []
-        for wave in (groups[i:i + self.threads] for i in range(0, len(groups), self.threads)):
-            if len(wave) == 1:
-                errors.append(self._try_step(wave[0], self.threads))
-                continue
-            if self._workers is None:
-                from concurrent.futures import ThreadPoolExecutor
+        slots = [s for s in slots if not s.epoch_done and s.name in self.slots]
+        if self.threads == 1:
+            failed = {}
+            for group in self._groups(slots, 1):
+                failed.update(self._after_step(group, self._try_step(group, 1)))
+            return failed
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-                self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tune_app-pack-step")
-            per_group = max(1, self.threads // len(wave))
-            pending = [self._workers.submit(self._try_step, group, per_group) for group in wave[1:]]
-            errors += [self._try_step(wave[0], per_group)] + [future.result() for future in pending]
+        idle = [s for s in slots if not self.stepping(s)]
+        free = self.threads - sum(cores for _, cores in self._steps.values())
+        if idle and free > 0:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="tune_app-pack-step")
+            groups = self._groups(idle, free)
+            cores = max(1, free // len(groups))
+            for group in groups:
+                self._steps[self._workers.submit(self._try_step, group, cores)] = (group, cores)
+        if not self._steps:
+            return {}
+        done, _ = wait(list(self._steps), return_when=FIRST_COMPLETED)
         failed = {}
-        for group, error in zip(groups, errors):
-            if error is None:
-                continue
-            if is_oom(error):
-                self.drop_graphs()  # their memory
-                if len(group) > 1:
-                    self._lower_work_limit(group)
-            failed.update(self.step_each(group))
+        for future in done:
+            group, _ = self._steps.pop(future)
+            failed.update(self._after_step(group, future.result()))
         return failed
+
+    def stepping(self, slot: Slot) -> bool:
+        """Whether the trial has a step under way (`advance`, on a CPU of several cores)."""
+        return any(s is slot for group, _ in self._steps.values() for s in group)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any step is under way, or ended with its outcome not yet taken by `advance`."""
+        return bool(self._steps)
+
+    def settle(self) -> None:
+        """Wait for the steps under way: what changes the model (joins, leaves, evaluations, loads) or reads a
+        trial's state for its checkpoint comes after them. Their outcomes stay for `advance` to take."""
+        if self._steps:
+            from concurrent.futures import wait
+
+            wait(list(self._steps))
+
+    def _after_step(self, group: list[Slot], error: BaseException | None) -> dict[str, str]:
+        """A step's outcome: nothing when it went well; otherwise its trials (those still in the pack) each step
+        alone (`step_each`), after an out-of-memory error with fewer trials per forward from then on."""
+        if error is None:
+            return {}
+        group = [s for s in group if s.name in self.slots]
+        if is_oom(error):
+            self.drop_graphs()  # their memory
+            if len(group) > 1:
+                self._lower_work_limit(group)
+        return self.step_each(group)
 
     def _intra_op_threads(self, n: int) -> None:
         """On a CPU, torch's intra-op threads for the ops the calling thread runs (OpenMP's count is that thread's
@@ -442,16 +486,18 @@ class Pack:
             torch.set_num_threads(n)
 
     def close(self) -> None:
-        """End the step threads (a CPU pack's); the pack can still train, and starts them again."""
+        """End the step threads (a CPU pack's), once their steps are done; the pack can still train, and starts
+        them again."""
+        self.settle()
         if self._workers is not None:
             self._workers.shutdown()
             self._workers = None
 
-    def _groups(self, slots: list[Slot]) -> list[list[Slot]]:
+    def _groups(self, slots: list[Slot], threads: int) -> list[list[Slot]]:
         """The trials in groups of about equal work (rows x padded width of their next micro-batch), each group one
-        packed forward: as many groups as the CPU threads (one on a GPU), and more where `work_limit` asks."""
+        packed forward: as many groups as `threads` (one on a GPU), and more where `work_limit` asks."""
         work = {s.name: s.next_work(self.train) for s in slots}
-        n = min(self.threads, len(slots))
+        n = min(threads, len(slots))
         if self.work_limit:
             n = max(n, -(-sum(work.values()) // self.work_limit))
         n = min(n, len(slots))
@@ -528,6 +574,7 @@ class Pack:
             slot.step_loss = loss if slot.step_loss is None else slot.step_loss + loss
             if last:
                 slot.optimizer_step()
+            slot.steps += 1
 
     def _forward_backward(self, ids, mask, labels, weights):
         """The packed forward and backward over the current layout: each trial's share of its effective batch's
@@ -599,6 +646,7 @@ class Pack:
         predictions are kept for its checkpoint."""
         from tune_app.train.evaluation import eager, evaluate
 
+        self.settle()
         self._intra_op_threads(self.threads)
         self.model.eval()
         with self.alone(name), eager():
@@ -636,6 +684,7 @@ class Pack:
     def save(self, name: str, folder: str | Path) -> None:
         """The trial's adapter and head, as its solo run saves them (adapter_config.json,
         adapter_model.safetensors)."""
+        self.settle()
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[name])
             saved = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
@@ -648,6 +697,7 @@ class Pack:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        self.settle()
         set_peft_model_state_dict(self.model, load_file(str(Path(folder) / "adapter_model.safetensors")),
                                   adapter_name=name)
 
@@ -890,7 +940,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         slot.start_epoch(data.train, 0, device)
         history[name], started[name] = [], time.perf_counter()
     while pack.slots:
-        for slot in [s for s in pack.slots.values() if s.epoch_done]:
+        for slot in [s for s in pack.slots.values() if s.epoch_done and not pack.stepping(s)]:
             name, epoch_seconds = slot.name, time.perf_counter() - started[slot.name]
             train_loss = float(slot.loss_sum) / len(slot.batches)
             metrics = pack.evaluate(name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights)
@@ -1079,14 +1129,14 @@ class PackServer:
         while True:
             with self.cond:
                 self._drop_expired()
-                for slot in [s for s in self.pack.slots.values() if s.epoch_done]:
+                for slot in [s for s in self.pack.slots.values() if s.epoch_done and not self.pack.stepping(s)]:
                     self._finish_epoch(slot)
                 # A trial trains on only once Tune took its last result and asked for the next: a result waiting
                 # for its trial (or a paused trial) holds the slot, so no epoch result is ever overwritten unseen
                 # and ASHA decides on an epoch before the next one trains.
                 active = [s for s in self.pack.slots.values() if not s.epoch_done
                           and not self.trials[s.name].paused and self.trials[s.name].result is None]
-                if not active:
+                if not active and not self.pack.busy:
                     if not self.trials:
                         return  # nobody left: the thread ends, the next join starts it again
                     self.cond.wait(timeout=5.0)
@@ -1097,7 +1147,7 @@ class PackServer:
                 for slot in active:
                     if (trial := self.trials.get(slot.name)) is None:
                         continue
-                    if trial.first_step_s is None:
+                    if trial.first_step_s is None and slot.steps:
                         trial.first_step_s = now - trial.joined
                     trial.heartbeat(slot.epoch + 1, slot.batch_index, len(slot.batches),
                                     slot.batch_index * slot.batch_size, now - trial.started)
