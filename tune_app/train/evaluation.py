@@ -13,18 +13,20 @@ from tune_app.train.tokens import TokenizedSplit
 
 
 def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
-                   autocast) -> tuple[np.ndarray, int]:
+                   autocast, *, modes_kept: bool = False) -> tuple[np.ndarray, int]:
     """Logits for every row of a split (in row order), in `inference_batches` (of at most CPU_INFERENCE_ROWS rows
     on a CPU), and the batch size that fit: out of memory, the batches halve (a trial whose training fit only after
     its micro-batch halved must not fail in evaluation), and the caller keeps the size that fit for its next
-    evaluation."""
+    evaluation. The model is put in eval mode, unless `modes_kept` (a pack's model, whose forwards' layout turns
+    dropout off for the evaluated rows while its other trials train)."""
     import torch
 
     if device.type == "cpu":
         batch_size = min(batch_size, CPU_INFERENCE_ROWS)
     out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
     test_limit = oom_test_limit()
-    model.eval()
+    if not modes_kept:
+        model.eval()
     while True:
         try:
             with torch.inference_mode(), autocast():
@@ -47,10 +49,10 @@ def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, d
 
 
 def evaluate(model, split: TokenizedSplit, pad_id: int, batch_size: int, device, autocast,
-             loss_weights: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+             loss_weights: np.ndarray | None, *, modes_kept: bool = False) -> tuple[dict[str, float], np.ndarray]:
     """Validation metrics, the (class-weighted) cross-entropy and eval_batch_size (the batch size that fit); and
-    the predicted class of every row."""
-    logits, fitted = predict_logits(model, split, pad_id, batch_size, device, autocast)
+    the predicted class of every row (`modes_kept`: as predict_logits says)."""
+    logits, fitted = predict_logits(model, split, pad_id, batch_size, device, autocast, modes_kept=modes_kept)
     predictions = logits.argmax(-1)
     metrics = classification_metrics(split.labels, predictions, model.config.num_labels)
     return {**metrics, "eval_loss": weighted_cross_entropy(logits, split.labels.copy(), loss_weights),

@@ -67,12 +67,15 @@ def packable(params: dict[str, Any]) -> bool:
 
 @dataclass
 class _Rows:
-    """One trial's rows in the packed batch: `start:stop`, and the width its solo run pads them to."""
+    """One trial's rows in the packed batch: `start:stop`, the width its solo run pads them to, and whether they
+    train (dropout on) or are evaluated. A packed model stays in training mode: its rows, not the modules' mode,
+    say what drops out, so one trial can be evaluated while others train."""
 
     slot: Slot
     start: int
     stop: int
     width: int
+    training: bool = True
 
 
 _process_random = threading.Lock()
@@ -353,6 +356,7 @@ class Pack:
         else:
             self.model.add_adapter(name, lora)
         _install(self.model, self._attention_dropout)  # the layers this adapter added too
+        self.model.train()  # for good: each forward's layout says whether its rows train (`_Rows.training`)
         slot = Slot(name, params, seed, random_state(), fixed_grads=self.graphs is not None)
         if self.device.type == "cuda":
             slot.cuda_generator = _device_generator(self.device).clone_state()
@@ -557,7 +561,6 @@ class Pack:
         weights = [float(self.row_weights[self.train.labels[batch]].sum()) for _, batch, _ in parts]
         ids, mask, labels = (t.pin_memory().to(self.device, non_blocking=True) if graphs else t.to(self.device)
                              for t in (ids, mask, labels))
-        self.model.train()
         with _rows_of(layout):
             losses = None
             if graphs:
@@ -648,10 +651,10 @@ class Pack:
 
         self.settle()
         self._intra_op_threads(self.threads)
-        self.model.eval()
         with self.alone(name), eager():
             metrics, self.slots[name].predictions = evaluate(self.model, val, self.base.pad_id, batch_size,
-                                                             self.device, self.autocast, class_weights)
+                                                             self.device, self.autocast, class_weights,
+                                                             modes_kept=True)
         return metrics
 
     def checkpoint(self, name: str, folder: str | Path, *, metrics: dict[str, Any], model_name: str,
@@ -668,18 +671,10 @@ class Pack:
 
     @contextlib.contextmanager
     def alone(self, name: str):
-        """Forwards of one trial alone (its evaluation): every row of any batch is that trial's, at the batch's own
-        width, and attention is the base's own (evaluation drops nothing out)."""
-        base = self.model.get_base_model()
-        own = getattr(base, "_packed_attention", None)
-        if own is not None:
-            base.set_attn_implementation(own)
-        try:
-            with _rows_of([_Rows(self.slots[name], 0, -1, -1)]):
-                yield
-        finally:
-            if own is not None:
-                base.set_attn_implementation(ATTENTION)
+        """Forwards of one trial alone, evaluated: every row of any batch is that trial's, at the batch's own width,
+        and nothing drops out (its layout says so; the model stays in training mode for the others' steps)."""
+        with _rows_of([_Rows(self.slots[name], 0, -1, -1, training=False)]):
+            yield
 
     def save(self, name: str, folder: str | Path) -> None:
         """The trial's adapter and head, as its solo run saves them (adapter_config.json,
@@ -740,7 +735,7 @@ def _join(parts: list):
 def _own_rows(layout: list[_Rows], n: int) -> list[_Rows]:
     """The layout of a forward: a trial alone (`Pack.alone`) owns all `n` rows at their full width."""
     if len(layout) == 1 and layout[0].stop == -1:
-        return [_Rows(layout[0].slot, 0, n, -1)]
+        return [_Rows(layout[0].slot, 0, n, -1, layout[0].training)]
     return layout
 
 
@@ -775,10 +770,15 @@ def _dropout_forward(module, x):
     """nn.Dropout in a packed forward: each trial's rows dropped with its own random stream, at its own width."""
 
     layout = _layout.rows
-    if layout is None or not module.training or module.p == 0:
+    if layout is None:
         return module._packed_original(x)
+    if module.p == 0 or not any(rows.training for rows in layout):
+        return x
     parts = []
     for rows in _own_rows(layout, x.shape[0]):
+        if not rows.training:
+            parts.append(x[rows.start:rows.stop])
+            continue
         part, shape = _width_slice(x, rows)
         parts.append(_restore_width(rows.slot.dropout(part, module.p), shape))
     return _join(parts)
@@ -802,7 +802,7 @@ def _lora_forward(layer, x, *args, **kwargs):
             inputs, shape = _width_slice(x, rows)
             inputs = inputs.to(lora_a.weight.dtype)
             dropout = layer.lora_dropout[name]
-            if isinstance(dropout, torch.nn.Dropout) and dropout.training:
+            if isinstance(dropout, torch.nn.Dropout) and rows.training:
                 inputs = rows.slot.dropout(inputs, dropout.p)
             delta = lora_b(lora_a(inputs)) * layer.scaling[name]
             delta = _restore_width(delta, (*shape[:-1], delta.shape[-1])) if delta.dim() == 3 else delta
@@ -829,6 +829,8 @@ def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.
 
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     layout = _layout.rows
+    if layout is not None and not any(rows.training for rows in layout):
+        dropout = 0.0  # evaluated rows
     if layout is None or dropout == 0:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     outputs = []
@@ -840,7 +842,7 @@ def _attention(module, query, key, value, attention_mask, *, dropout: float = 0.
         extra = {k_: (t[rows.start:rows.stop, :w] if torch.is_tensor(t) and t.dim() == 2 else t)
                  for k_, t in kwargs.items()}
         with rows.slot.random():
-            out, _ = sdpa(module, q, k, v, mask, dropout=dropout, **extra)
+            out, _ = sdpa(module, q, k, v, mask, dropout=dropout if rows.training else 0.0, **extra)
         if w < query.shape[2]:
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, query.shape[2] - w))
         outputs.append(out)
@@ -865,8 +867,11 @@ def _install(model, attention_dropout: float) -> None:
     base = model.get_base_model()
     if attention_dropout > 0 and not hasattr(base, "_packed_attention"):
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         AttentionInterface.register(ATTENTION, _attention)
+        # Its masks are sdpa's, which it computes with: a 2D padding mask (an evaluation's) becomes what sdpa takes.
+        AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
         base._packed_attention = base.config._attn_implementation
         base.set_attn_implementation(ATTENTION)
 
