@@ -306,9 +306,11 @@ class WorkerMemory:
 
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
           limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
-          compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto", pack: str = "off") -> dict:
-    """A real Ray Tune study of n_trials identical trials, k at a time: aggregate throughput and slot use, and the
-    peak resident memory of Ray's worker processes (trials, and packs under tune.pack)."""
+          compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto", pack: str = "off",
+          batch_sizes: list[int] | None = None) -> dict:
+    """A real Ray Tune study of n_trials trials, k at a time, identical unless `batch_sizes` has the searcher draw
+    each trial's batch size from these (seeded: the same draws for every --pack): aggregate throughput and slot use,
+    and the peak resident memory of Ray's worker processes (trials, and packs under tune.pack)."""
     import yaml
 
     from tune_app.spec import config as config_mod
@@ -321,7 +323,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "data": {"source": csv, "text": "text", "label": "target", "max_length": max_length, "limit": limit},
         "models": {name: {"checkpoint": folder, "gpu": gpu if gpu == "auto" else float(gpu), "cpu": cpus,
                           "dtype": dtype}},
-        "space": HPARAMS,
+        "space": {**HPARAMS, **({"batch_size": {"choice": batch_sizes}} if batch_sizes else {})},
         "train": {"epochs": epochs, "compile": SWITCH[compile_], "cuda_graphs": SWITCH[cuda_graphs]},
         "tune": {"num_samples": n_trials, "max_concurrent": k, "asha": {"enabled": False},
                  "reuse_actors": reuse_actors, "pack": int(pack) if pack.isdigit() else pack},
@@ -345,7 +347,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         df = result.metrics_dataframe
         last = df.iloc[-1]
         trial_id = last["trial_id"]
-        trials.append(dict(train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
+        trials.append(dict(batch_size=int(result.config["batch_size"]),
+                           train_time_s=float(last["train_time_s"]), setup_time_s=float(last["setup_time_s"]),
                            imports_s=float(last["imports_s"]), model_load_s=float(last["model_load_s"]),
                            base_reused=bool(last["base_reused"]), done=clock.done[trial_id],
                            in_trial_s=clock.done[trial_id] - clock.started[trial_id],
@@ -374,6 +377,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
     first_steps = [t["first_step_s"] for t in trials if t["first_step_s"] is not None]
     joiners = [t["first_step_s"] for t in trials if t["first_step_s"] is not None and t["joined_running"]]
     return dict(k=k, trials=len(trials), failed=n_trials - len(trials), epochs=epochs, wall_s=wall, pack=pack,
+                batch_sizes=[t["batch_size"] for t in trials],
                 mfu=mfu(samples_per_s, folder, tokens), tokens_per_sample=tokens,
                 first_step_s=max(first_steps, default=None),
                 first_step_after_the_first_s=max(joiners, default=None),
@@ -421,7 +425,8 @@ def table(results: dict) -> str:
                     if first is not None else ""
                 note = (f"k={p['k']}, pack {p.get('pack', 'off')} ({p.get('packed_trials', 0)} per pack at most), "
                         f"{mfu_text}{first_text}workers' peak RSS {p.get('workers_peak_rss_mb', 0):.0f} MB, "
-                        f"{p['trials']} trials x {p['epochs']} ep, utilisation {p['utilisation']:.2f}, "
+                        f"{p['trials']} trials x {p['epochs']} ep, batch sizes {p.get('batch_sizes')}, "
+                        f"utilisation {p['utilisation']:.2f}, "
                         f"fixed overhead/trial {p['overhead_per_trial_s']:.1f}s (setup {p['setup_per_trial_s']:.1f} "
                         f"incl. imports {p['imports_per_trial_s']:.1f}, model load {p['model_load_per_trial_s']:.1f} "
                         f"({p['bases_reused']} of {p['trials']} reused) and compile/capture "
@@ -453,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="study's wandb.mode (offline: tune_app's default, one W&B run per trial)")
     ap.add_argument("--reuse-actors", choices=("on", "off"), default="on", help="study's tune.reuse_actors")
     ap.add_argument("--pack", default="off", help="study's tune.pack: off, auto or N trials per pack")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma list: study trials' batch sizes, drawn by the seeded searcher (default: all 8)")
     ap.add_argument("--compile", choices=tuple(SWITCH), default="auto", help="trials' train.compile")
     ap.add_argument("--cuda-graphs", choices=tuple(SWITCH), default="auto", help="trials' train.cuda_graphs")
     ap.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
@@ -500,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
                                     reuse_actors=args.reuse_actors == "on", wandb=args.wandb,
                                     compile_=args.compile, cuda_graphs=args.cuda_graphs, dtype=args.dtype,
-                                    pack=args.pack)
+                                    pack=args.pack,
+                                    batch_sizes=[int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+                                    else None)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers
                 import traceback
 
