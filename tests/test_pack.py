@@ -152,6 +152,43 @@ def test_on_a_cpu_each_trial_steps_at_its_own_pace(tiny_models, monkeypatch):
     assert_same_training(solo_runs({"slow": configs["slow"]}, ctx)["slow"], packed["slow"])
 
 
+def test_on_a_cpu_a_trial_is_evaluated_while_the_others_step(tiny_models, monkeypatch):
+    """A trial's epoch-end evaluation runs beside the other trials' steps, as in a process of its own: while it is
+    held, the other trial takes steps (a pack that paused for it would wait out the timeout). Both still train
+    exactly their solo runs: an evaluation in a training model drops nothing out, and draws nothing."""
+    import threading
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
+    configs = {"short": make_config(**TRIALS["c"]), "long": make_config(**TRIALS["b"])}  # 3 steps, 12 steps
+    evaluating, stepped_beside = threading.Event(), threading.Event()
+    step, evaluate = Pack.step, Pack.evaluate
+    long_steps, beside = [], []
+
+    def held_step(self, slots=None):
+        if [s.name for s in slots] == ["long"]:
+            if len(long_steps) == 1:  # the long trial's second step waits for the short one's evaluation
+                evaluating.wait(timeout=20)
+            long_steps.append(evaluating.is_set())
+            if long_steps.count(True) == 2:
+                stepped_beside.set()
+        return step(self, slots)
+
+    def held_evaluation(self, name, *args, **kwargs):
+        if name == "short":
+            evaluating.set()
+            beside.append(stepped_beside.wait(timeout=20))
+        return evaluate(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Pack, "step", held_step)
+    monkeypatch.setattr(Pack, "evaluate", held_evaluation)
+    packed = run_pack(configs, ctx, threads=2)
+    assert beside == [True], "the long trial waited for the short one's evaluation"
+    monkeypatch.undo()
+    solo = solo_runs(configs, ctx)
+    for name in configs:
+        assert_same_training(solo[name], packed[name])
+
+
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=40, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items() if name != "c"}

@@ -29,6 +29,7 @@ import contextlib
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,36 @@ class _Rows:
     stop: int
     width: int
     training: bool = True
+
+
+@dataclass
+class _Work:
+    """A step of some trials, or one trial's evaluation, under way in a CPU pack's thread (`Pack.advance`)."""
+
+    slots: list[Slot]
+    cores: int
+    evaluation: bool = False
+
+
+def _run(task: Callable[[Slot, int], Any], slot: Slot, cores: int):
+    """An evaluation task in a step thread: torch's intra-op threads for the cores it was given, then the task."""
+    import torch
+
+    if torch.get_num_threads() != cores:
+        torch.set_num_threads(cores)
+    return task(slot, cores)
+
+
+def _run_now(task: Callable[[Slot, int], Any], slot: Slot, cores: int):
+    """The task run here and now, its outcome (value or exception) as a finished future, as a thread's would be."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    try:
+        future.set_result(task(slot, cores))
+    except Exception as error:  # noqa: BLE001 - the caller takes it from the future, as from a thread's
+        future.set_exception(error)
+    return future
 
 
 _process_random = threading.Lock()
@@ -139,6 +170,11 @@ class Slot:
     """Its gradients live in fixed tensors (the pack captures CUDA graphs): zeroed in place, never set to None."""
     steps: int = 0
     """Packed micro-steps it has taken since it joined."""
+    epoch_ended: float = 0.0
+    """When (time.perf_counter) its current epoch's last step ended."""
+    evaluation: Any = None
+    """Once its epoch is done: its evaluation's outcome, a finished future (`Pack.advance`); None before, and again
+    once its caller took it."""
 
     def __post_init__(self) -> None:
         import torch
@@ -302,8 +338,8 @@ class Pack:
         self.threads = threads if self.device.type == "cpu" else 1
         """The CPU cores a pack on a CPU trains with: up to that many groups of its trials step at once (`advance`)."""
         self._workers = None
-        self._steps: dict[Any, tuple[list[Slot], int]] = {}
-        """A CPU pack's steps under way (`advance`): future -> (its trials, the cores it steps on)."""
+        self._work: dict[Any, _Work] = {}
+        """A CPU pack's steps and evaluations under way (`advance`), by their futures."""
         self.work_limit: int | None = None
         """Rows x tokens one packed forward may take, set by an out-of-memory error (`advance`); None: no limit."""
         self.graphs = StepGraphs(self._forward_backward, [], min_uses=GRAPH_MIN_USES) \
@@ -405,69 +441,82 @@ class Pack:
 
     # ----------------------------------------------------------------------------------------- training
 
-    def advance(self, slots: list[Slot]) -> dict[str, str]:
-        """Step these trials on. Returns the trials that failed on their own (name -> traceback): the others train
-        on.
+    def advance(self, slots: list[Slot], evaluate: Callable[[Slot, int], Any] | None = None) -> dict[str, str]:
+        """Train these trials on: step those with work left in their epoch and, with `evaluate`, evaluate those
+        whose epoch is done (`evaluate(slot, cores)`, its outcome then in `slot.evaluation`, a finished future).
+        Returns the trials that failed on their own (name -> traceback): the others train on.
 
-        On a GPU (or one CPU core) this is one packed micro-step of every given trial with work left in its epoch, in
+        On a GPU (or one CPU core) this is the evaluations, then one packed micro-step of every trial to step, in
         one packed forward.
 
         On a CPU of T cores the trials step in up to T groups, each a packed forward of its own in a thread of its
         own on its share of the cores, and no group waits for another: a trial of batch 8 steps on while one of
         batch 32 takes its longer step, as each would in a process of its own (a step for all, in lockstep, would
-        hold every trial to the slowest one's pace). `advance` starts a step for every group it can form of the
-        trials that are not stepping now, on the cores that are free, and returns once some step has ended (its
-        trials are `stepping` until then). A CPU core runs a small matmul near its peak already, so one large
-        matmul gains little there, while T threads of one process running ops of one thread each use T cores about
-        as fully as T processes would. The base and the libraries stay one copy. Anything that changes the model
-        (a join, a leave, an evaluation) first waits for the steps under way (`settle`).
+        hold every trial to the slowest one's pace). A trial's evaluation, too, runs in a thread of its own while
+        the others step, as in a process of its own. `advance` starts the evaluations due and a step for every
+        group it can form of the trials with nothing under way, on the cores that are free, and returns once some
+        of that work has ended (a trial is `in_flight` until then). A CPU core runs a small matmul near its peak
+        already, so one large matmul gains little there, while T threads of one process running ops of one thread
+        each use T cores about as fully as T processes would. The base and the libraries stay one copy. What
+        changes the model (a join, a leave, a load) first waits for the work under way (`settle`).
 
         A packed forward that raises is taken again trial by trial (`step_each`). One that runs out of memory with
         several trials in it also lowers `work_limit`: from then on the trials step in as many forwards as keep
         each under it (`_groups`), so a pack too full for its device packs fewer trials per forward instead of
         failing every step."""
-        slots = [s for s in slots if not s.epoch_done and s.name in self.slots]
+        slots = [s for s in slots if s.name in self.slots]
+        due = [s for s in slots if evaluate and s.epoch_done and s.evaluation is None and not self.in_flight(s)]
+        to_step = [s for s in slots if not s.epoch_done]
         if self.threads == 1:
+            for slot in due:
+                slot.evaluation = _run_now(evaluate, slot, 1)
             failed = {}
-            for group in self._groups(slots, 1):
+            for group in self._groups(to_step, 1):
                 failed.update(self._after_step(group, self._try_step(group, 1)))
             return failed
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        idle = [s for s in slots if not self.stepping(s)]
-        free = self.threads - sum(cores for _, cores in self._steps.values())
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="tune_app-pack-step")
+        idle = [s for s in to_step if not self.in_flight(s)]
+        free = self.threads - sum(work.cores for work in self._work.values())
+        for slot in due[:max(free, 0)]:  # first: its trial's result waits for it
+            cores = free if len(due) == 1 and not idle and not self._work else 1
+            self._work[self._workers.submit(_run, evaluate, slot, cores)] = _Work([slot], cores, evaluation=True)
+            free -= cores
         if idle and free > 0:
-            if self._workers is None:
-                self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="tune_app-pack-step")
             groups = self._groups(idle, free)
             cores = max(1, free // len(groups))
             for group in groups:
-                self._steps[self._workers.submit(self._try_step, group, cores)] = (group, cores)
-        if not self._steps:
+                self._work[self._workers.submit(self._try_step, group, cores)] = _Work(group, cores)
+        if not self._work:
             return {}
-        done, _ = wait(list(self._steps), return_when=FIRST_COMPLETED)
+        done, _ = wait(list(self._work), return_when=FIRST_COMPLETED)
         failed = {}
         for future in done:
-            group, _ = self._steps.pop(future)
-            failed.update(self._after_step(group, future.result()))
+            work = self._work.pop(future)
+            if work.evaluation:
+                work.slots[0].evaluation = future
+            else:
+                failed.update(self._after_step(work.slots, future.result()))
         return failed
 
-    def stepping(self, slot: Slot) -> bool:
-        """Whether the trial has a step under way (`advance`, on a CPU of several cores)."""
-        return any(s is slot for group, _ in self._steps.values() for s in group)
+    def in_flight(self, slot: Slot) -> bool:
+        """Whether the trial has a step or an evaluation under way (`advance`, on a CPU of several cores)."""
+        return any(s is slot for work in self._work.values() for s in work.slots)
 
     @property
     def busy(self) -> bool:
-        """Whether any step is under way, or ended with its outcome not yet taken by `advance`."""
-        return bool(self._steps)
+        """Whether any work is under way, or ended with its outcome not yet taken by `advance`."""
+        return bool(self._work)
 
     def settle(self) -> None:
-        """Wait for the steps under way: what changes the model (joins, leaves, evaluations, loads) or reads a
-        trial's state for its checkpoint comes after them. Their outcomes stay for `advance` to take."""
-        if self._steps:
+        """Wait for the work under way: what changes the model (joins, leaves, loads) comes after it. Its outcomes
+        stay for `advance` to take."""
+        if self._work:
             from concurrent.futures import wait
 
-            wait(list(self._steps))
+            wait(list(self._work))
 
     def _after_step(self, group: list[Slot], error: BaseException | None) -> dict[str, str]:
         """A step's outcome: nothing when it went well; otherwise its trials (those still in the pack) each step
@@ -577,6 +626,8 @@ class Pack:
             slot.step_loss = loss if slot.step_loss is None else slot.step_loss + loss
             if last:
                 slot.optimizer_step()
+                if slot.epoch_done:
+                    slot.epoch_ended = time.perf_counter()
             slot.steps += 1
 
     def _forward_backward(self, ids, mask, labels, weights):
@@ -644,13 +695,14 @@ class Pack:
                     break
         return failed
 
-    def evaluate(self, name: str, val: TokenizedSplit, batch_size: int, class_weights: np.ndarray | None):
-        """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast); its
-        predictions are kept for its checkpoint."""
+    def evaluate(self, name: str, val: TokenizedSplit, batch_size: int, class_weights: np.ndarray | None,
+                 cores: int | None = None):
+        """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast; on
+        `cores` of a CPU, default all the pack's), while the pack's other trials may step; its predictions are kept
+        for its checkpoint."""
         from tune_app.train.evaluation import eager, evaluate
 
-        self.settle()
-        self._intra_op_threads(self.threads)
+        self._intra_op_threads(cores or self.threads)
         with self.alone(name), eager():
             metrics, self.slots[name].predictions = evaluate(self.model, val, self.base.pad_id, batch_size,
                                                              self.device, self.autocast, class_weights,
@@ -678,8 +730,8 @@ class Pack:
 
     def save(self, name: str, folder: str | Path) -> None:
         """The trial's adapter and head, as its solo run saves them (adapter_config.json,
-        adapter_model.safetensors)."""
-        self.settle()
+        adapter_model.safetensors): read while the pack's other trials may step (the trial itself has nothing
+        under way)."""
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[name])
             saved = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
@@ -944,11 +996,19 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, config.get(SEED_KEY, ctx.seed))
         slot.start_epoch(data.train, 0, device)
         history[name], started[name] = [], time.perf_counter()
+    def evaluate(slot: Slot, cores: int) -> dict[str, Any]:
+        return pack.evaluate(slot.name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights, cores)
+
     while pack.slots:
-        for slot in [s for s in pack.slots.values() if s.epoch_done and not pack.stepping(s)]:
-            name, epoch_seconds = slot.name, time.perf_counter() - started[slot.name]
+        for slot in [s for s in pack.slots.values() if s.evaluation is not None]:
+            name, epoch_seconds = slot.name, slot.epoch_ended - started[slot.name]
             train_loss = float(slot.loss_sum) / len(slot.batches)
-            metrics = pack.evaluate(name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights)
+            try:
+                metrics = slot.evaluation.result()
+            except Exception:
+                pack.close()
+                raise
+            slot.evaluation = None
             metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, epoch_time_s=epoch_seconds,
                            train_samples_per_s=len(data.train) / epoch_seconds, micro_batch_size=slot.micro_batch,
                            **pack.sizes(name), packed_trials=len(pack.slots), device=device.type,
@@ -963,7 +1023,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
             else:
                 slot.start_epoch(data.train, slot.epoch + 1, device)
                 started[name] = time.perf_counter()
-        if pack.slots and (failed := pack.advance(list(pack.slots.values()))):
+        if pack.slots and (failed := pack.advance(list(pack.slots.values()), evaluate)):
             pack.close()
             name, error = next(iter(failed.items()))
             raise RuntimeError(f"trial {name} failed in its pack:\n{error}")
@@ -1134,19 +1194,20 @@ class PackServer:
         while True:
             with self.cond:
                 self._drop_expired()
-                for slot in [s for s in self.pack.slots.values() if s.epoch_done and not self.pack.stepping(s)]:
+                for slot in [s for s in self.pack.slots.values() if s.evaluation is not None]:
                     self._finish_epoch(slot)
                 # A trial trains on only once Tune took its last result and asked for the next: a result waiting
                 # for its trial (or a paused trial) holds the slot, so no epoch result is ever overwritten unseen
-                # and ASHA decides on an epoch before the next one trains.
-                active = [s for s in self.pack.slots.values() if not s.epoch_done
-                          and not self.trials[s.name].paused and self.trials[s.name].result is None]
+                # and ASHA decides on an epoch before the next one trains. (Active: stepping, or evaluated at its
+                # epoch's end.)
+                active = [s for s in self.pack.slots.values()
+                          if not self.trials[s.name].paused and self.trials[s.name].result is None]
                 if not active and not self.pack.busy:
                     if not self.trials:
                         return  # nobody left: the thread ends, the next join starts it again
                     self.cond.wait(timeout=5.0)
                     continue
-                for name, error in self.pack.advance(active).items():
+                for name, error in self.pack.advance(active, self._evaluate).items():
                     self._fail(name, error)
                 now = time.perf_counter()
                 for slot in active:
@@ -1167,32 +1228,45 @@ class PackServer:
             trial.result = {"error": error}
         self.cond.notify_all()
 
-    def _finish_epoch(self, slot: Slot) -> None:
-        """Evaluate the trial, write its checkpoint as a solo trial does, and hold its result for it."""
+    def _evaluate(self, slot: Slot, cores: int) -> dict[str, Any]:
+        """A trial's epoch-end evaluation, beside the pack's other trials' steps (`Pack.advance`): its validation
+        metrics, its epoch's training loss and the evaluation's time; a loss that is not finite (a trial that
+        diverged) is not evaluated."""
         import math
         import time
 
-        import torch
-
-        trial, name = self.trials[slot.name], slot.name
         train_loss = float(slot.loss_sum) / len(slot.batches)
         if not math.isfinite(train_loss):
+            return {"train_loss": train_loss}
+        t0 = time.perf_counter()
+        metrics = self.pack.evaluate(slot.name, self.data.val, max(self.ctx.eval_batch_size, 4 * slot.batch_size),
+                                     self.weights, cores)
+        return {**metrics, "train_loss": train_loss, "eval_time_s": time.perf_counter() - t0}
+
+    def _finish_epoch(self, slot: Slot) -> None:
+        """Once the trial is evaluated: write its checkpoint as a solo trial does, and hold its result for it."""
+        import math
+        import time
+        import traceback
+
+        trial, name = self.trials[slot.name], slot.name
+        evaluation, slot.evaluation = slot.evaluation, None
+        if (error := evaluation.exception()) is not None:
+            self._fail(name, "".join(traceback.format_exception(error)))
+            return
+        metrics = evaluation.result()
+        if not math.isfinite(train_loss := metrics["train_loss"]):
             self._fail(name, f"the training loss of epoch {slot.epoch + 1} is {train_loss}: this trial diverged "
                              f"(lower its learning rate); the other trials of its pack train on")
             return
-        epoch_seconds = time.perf_counter() - trial.started
+        epoch_seconds = slot.epoch_ended - trial.started
         trial.train_seconds += epoch_seconds
-        t0 = time.perf_counter()
-        metrics = self.pack.evaluate(name, self.data.val, max(self.ctx.eval_batch_size, 4 * slot.batch_size),
-                                     self.weights)
-        metrics.update(epoch=slot.epoch + 1, train_loss=train_loss, train_time_s=trial.train_seconds,
-                       epoch_time_s=epoch_seconds, eval_time_s=time.perf_counter() - t0, **trial.setup,
-                       train_samples_per_s=len(self.data.train) / epoch_seconds, **self.pack.sizes(name),
-                       micro_batch_size=slot.micro_batch, autocast=self.pack.precision, compiled=False,
-                       compiled_graphs=0, cuda_graphs=len(self.pack.graphs or ()), device=self.device.type,
-                       threads=torch.get_num_threads(),
-                       packed_trials=len(self.pack.slots), pack=self.name, first_step_s=trial.first_step_s,
-                       **peak_memory_mb(self.device.type == "cuda"))
+        metrics.update(epoch=slot.epoch + 1, train_time_s=trial.train_seconds, epoch_time_s=epoch_seconds,
+                       **trial.setup, train_samples_per_s=len(self.data.train) / epoch_seconds,
+                       **self.pack.sizes(name), micro_batch_size=slot.micro_batch, autocast=self.pack.precision,
+                       compiled=False, compiled_graphs=0, cuda_graphs=len(self.pack.graphs or ()),
+                       device=self.device.type, threads=self.threads, packed_trials=len(self.pack.slots),
+                       pack=self.name, first_step_s=trial.first_step_s, **peak_memory_mb(self.device.type == "cuda"))
         folder = tempfile.mkdtemp(prefix="tune_app-pack-")
         self.pack.checkpoint(name, folder, metrics=metrics, model_name=self.model_name,
                              train_seconds=trial.train_seconds)
