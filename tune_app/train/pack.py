@@ -5,10 +5,11 @@
 Each packed step takes the next micro-batch of every trial in the pack, concatenates their rows, and runs the base's
 layers once over all of them (one large matmul per layer instead of one small one per trial); on a CPU, where a
 large matmul gains nothing, the trials step in one such group per core, each in a thread of its own and at its own
-pace (`Pack.advance`). Each trial's rows see only that trial's LoRA layers, head, loss weights and dropout; each trial
-then steps its own optimizer, schedule and gradient clipping at its own effective batch size, over its own data
-order. On a GPU the packed step replays CUDA graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their
-rows and the padding bucket), each trial's CUDA stream a generator state of its own that every replay advances.
+pace, and a trial's epoch-end evaluation runs beside the others' steps (`Pack.advance`). Each trial's rows see only
+that trial's LoRA layers, head, loss weights and dropout; each trial then steps its own optimizer, schedule and
+gradient clipping at its own effective batch size, over its own data order. On a GPU the packed step replays CUDA
+graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their rows and the padding bucket), each trial's CUDA
+stream a generator state of its own that every replay advances.
 
 Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
 the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
