@@ -189,6 +189,49 @@ def test_on_a_cpu_a_trial_is_evaluated_while_the_others_step(tiny_models, monkey
         assert_same_training(solo[name], packed[name])
 
 
+def test_a_pack_server_hands_a_trial_its_result_while_another_steps(tiny_models, monkeypatch):
+    """A pack actor's body (PackServer), in-process: a trial whose epoch is done gets its result while the other
+    trial's step is under way (the training thread waits for its step threads without holding the lock a trial's
+    call needs; before, that call waited out the other's step, or several), and both train their solo runs."""
+    import threading
+
+    from tune_app.train.pack import PackServer
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
+    configs = {"short": make_config(**TRIALS["c"]), "long": make_config(**TRIALS["b"])}  # 3 steps, 12 steps
+    delivered, held = threading.Event(), []
+    step = Pack.step
+
+    def held_step(self, slots=None):
+        if [s.name for s in slots] == ["long"] and slots[0].steps == 1:  # its second step waits for the delivery
+            held.append(delivered.wait(timeout=30))
+        return step(self, slots)
+
+    monkeypatch.setattr(Pack, "step", held_step)
+    memory.clear()
+    server = PackServer(ctx, "m", "cpu", threads=2, name="test-pack")
+    server.join("short", configs["short"])
+    server.join("long", configs["long"])
+    results = {"short": server.next_result("short")}
+    delivered.set()
+    files = {"short": set(os.listdir(results["short"]["checkpoint"]))}  # the trial reports from it, then leaves
+    server.leave("short")
+    results["long"] = server.next_result("long")
+    files["long"] = set(os.listdir(results["long"]["checkpoint"]))
+    server.leave("long")
+    assert held == [True], "the short trial's result waited for the long trial's step"
+    assert not server.trials and not server.pack.slots
+    assert results["short"]["metrics"]["packed_trials"] == 2
+    monkeypatch.undo()
+    solo = solo_runs(configs, ctx)
+    for name, result in results.items():
+        assert result["last"] and result["metrics"]["epoch"] == 1
+        assert {"adapter_model.safetensors", "trainer_state.pt", "metrics.json"} <= files[name]
+        (metrics, _, _), = solo[name]
+        for key in ("train_loss", "eval_loss", "f1", "accuracy"):
+            assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), (name, key)
+
+
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=40, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items() if name != "c"}

@@ -442,10 +442,13 @@ class Pack:
 
     # ----------------------------------------------------------------------------------------- training
 
-    def advance(self, slots: list[Slot], evaluate: Callable[[Slot, int], Any] | None = None) -> dict[str, str]:
+    def advance(self, slots: list[Slot], evaluate: Callable[[Slot, int], Any] | None = None,
+                waiting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, str]:
         """Train these trials on: step those with work left in their epoch and, with `evaluate`, evaluate those
         whose epoch is done (`evaluate(slot, cores)`, its outcome then in `slot.evaluation`, a finished future).
-        Returns the trials that failed on their own (name -> traceback): the others train on.
+        Returns the trials that failed on their own (name -> traceback): the others train on. On a CPU of several
+        cores, `advance` waits for its threads' work inside `waiting()` (a pack server releases its lock there, so
+        trials' calls go on meanwhile; what changes the model waits for the work, `settle`).
 
         On a GPU (or one CPU core) this is the evaluations, then one packed micro-step of every trial to step, in
         one packed forward.
@@ -492,7 +495,8 @@ class Pack:
                 self._work[self._workers.submit(self._try_step, group, cores)] = _Work(group, cores)
         if not self._work:
             return {}
-        done, _ = wait(list(self._work), return_when=FIRST_COMPLETED)
+        with waiting():
+            done, _ = wait(list(self._work), return_when=FIRST_COMPLETED)
         failed = {}
         for future in done:
             work = self._work.pop(future)
@@ -1049,6 +1053,8 @@ class _Trial:
     """Its result was collected: it trains on only once the trial asks for the next."""
     paused_since: float = 0.0
     """When its last result was held for it (the lease counts from there)."""
+    waiting: bool = False
+    """Its call for its next result is waiting (`PackServer.next_result`)."""
     checkpoint: str | None = None
     setup: dict[str, Any] = field(default_factory=dict)
     """Its setup's timings, as a solo trial reports them (the base loads once, for the pack's first trial)."""
@@ -1146,8 +1152,12 @@ class PackServer:
                 self._discard_checkpoint(trial)
                 trial.paused = False
                 self.cond.notify_all()
-            while trial.result is None:
-                self.cond.wait(timeout=5.0)
+            trial.waiting = True
+            try:
+                while trial.result is None:
+                    self.cond.wait(timeout=5.0)
+            finally:
+                trial.waiting = False
             result, trial.result = trial.result, None
             if result.get("error"):
                 self.trials.pop(trial_id, None)
@@ -1195,6 +1205,7 @@ class PackServer:
         while True:
             with self.cond:
                 self._drop_expired()
+                self._leave_finished()
                 for slot in [s for s in self.pack.slots.values() if s.evaluation is not None]:
                     self._finish_epoch(slot)
                 # A trial trains on only once Tune took its last result and asked for the next: a result waiting
@@ -1208,7 +1219,7 @@ class PackServer:
                         return  # nobody left: the thread ends, the next join starts it again
                     self.cond.wait(timeout=5.0)
                     continue
-                for name, error in self.pack.advance(active, self._evaluate).items():
+                for name, error in self.pack.advance(active, self._evaluate, self._unlocked).items():
                     self._fail(name, error)
                 now = time.perf_counter()
                 for slot in active:
@@ -1218,8 +1229,22 @@ class PackServer:
                         trial.first_step_s = now - trial.joined
                     trial.heartbeat(slot.epoch + 1, slot.batch_index, len(slot.batches),
                                     slot.batch_index * slot.batch_size, now - trial.started)
-                while self.callers:  # trials' calls first (wait releases the lock to them)
+                while self.callers or self._undelivered():  # trials' calls first (wait releases the lock)
                     self.cond.wait(timeout=0.01)
+
+    def _undelivered(self) -> bool:
+        """Whether a result waits for a trial whose call for it waits for the lock: the training thread, which
+        would take the lock again at once after every step, lets that call in first."""
+        return any(t.waiting and t.result is not None for t in self.trials.values())
+
+    @contextlib.contextmanager
+    def _unlocked(self):
+        """The lock released, while the training thread waits for a CPU pack's threads (`Pack.advance`)."""
+        self.cond.release()
+        try:
+            yield
+        finally:
+            self.cond.acquire()
 
     def _fail(self, name: str, error: str) -> None:
         trial = self.trials.get(name)
@@ -1275,12 +1300,17 @@ class PackServer:
         trial.checkpoint, trial.epochs_done = folder, slot.epoch + 1
         trial.result = {"metrics": metrics, "checkpoint": folder, "last": last}
         trial.paused_since = time.monotonic()
-        if last:
-            self.pack.leave(name)
-        else:
+        if not last:  # after its last, the slot goes once its result is delivered (`_leave_finished`)
             slot.start_epoch(self.data.train, slot.epoch + 1, self.device)
             trial.started = time.perf_counter()
         self.cond.notify_all()
+
+    def _leave_finished(self) -> None:
+        """Free the slots of trials that took their last result. (Leaving waits for the steps under way, so it
+        comes after the result reached its trial, not before.)"""
+        for name, trial in self.trials.items():
+            if trial.paused and trial.epochs_done >= self.ctx.epochs and name in self.pack.slots:
+                self.pack.leave(name)
 
     def _drop_expired(self) -> None:
         import time
