@@ -385,6 +385,28 @@ def asha_stops(run_dir) -> set[str]:
     return stopped
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_a_pack_registry_is_started_only_where_nodes_may_join(ray_session, tiny_models, monkeypatch, local):
+    """A Ray the driver started on its own machine (tune-app run without an address) gains no nodes: its packs are
+    started up front and no registry waits for late nodes. Elsewhere (a cluster, a caller's Ray) the registry
+    runs beside the packs."""
+    import ray
+
+    from tune_app.study import cluster, packing
+
+    monkeypatch.setattr(cluster._connection, "local", local)
+    ctx = make_context(tiny_models("bert"), epochs=1)
+    handles = packing.start(ctx, {"m": packing.PackPlan(2, on_gpu=False)}, {"m": {"cpu": 1.0, "gpu": 0.0}})
+    try:
+        names = set(ray.util.list_named_actors())
+        assert any(name.startswith(ctx.packs["m"]) and name.endswith("-cpu") for name in names)  # the node's pack
+        assert (ctx.pack_registry is None) == local
+        assert (ctx.pack_registry in names) == (not local)
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
+
 @pytest.mark.slow
 def test_a_packed_study_trains_what_the_same_study_trains_unpacked(ray_session, tiny_models, tweets_csv, tmp_path,
                                                                     capsys):

@@ -224,6 +224,13 @@ def connect_ray(address: str | None = None) -> None:
         _connection.local = True
 
 
+def nodes_may_join() -> bool:
+    """Whether nodes may join this study's Ray after it started: not where this process started a Ray of its own
+    on this machine (`connect_ray` without an address; a node someone joins to it by hand trains its trials
+    unpacked); on a cluster, or a Ray its caller initialised, they may."""
+    return not _connection.local
+
+
 def disconnect_ray() -> None:
     """Leave Ray once the study is over, if this process joined it: the driver stops listening to worker logs
     before the cluster reaps the trial workers, so their shutdown noise (SIGTERM tracebacks) never reaches the

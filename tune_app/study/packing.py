@@ -8,7 +8,8 @@ Ray gave it (`tune_app.train.trainable.train_in_pack`) and reports what the pack
 
 Packs are started by the driver, never by a trial: an actor dies with the process that made it. A node that joins
 later (an autoscaler's worker, one replacing a lost node) gets its packs from the study's pack registry, an actor
-of the driver's on the driver's node, when the first packed trial Ray places there asks for one.
+of the driver's on the driver's node, when the first packed trial Ray places there asks for one. A Ray that the
+driver started on its own machine gains no nodes: it gets no registry (a process less while the study starts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tune_app.spec.config import StudyConfig
-from tune_app.study.cluster import can_hold
+from tune_app.study.cluster import can_hold, nodes_may_join
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ REGISTRY_SUFFIX = "registry"
 
 
 def start(ctx, plans: dict[str, PackPlan], resources: dict[str, dict[str, float]]) -> list[Any]:
-    """One pack actor per packed model and device of every alive node that can hold one of its trials, and the
-    study's pack registry, which starts the packs of nodes that join later; sets ctx.packs (model -> the packs' name
-    prefix) and ctx.pack_registry. Returns the actor handles (the driver keeps them)."""
+    """One pack actor per packed model and device of every alive node that can hold one of its trials, and, where
+    nodes may join later, the study's pack registry, which starts their packs; sets ctx.packs (model -> the packs'
+    name prefix) and ctx.pack_registry (None without one). Returns the actor handles (the driver keeps them)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -80,13 +81,14 @@ def start(ctx, plans: dict[str, PackPlan], resources: dict[str, dict[str, float]
     study = f"tune_app-pack-{uuid.uuid4().hex[:8]}"
     for model in plans:
         ctx.packs[model] = f"{study}-{model}"
-    ctx.pack_registry = f"{study}-{REGISTRY_SUFFIX}"
-    # On the driver's node, as the driver's: the packs it starts live as long as it does, which is the study.
-    registry = ray.remote(PackRegistry).options(
-        name=ctx.pack_registry, num_cpus=0, max_concurrency=1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(ctx, plans, resources)
-    handles = [registry]
+    handles = []
+    if nodes_may_join():
+        ctx.pack_registry = f"{study}-{REGISTRY_SUFFIX}"
+        # On the driver's node, as the driver's: the packs it starts live as long as it does, which is the study.
+        handles.append(ray.remote(PackRegistry).options(
+            name=ctx.pack_registry, num_cpus=0, max_concurrency=1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote(ctx, plans, resources))
     for model, p in plans.items():
         for node in (n for n in ray.nodes() if n.get("Alive")):
             handles += _start_packs(ctx, model, p, resources[model], node)
