@@ -189,13 +189,29 @@ def test_on_a_cpu_a_trial_is_evaluated_while_the_others_step(tiny_models, monkey
         assert_same_training(solo[name], packed[name])
 
 
+def serve(configs, ctx, threads: int = 2):
+    """A pack actor's body (PackServer) in-process, with these trials joined in order."""
+    from tune_app.train.pack import PackServer
+
+    memory.clear()
+    server = PackServer(ctx, "m", "cpu", threads=threads, name="test-pack")
+    for name, config in configs.items():
+        server.join(name, config)
+    return server
+
+
+def assert_result_as_solo(result, ctx, config):
+    """A pack server's epoch result has the metrics of the same epoch of the trial's solo run."""
+    metrics = solo_runs({"solo": config}, ctx)["solo"][result["metrics"]["epoch"] - 1][0]
+    for key in ("train_loss", "eval_loss", "f1", "accuracy"):
+        assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+
+
 def test_a_pack_server_hands_a_trial_its_result_while_another_steps(tiny_models, monkeypatch):
     """A pack actor's body (PackServer), in-process: a trial whose epoch is done gets its result while the other
     trial's step is under way (the training thread waits for its step threads without holding the lock a trial's
     call needs; before, that call waited out the other's step, or several), and both train their solo runs."""
     import threading
-
-    from tune_app.train.pack import PackServer
 
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
     configs = {"short": make_config(**TRIALS["c"]), "long": make_config(**TRIALS["b"])}  # 3 steps, 12 steps
@@ -208,10 +224,7 @@ def test_a_pack_server_hands_a_trial_its_result_while_another_steps(tiny_models,
         return step(self, slots)
 
     monkeypatch.setattr(Pack, "step", held_step)
-    memory.clear()
-    server = PackServer(ctx, "m", "cpu", threads=2, name="test-pack")
-    server.join("short", configs["short"])
-    server.join("long", configs["long"])
+    server = serve(configs, ctx)
     results = {"short": server.next_result("short")}
     delivered.set()
     files = {"short": set(os.listdir(results["short"]["checkpoint"]))}  # the trial reports from it, then leaves
@@ -223,13 +236,70 @@ def test_a_pack_server_hands_a_trial_its_result_while_another_steps(tiny_models,
     assert not server.trials and not server.pack.slots
     assert results["short"]["metrics"]["packed_trials"] == 2
     monkeypatch.undo()
-    solo = solo_runs(configs, ctx)
     for name, result in results.items():
         assert result["last"] and result["metrics"]["epoch"] == 1
         assert {"adapter_model.safetensors", "trainer_state.pt", "metrics.json"} <= files[name]
-        (metrics, _, _), = solo[name]
-        for key in ("train_loss", "eval_loss", "f1", "accuracy"):
-            assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), (name, key)
+        assert_result_as_solo(result, ctx, configs[name])
+
+
+def test_a_diverging_trial_fails_alone_in_its_pack(tiny_models, monkeypatch):
+    """A trial whose weights turn NaN (as a far too high learning rate makes them) gets an error naming the
+    divergence and the fix; the other trial of its pack trains its solo run to the end."""
+    from tune_app.train.pack import Slot
+
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
+    configs = {"bad": make_config(**TRIALS["c"]), "good": make_config(**TRIALS["b"])}
+    optimizer_step = Slot.optimizer_step
+
+    def diverging(self):
+        optimizer_step(self)
+        if self.name == "bad":
+            with torch.no_grad():
+                for parameter in self.trainable:
+                    parameter.fill_(float("nan"))
+
+    monkeypatch.setattr(Slot, "optimizer_step", diverging)
+    server = serve(configs, ctx)
+    bad = server.next_result("bad")
+    good = server.next_result("good")
+    server.leave("good")
+    assert "diverged (lower its learning rate); the other trials of its pack train on" in bad["error"]
+    assert "bad" not in server.trials and not server.pack.slots
+    monkeypatch.undo()
+    assert good["last"] and good["metrics"]["epoch"] == 1
+    assert_result_as_solo(good, ctx, configs["good"])
+
+
+def test_a_trial_that_stops_asking_loses_its_slot_and_the_others_train_on(tiny_models, monkeypatch, capsys):
+    """Tune may end a trial without a word (ray.kill skips its `finally`): once its result has waited the lease, the
+    trial is dropped and its slot freed while the other trial trains on, and a late call of it is told so."""
+    import time
+
+    from tune_app.train.pack import PackServer
+
+    monkeypatch.setattr(PackServer, "LEASE_S", 1.0)
+    step = Pack.step
+
+    def slow_step(self, slots=None):  # the good trial's epochs outlast the lease (0.1 s a step, 12 steps)
+        if any(s.name == "good" for s in slots):
+            time.sleep(0.1)
+        return step(self, slots)
+
+    monkeypatch.setattr(Pack, "step", slow_step)
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=48, n_val=16, vocab=1000)
+    configs = {"gone": make_config(**TRIALS["c"]), "good": make_config(**TRIALS["b"])}  # 3 steps, 12 steps
+    server = serve(configs, ctx)
+    results = [server.next_result("good"), server.next_result("good")]  # "gone" never asks for its result
+    assert "trial gone did not take its result or ask for its next epoch in 1 s; its slot is free" \
+        in capsys.readouterr().out
+    assert "not in this pack (dropped after 1 s" in server.next_result("gone")["error"]
+    with server.cond:
+        assert list(server.trials) == ["good"] and "gone" not in server.pack.slots
+    server.leave("good")
+    assert not server.trials and not server.pack.slots
+    assert [r["metrics"]["epoch"] for r in results] == [1, 2] and results[1]["last"]
+    monkeypatch.undo()
+    assert_result_as_solo(results[1], ctx, configs["good"])
 
 
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
