@@ -89,15 +89,6 @@ class _Work:
     evaluation: bool = False
 
 
-def _run(task: Callable[[Slot, int], Any], slot: Slot, cores: int):
-    """An evaluation task in a step thread: torch's intra-op threads for the cores it was given, then the task."""
-    import torch
-
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
-    return task(slot, cores)
-
-
 def _run_now(task: Callable[[Slot, int], Any], slot: Slot, cores: int):
     """The task run here and now, its outcome (value or exception) as a finished future, as a thread's would be."""
     from concurrent.futures import Future
@@ -445,7 +436,8 @@ class Pack:
     def advance(self, slots: list[Slot], evaluate: Callable[[Slot, int], Any] | None = None,
                 waiting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, str]:
         """Train these trials on: step those with work left in their epoch and, with `evaluate`, evaluate those
-        whose epoch is done (`evaluate(slot, cores)`, its outcome then in `slot.evaluation`, a finished future).
+        whose epoch is done (`evaluate(slot, cores)`, on that many CPU cores: `Pack.evaluate` takes them; its
+        outcome then in `slot.evaluation`, a finished future).
         Returns the trials that failed on their own (name -> traceback): the others train on. On a CPU of several
         cores, `advance` waits for its threads' work inside `waiting()` (a pack server releases its lock there, so
         trials' calls go on meanwhile; what changes the model waits for the work, `settle`).
@@ -486,7 +478,7 @@ class Pack:
         free = self.threads - sum(work.cores for work in self._work.values())
         for slot in due[:max(free, 0)]:  # first: its trial's result waits for it
             cores = free if len(due) == 1 and not idle and not self._work else 1
-            self._work[self._workers.submit(_run, evaluate, slot, cores)] = _Work([slot], cores, evaluation=True)
+            self._work[self._workers.submit(evaluate, slot, cores)] = _Work([slot], cores, evaluation=True)
             free -= cores
         if idle and free > 0:
             groups = self._groups(idle, free)
@@ -979,8 +971,6 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
     After each of a trial's epochs, `report(name, metrics, checkpoint_dir)` gets what `fit` reports (the same
     checkpoint files); returning False ends that trial there (an early stop) and the others train on. Returns every
     trial's epoch metrics."""
-    import time
-
     import torch
 
     from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
@@ -1001,6 +991,7 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         slot = pack.join(name, {k: config[k] for k in HYPERPARAMETERS}, config.get(SEED_KEY, ctx.seed))
         slot.start_epoch(data.train, 0, device)
         history[name], started[name] = [], time.perf_counter()
+
     def evaluate(slot: Slot, cores: int) -> dict[str, Any]:
         return pack.evaluate(slot.name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights, cores)
 
@@ -1103,8 +1094,6 @@ class PackServer:
     # ----------------------------------------------------------------------------------------- called by trials
 
     def join(self, trial_id: str, config: dict[str, Any], resume_dir: str | None = None) -> None:
-        import time
-
         from tune_app.spec.space import HYPERPARAMETERS, SEED_KEY
 
         t0 = time.perf_counter()
@@ -1141,7 +1130,6 @@ class PackServer:
     def next_result(self, trial_id: str) -> dict[str, Any]:
         """The trial's next epoch result ({metrics, checkpoint, last} or {error}); asking for it means the trial
         goes on (Tune took the previous report), so a paused trial trains its next epoch."""
-        import time
 
         with self._turn():
             trial = self.trials.get(trial_id)
@@ -1196,8 +1184,6 @@ class PackServer:
         self.pack, self.data, self.weights = load_pack(self.ctx, self.model_name, self.device, self.threads)
 
     def _run(self) -> None:
-        import time
-
         import torch
 
         if self.device.type == "cuda":  # the current device is per thread, and this thread's own starts at 0
@@ -1259,7 +1245,6 @@ class PackServer:
         metrics, its epoch's training loss and the evaluation's time; a loss that is not finite (a trial that
         diverged) is not evaluated."""
         import math
-        import time
 
         train_loss = float(slot.loss_sum) / len(slot.batches)
         if not math.isfinite(train_loss):
@@ -1272,7 +1257,6 @@ class PackServer:
     def _finish_epoch(self, slot: Slot) -> None:
         """Once the trial is evaluated: write its checkpoint as a solo trial does, and hold its result for it."""
         import math
-        import time
         import traceback
 
         trial, name = self.trials[slot.name], slot.name
@@ -1313,8 +1297,6 @@ class PackServer:
                 self.pack.leave(name)
 
     def _drop_expired(self) -> None:
-        import time
-
         now = time.monotonic()
         for name, trial in list(self.trials.items()):
             if (trial.paused or trial.result is not None) and now - trial.paused_since > self.LEASE_S:
