@@ -12,6 +12,12 @@ from tune_app.train.metrics import classification_metrics, weighted_cross_entrop
 from tune_app.train.tokens import TokenizedSplit
 
 
+def eval_batch_size(configured: int, train_batch_size: int) -> int:
+    """A trial's evaluation batch size: the study's eval_batch_size, or four of its training batches where that is
+    more (evaluation keeps no activations, so larger batches fit)."""
+    return max(configured, 4 * train_batch_size)
+
+
 def predict_logits(model, split: TokenizedSplit, pad_id: int, batch_size: int, device,
                    autocast, *, modes_kept: bool = False) -> tuple[np.ndarray, int]:
     """Logits for every row of a split (in row order), in `inference_batches` (of at most CPU_INFERENCE_ROWS rows

@@ -44,6 +44,7 @@ from tune_app.spec.space import resolve_alpha
 from tune_app.train import checkpoint
 from tune_app.train.batching import bucket_widths, collate, length_grouped_batches
 from tune_app.train.cuda_graphs import CaptureFailed, StepGraphs
+from tune_app.train.evaluation import eval_batch_size
 from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import is_oom, oom_test_limit, peak_memory_mb, random_state, set_random_state
 from tune_app.train.step import share_of_loss, step_mode
@@ -993,7 +994,8 @@ def fit_pack(configs: dict[str, dict[str, Any]], ctx, *, report: Callable[[str, 
         history[name], started[name] = [], time.perf_counter()
 
     def evaluate(slot: Slot, cores: int) -> dict[str, Any]:
-        return pack.evaluate(slot.name, data.val, max(ctx.eval_batch_size, 4 * slot.batch_size), weights, cores)
+        return pack.evaluate(slot.name, data.val, eval_batch_size(ctx.eval_batch_size, slot.batch_size), weights,
+                             cores)
 
     while pack.slots:
         for slot in [s for s in pack.slots.values() if s.evaluation is not None]:
@@ -1250,8 +1252,8 @@ class PackServer:
         if not math.isfinite(train_loss):
             return {"train_loss": train_loss}
         t0 = time.perf_counter()
-        metrics = self.pack.evaluate(slot.name, self.data.val, max(self.ctx.eval_batch_size, 4 * slot.batch_size),
-                                     self.weights, cores)
+        metrics = self.pack.evaluate(slot.name, self.data.val, eval_batch_size(self.ctx.eval_batch_size,
+                                                                               slot.batch_size), self.weights, cores)
         return {**metrics, "train_loss": train_loss, "eval_time_s": time.perf_counter() - t0}
 
     def _finish_epoch(self, slot: Slot) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from tune_app.spec.space import HYPERPARAMETERS, MODEL_KEY, SEED_KEY
 from tune_app.train import checkpoint, memory
 from tune_app.train.batching import bucket_widths, length_grouped_batches
-from tune_app.train.evaluation import eager, evaluate
+from tune_app.train.evaluation import eager, eval_batch_size, evaluate
 from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import peak_memory_mb, release_memory
 from tune_app.train.model import (
@@ -188,7 +188,7 @@ def fit(config: dict[str, Any], ctx: TrialContext, *, report: Callable[[dict[str
     n_trainable, n_total = sum(p.numel() for p in step.trainable), sum(p.numel() for p in model.parameters())
 
     # Per epoch: train, evaluate, checkpoint and report.
-    history, eval_batch = [], max(ctx.eval_batch_size, 4 * step.batch_size)  # no activations kept: larger batches
+    history, eval_batch = [], eval_batch_size(ctx.eval_batch_size, step.batch_size)
     for epoch in range(start_epoch, ctx.epochs):
         model.train()
         batches = epoch_batches(epoch)
