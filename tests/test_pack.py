@@ -189,6 +189,23 @@ def test_on_a_cpu_a_trial_is_evaluated_while_the_others_step(tiny_models, monkey
         assert_same_training(solo[name], packed[name])
 
 
+def test_a_packs_evaluations_leave_the_compile_stance_as_it_was(tiny_models):
+    """Evaluations run in threads of their own (two at once here: twin batch sizes end their epochs together), so
+    they must not set the process-wide torch.compile stance: one left at force_eager would keep every later
+    torch.compile in the process (a solo trial's train.compile) from compiling anything."""
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=48, n_val=16, vocab=1000)
+    run_pack({"a": make_config(**TRIALS["a"]), "twin": make_config(**{**TRIALS["a"], "learning_rate": 1e-4})},
+             ctx, threads=2)
+    compiled = []
+
+    def backend(graph, inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    assert torch.equal(torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2)), torch.full((2,), 2.0))
+    assert compiled, "torch.compile ran eagerly after the pack's evaluations"
+
+
 def serve(configs, ctx, threads: int = 2):
     """A pack actor's body (PackServer) in-process, with these trials joined in order."""
     from tune_app.train.pack import PackServer

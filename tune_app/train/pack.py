@@ -697,11 +697,12 @@ class Pack:
                  cores: int | None = None):
         """One trial's validation metrics, as its solo run evaluates (alone, eagerly, at the pack's autocast; on
         `cores` of a CPU, default all the pack's), while the pack's other trials may step; its predictions are kept
-        for its checkpoint."""
-        from tune_app.train.evaluation import eager, evaluate
+        for its checkpoint. A pack compiles nothing, so it needs no `evaluation.eager()`: that sets the process's
+        compile stance, which evaluations in threads of their own would leave stuck at force_eager."""
+        from tune_app.train.evaluation import evaluate
 
         self._intra_op_threads(cores or self.threads)
-        with self.alone(name), eager():
+        with self.alone(name):
             metrics, self.slots[name].predictions = evaluate(self.model, val, self.base.pad_id, batch_size,
                                                              self.device, self.autocast, class_weights,
                                                              modes_kept=True)
