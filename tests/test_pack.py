@@ -494,6 +494,28 @@ def test_a_pack_registry_is_started_only_where_nodes_may_join(ray_session, tiny_
             ray.kill(handle)
 
 
+PACK_PROCESS_IMPORTS = """
+import json, sys
+# What a pack's process loads before it can start: the classes of its actor (and the registry's) and of what it is
+# given (the trial context, the progress board's handle inside it).
+import tune_app.study.board, tune_app.study.packing, tune_app.train.pack, tune_app.train.trainable
+heavy = ("ray.tune", "pandas", "torch", "transformers", "peft", "optuna")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def test_a_pack_process_loads_no_library_before_it_starts():
+    """A pack's process starts its warm-up as soon as Ray hands it its arguments: unpickling them imports neither
+    Ray Tune (seconds of a core: it imports pandas) nor torch (the warm-up's, in a thread of its own)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PACK_PROCESS_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.slow
 def test_a_packed_study_trains_what_the_same_study_trains_unpacked(ray_session, tiny_models, tweets_csv, tmp_path,
                                                                     capsys):

@@ -70,10 +70,11 @@ def test_in_epoch_progress_from_the_board(ray_session, monkeypatch):
     import ray
 
     from tune_app.study import progress
+    from tune_app.study.board import start_board
     from tune_app.train import heartbeat
 
-    board = progress.start_board()
-    assert progress.start_board()._actor_id == board._actor_id  # one per cluster: found again by name
+    board = start_board()
+    assert start_board()._actor_id == board._actor_id  # one per cluster: found again by name
     beat = heartbeat.Heartbeat(board, "a1")
     beat(1, 1, 10, 8, 2.0, force=True)
     beat(1, 2, 10, 16, 4.0)  # within HEARTBEAT_S of the last: not sent

@@ -1,9 +1,9 @@
 """Live progress: one line per epoch result and per finished trial (why it finished), with the counts and the best
 so far; and, while epochs run, where each running trial is inside its epoch.
 
-Trials tell a board (a small actor on the driver's node, `ProgressBoard`) their step every few seconds, by calls
-that do not wait (`tune_app.train.heartbeat.Heartbeat`: no device sync, nothing the step waits on). The printer
-reads the board between Tune's steps: on a terminal, one status line redrawn in place every TTY_EVERY_S; to a
+Trials tell a board (a small actor on the driver's node, `tune_app.study.board`) their step every few seconds, by
+calls that do not wait (`tune_app.train.heartbeat.Heartbeat`: no device sync, nothing the step waits on). The
+printer reads the board between Tune's steps: on a terminal, one status line redrawn in place every TTY_EVERY_S; to a
 file or a pipe (`ray job logs`, CI), a plain line every PLAIN_EVERY_S.
 """
 
@@ -17,31 +17,10 @@ from ray.tune import Callback
 
 from tune_app.spec.metrics import better
 from tune_app.spec.space import MODEL_KEY
+from tune_app.study.board import BOARD
 
-BOARD = "tune_app-progress"
-"""The board's actor name: one per Ray cluster, trials keyed by their (unique) Tune trial id."""
 TTY_EVERY_S = 2.0
 PLAIN_EVERY_S = 20.0
-
-
-class ProgressBoard:
-    """Where each running trial is inside its epoch, as its heartbeats said last (a Ray actor: `start_board`)."""
-
-    def __init__(self):
-        self.trials: dict[str, dict[str, Any]] = {}
-
-    def update(self, trial_id: str, where: dict[str, Any]) -> None:
-        self.trials[trial_id] = where
-
-    def snapshot(self, trial_ids: list[str]) -> dict[str, dict[str, Any]]:
-        return {t: self.trials[t] for t in trial_ids if t in self.trials}
-
-
-def start_board():
-    """The cluster's progress board (started, or the one a study on this cluster started before)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(ProgressBoard).options(name=BOARD, get_if_exists=True).remote()
 
 
 def describe(where: dict[str, Any]) -> str:

@@ -108,7 +108,7 @@ def start_session(cfg: StudyConfig, address: str | None, prepared: PreparedData 
     import ray
     from ray import tune
 
-    from tune_app.study.progress import start_board
+    from tune_app.study.board import start_board
     from tune_app.train.trainable import train_trial
 
     prepared = prepared or prepare_data(cfg)

@@ -1,4 +1,4 @@
-"""A trial's heartbeat: where it is inside its epoch, told to the study's progress board (tune_app.study.progress)."""
+"""A trial's heartbeat: where it is inside its epoch, told to the study's progress board (tune_app.study.board)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class TrialContext:
     """The actor name of the study's pack registry (tune_app.study.packing), which starts the pack of a node that
     joined after the study started."""
     progress: Any = None
-    """The study's progress board (a Ray actor handle, tune_app.study.progress) that heartbeats tell; None: none."""
+    """The study's progress board (a Ray actor handle, tune_app.study.board) that heartbeats tell; None: none."""
 
 
 def train_trial(config: dict[str, Any], ctx: TrialContext) -> None:
