@@ -1082,6 +1082,10 @@ class PackServer:
         self.callers = 0
         """Trials' calls waiting for the lock: the training thread lets them in between two steps."""
         self._callers_lock = threading.Lock()
+        # The driver starts the packs before Tune starts any trial: the libraries and the data come in meanwhile, so
+        # the first trial to join waits for the base alone (which is loaded then, onto a device some trial holds).
+        self._warming = threading.Thread(target=self._warm_up, name="tune_app-pack-warm-up", daemon=True)
+        self._warming.start()
 
     @contextlib.contextmanager
     def _turn(self):
@@ -1168,6 +1172,20 @@ class PackServer:
 
     # ----------------------------------------------------------------------------------------- the training thread
 
+    def _warm_up(self) -> None:
+        """Import what training needs and map the model's tokenized data in, before any trial asks."""
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            from transformers import AutoModelForSequenceClassification  # noqa: F401
+
+            from tune_app.train.model import quiet_libraries
+
+            quiet_libraries()
+            fetch(self.ctx.data_refs[self.ctx.models[self.model_name].data_key])
+        except Exception:  # noqa: BLE001 - _load does it all again, and a failure there fails the joining trial
+            pass
+
     def _load(self) -> None:
         import os
 
@@ -1175,6 +1193,7 @@ class PackServer:
 
         from tune_app.train.model import quiet_libraries
 
+        self._warming.join()
         quiet_libraries()
         torch.set_num_threads(self.threads)
         if self.device_id == "cpu":
