@@ -52,6 +52,42 @@ HPARAMS = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.1, learning_rate=1e-4,
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "disaster_tweets" / "train.csv"
 
 
+GPU_MEMORY_ENV = "TUNE_APP_BENCH_GPU_MEMORY_GB"
+"""--gpu-memory-gb, handed to Ray's workers: each process's CUDA allocator may hold at most this many GiB per GPU."""
+
+
+def cap_gpu_memory() -> None:
+    """As if every GPU held GPU_MEMORY_ENV GiB: each process's caching allocator is capped there
+    (torch.cuda.set_per_process_memory_fraction), which raises an out-of-memory error past it as a smaller GPU
+    would. Run in this process and, as Ray's worker setup hook, in every worker (a pack's whole base, adapters and
+    activations then have to fit; a thin trial that never uses CUDA gets a context it does not need, outside any
+    other process's cap)."""
+    gb = float(os.environ.get(GPU_MEMORY_ENV) or 0)
+    if gb <= 0:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    for device in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), device)
+
+
+def connect_capped() -> None:
+    """Start Ray as tune_app does (`cluster.connect_ray`), with `cap_gpu_memory` run in every worker."""
+    import logging
+
+    import ray
+
+    from tune_app.study.cluster import trial_env_vars
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, include_dashboard=False,
+                 runtime_env={"env_vars": {**trial_env_vars(), GPU_MEMORY_ENV: os.environ[GPU_MEMORY_ENV]},
+                              "worker_process_setup_hook": cap_gpu_memory})
+
+
 def log(*args) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}]", *args, flush=True)
 
@@ -330,6 +366,8 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "output_dir": str(workdir / "runs"), "wandb": {"mode": wandb},
     }))
     cfg = config_mod.load(yaml_path)
+    if os.environ.get(GPU_MEMORY_ENV):
+        connect_capped()  # start_session then finds Ray started
     session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
     prepared, resources = session.prepared, session.resources
     clock = trial_clock()
@@ -465,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
                     help="trials' models.<m>.dtype: frozen base weights (auto: half from 1B parameters on GPU)")
     ap.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu hides any GPU")
+    ap.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="cap each process's CUDA memory per GPU at this many GiB, as on a smaller GPU")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="disaster tweets csv")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the packaged MiniLM)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tune-app-bench"))
@@ -475,7 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", args.wandb)
+    if args.gpu_memory_gb:
+        os.environ[GPU_MEMORY_ENV] = str(args.gpu_memory_gb)
     import torch
+
+    cap_gpu_memory()  # the reference and trial parts run in this process
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

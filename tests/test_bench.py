@@ -98,3 +98,23 @@ def _check_trial_f1(trial: dict, histories: list, scored: list, tweets_csv) -> N
     assert epoch["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0, abs=1e-9)
     hits = int((preds == labels).sum())
     assert epoch["accuracy"] * 256 == pytest.approx(hits, abs=1e-6)  # a count of rows, exactly
+
+
+@pytest.mark.gpu
+def test_the_memory_cap_makes_each_gpu_as_small_as_asked(monkeypatch):
+    """--gpu-memory-gb (the issue's 24 GB check of 8 packed llama-7b trials): past the cap an allocation fails as on
+    a smaller GPU; under it, it succeeds."""
+    import torch
+
+    bench = _bench_module()
+    monkeypatch.setenv(bench.GPU_MEMORY_ENV, "1")
+    torch.cuda.empty_cache()
+    bench.cap_gpu_memory()
+    try:
+        fits = torch.empty(2**29, dtype=torch.uint8, device="cuda")  # 0.5 GiB
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2**31, dtype=torch.uint8, device="cuda")  # 2 GiB
+        del fits
+    finally:
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
