@@ -319,6 +319,35 @@ def test_a_trial_that_stops_asking_loses_its_slot_and_the_others_train_on(tiny_m
     assert_result_as_solo(results[1], ctx, configs["good"])
 
 
+def test_a_pack_without_trials_frees_its_base_and_loads_it_for_the_next(tiny_models, monkeypatch, capsys):
+    """Once no trial has been in a pack for IDLE_RELEASE_S, its base (and on a GPU its memory) is freed, its
+    training thread ends, and a trial joining later gets the base loaded again and trains its solo run."""
+    import time
+
+    from tune_app.train.pack import PackServer
+
+    monkeypatch.setattr(PackServer, "IDLE_RELEASE_S", 0.5)
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=1, n_train=48, n_val=16, vocab=1000)
+    configs = {"first": make_config(**TRIALS["c"]), "later": make_config(**TRIALS["b"])}
+    server = serve({"first": configs["first"]}, ctx)
+    first = server.next_result("first")
+    server.leave("first")
+    assert server.pack is not None  # kept while a next trial may come soon
+    deadline = time.monotonic() + 30
+    while server.pack is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with server.cond:  # the training thread frees the base and ends under the lock
+        assert server.pack is None and server.thread is None
+    assert "pack test-pack: no trial for 0 s, so its base is freed" in capsys.readouterr().out
+    server.join("later", configs["later"])
+    later = server.next_result("later")
+    server.leave("later")
+    assert later["metrics"]["model_load_s"] > 0 and not later["metrics"]["base_reused"]
+    for name, result in (("first", first), ("later", later)):
+        assert result["last"] and result["metrics"]["epoch"] == 1
+        assert_result_as_solo(result, ctx, configs[name])
+
+
 def test_a_trial_leaving_midway_changes_nothing_for_the_others(tiny_models):
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=3, n_train=40, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items() if name != "c"}

@@ -1069,9 +1069,14 @@ class PackServer:
 
     A trial that Tune ends without a word (ray.kill skips `finally`) stops asking for results: once its result
     has waited LEASE_S seconds, the trial is dropped and its slot is free. A packed step that raises is taken again
-    trial by trial; a trial whose own step raises, or whose loss is not finite, fails alone."""
+    trial by trial; a trial whose own step raises, or whose loss is not finite, fails alone.
+
+    A pack that has held no trial for IDLE_RELEASE_S seconds frees its base and the device memory it held (its
+    model's trials are over, while the study's other models train on), and the next trial to join loads it again.
+    """
 
     LEASE_S = 600.0
+    IDLE_RELEASE_S = 60.0
 
     def __init__(self, ctx, model: str, device: str, threads: int, name: str = ""):
         self.ctx, self.model_name, self.device_id, self.threads, self.name = ctx, model, device, threads, name
@@ -1210,6 +1215,7 @@ class PackServer:
 
         if self.device.type == "cuda":  # the current device is per thread, and this thread's own starts at 0
             torch.cuda.set_device(self.device)
+        idle_since = None
         while True:
             with self.cond:
                 self._drop_expired()
@@ -1223,10 +1229,19 @@ class PackServer:
                 active = [s for s in self.pack.slots.values()
                           if not self.trials[s.name].paused and self.trials[s.name].result is None]
                 if not active and not self.pack.busy:
-                    if not self.trials:
-                        return  # nobody left: the thread ends, the next join starts it again
+                    if not self.trials:  # nobody left: after a while the base goes, and the thread ends
+                        idle_since = idle_since or time.monotonic()
+                        idle = time.monotonic() - idle_since
+                        if idle >= self.IDLE_RELEASE_S:
+                            self._release()
+                            self.thread = None  # the next join starts another, which loads the base again
+                            return
+                        self.cond.wait(timeout=min(5.0, self.IDLE_RELEASE_S - idle))
+                        continue
+                    idle_since = None
                     self.cond.wait(timeout=5.0)
                     continue
+                idle_since = None
                 for name, error in self.pack.advance(active, self._evaluate, self._unlocked).items():
                     self._fail(name, error)
                 now = time.perf_counter()
@@ -1239,6 +1254,17 @@ class PackServer:
                                     slot.batch_index * slot.batch_size, now - trial.started)
                 while self.callers or self._undelivered():  # trials' calls first (wait releases the lock)
                     self.cond.wait(timeout=0.01)
+
+    def _release(self) -> None:
+        """Free the base, the data and the device memory they held; the log says so."""
+        from tune_app.train.memory import release_memory
+
+        self.pack.close()
+        self.pack.drop_graphs()
+        self.pack = self.data = self.weights = None
+        release_memory()
+        print(f"[tune_app] pack {self.name}: no trial for {self.IDLE_RELEASE_S:.0f} s, so its base is freed (the next "
+              f"trial to join loads it again)", flush=True)
 
     def _undelivered(self) -> bool:
         """Whether a result waits for a trial whose call for it waits for the lock: the training thread, which
