@@ -69,7 +69,6 @@ def test_in_epoch_progress_from_the_board(ray_session, monkeypatch):
 
     import ray
 
-    from tune_app.study import progress
     from tune_app.study.board import start_board
     from tune_app.train import heartbeat
 
