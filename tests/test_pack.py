@@ -101,6 +101,41 @@ def test_packed_trials_train_what_each_trains_alone(tiny_models, family, threads
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_each_packed_trial_scales_its_loss_with_its_own_scaler(tiny_models, monkeypatch, threads):
+    """fp16 training (a GPU without bf16) scales each trial's loss by a GradScaler of its own. Forced here on the CPU
+    in fp32, for solo and packed trials alike (growing every 2 steps, so trials of other step counts end at other
+    scales): each packed trial trains what it trains alone and saves its own scaler where its solo run saves it,
+    at its solo run's scale."""
+    from safetensors.torch import load_file
+
+    from tune_app.spec.rundir import STATE_FILE
+    from tune_app.train import pack, step
+
+    def scaler(device, precision):
+        return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+    monkeypatch.setattr(step, "loss_scaler", scaler)
+    monkeypatch.setattr(pack, "loss_scaler", scaler)
+    ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=48, n_val=16, vocab=1000)
+    configs = {name: make_config(**params) for name, params in TRIALS.items()}
+    solo = solo_runs(configs, ctx)
+    packed, packed_scales = {name: [] for name in configs}, {}
+
+    def report(name, metrics, directory):
+        packed[name].append((metrics, load_file(os.path.join(directory, "adapter_model.safetensors")),
+                             sorted(os.listdir(directory))))
+        packed_scales[name] = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)["scaler"]["scale"]
+
+    memory.clear()
+    fit_pack(configs, ctx, report=report, threads=threads, device="cpu")
+    for name in configs:
+        assert_same_training(solo[name], packed[name])
+    scales = {name: runs[-1][2]["scaler"]["scale"] for name, runs in solo.items()}
+    assert packed_scales == scales
+    assert len(set(scales.values())) == 3 and min(scales.values()) > 2.0**10  # each its own, and they grew
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_out_of_memory_packs_fewer_trials_per_forward_and_halves_micro_batches(tiny_models, monkeypatch, capsys,
                                                                                threads, step_threads):
     """A packed forward that runs out of memory is taken again trial by trial, and lowers the work one forward may

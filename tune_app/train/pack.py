@@ -6,10 +6,10 @@ Each packed step takes the next micro-batch of every trial in the pack, concaten
 layers once over all of them (one large matmul per layer instead of one small one per trial); on a CPU, where a
 large matmul gains nothing, the trials step in one such group per core, each in a thread of its own and at its own
 pace, and a trial's epoch-end evaluation runs beside the others' steps (`Pack.advance`). Each trial's rows see only
-that trial's LoRA layers, head, loss weights and dropout; each trial then steps its own optimizer, schedule and
-gradient clipping at its own effective batch size, over its own data order. On a GPU the packed step replays CUDA
-graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their rows and the padding bucket), each trial's CUDA
-stream a generator state of its own that every replay advances.
+that trial's LoRA layers, head, loss weights and dropout; each trial then steps its own optimizer, schedule, loss
+scale (fp16) and gradient clipping at its own effective batch size, over its own data order. On a GPU the packed
+step replays CUDA graphs (`train.cuda_graphs.StepGraphs`, keyed by its trials, their rows and the padding bucket),
+each trial's CUDA stream a generator state of its own that every replay advances.
 
 Exact: a packed trial trains what it trains alone with the same seed (tests/test_pack.py). Its rows are padded for
 the base to the pack's widest micro-batch, but every random draw of its rows (LoRA dropout, the base's hidden and
@@ -47,7 +47,7 @@ from tune_app.train.cuda_graphs import CaptureFailed, StepGraphs
 from tune_app.train.evaluation import eval_batch_size
 from tune_app.train.heartbeat import Heartbeat
 from tune_app.train.memory import is_oom, oom_test_limit, peak_memory_mb, random_state, set_random_state
-from tune_app.train.step import share_of_loss, step_mode
+from tune_app.train.step import clip_and_step, loss_scaler, share_of_loss, step_mode
 from tune_app.train.tokens import TokenizedSplit, fetch
 
 ATTENTION = "tune_app_packed"
@@ -139,6 +139,9 @@ class Slot:
     trainable: list = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
+    scaler: Any = None
+    """Its own loss scaler under fp16 (`train.step.loss_scaler`): its loss is scaled by its own scale in the packed
+    backward, and an overflow in its gradients skips its step alone."""
     epoch: int = 0
     predictions: np.ndarray | None = None
     """Its last evaluation's predicted class of every validation row (for its checkpoint)."""
@@ -270,26 +273,22 @@ class Slot:
         return part, rows, self.micro_start >= len(rows)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the trial's training, as a solo trial's step keeps it (no loss scaler: packed
-        trials never train under fp16 loss scaling)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": None,
+        """What a checkpoint keeps of the trial's training, as a solo trial's step keeps it."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "micro_batch": self.micro_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.micro_batch = min(int(state.get("micro_batch") or self.batch_size), self.batch_size)
 
     def optimizer_step(self) -> None:
         """Clip, step, schedule, clear: what the solo step does after its batch's last micro-batch (gradients zeroed
         in place while the pack has CUDA graphs: they accumulate into fixed tensors)."""
-        import torch
-
-        max_grad_norm = float(self.params["max_grad_norm"])
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
+        clip_and_step(self.trainable, self.optimizer, self.scheduler, self.scaler, float(self.params["max_grad_norm"]))
         self.optimizer.zero_grad(set_to_none=not self.fixed_grads)
         self.loss_sum += self.step_loss
         self.step_loss = None
@@ -399,6 +398,7 @@ class Pack:
         slot.scheduler = get_scheduler(params["lr_scheduler"], slot.optimizer,
                                        num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                                        num_training_steps=total_steps)
+        slot.scaler = loss_scaler(self.device, self.precision)
         return slot
 
     def leave(self, name: str) -> None:
@@ -638,7 +638,12 @@ class Pack:
             logits = self.model(input_ids=ids, attention_mask=self.prepare_mask(mask)).logits
         losses = torch.stack([share_of_loss(logits[rows.start:rows.stop], labels[rows.start:rows.stop],
                                             self.loss_weight, weights[i]) for i, rows in enumerate(layout)])
-        losses.sum().backward()
+        scalers = [rows.slot.scaler for rows in layout]
+        if any(scaler is not None for scaler in scalers):  # fp16: each trial's loss times its own scale (rows never
+            # mix, so only its gradients carry its scale, and an overflow shows in its gradients alone)
+            sum(scaler.scale(loss) if scaler is not None else loss for scaler, loss in zip(scalers, losses)).backward()
+        else:
+            losses.sum().backward()
         return losses.detach()
 
     def drop_graphs(self, why: str | None = None) -> None:

@@ -42,8 +42,7 @@ class TrainStep:
         total_steps = math.ceil(len(train) / self.batch_size) * epochs
         self.optimizer = torch.optim.AdamW(self.trainable, lr=float(params["learning_rate"]),
                                            weight_decay=float(params["weight_decay"]), fused=self.on_gpu)
-        # fp16 autocast (GPUs without bf16): small gradients underflow to zero unless the loss is scaled up first.
-        self.scaler = torch.amp.GradScaler("cuda") if self.on_gpu and precision == "fp16" else None
+        self.scaler = loss_scaler(device, precision)
         self.scheduler = get_scheduler(params["lr_scheduler"], self.optimizer,
                                        num_warmup_steps=int(float(params["warmup_ratio"]) * total_steps),
                                        num_training_steps=total_steps)
@@ -119,21 +118,7 @@ class TrainStep:
         return loss.detach()
 
     def _optimizer_step(self) -> None:
-        import torch
-
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm, foreach=True)
-        if self.scaler is None:
-            self.optimizer.step()
-            self.scheduler.step()
-            return
-        scale = self.scaler.get_scale()  # a host sync, as fp16 training has anyway (it never runs as a CUDA graph)
-        self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; update() then shrinks the scale
-        self.scaler.update()
-        if self.scaler.get_scale() >= scale:  # the step was taken: the schedule moves with the optimizer
-            self.scheduler.step()
+        clip_and_step(self.trainable, self.optimizer, self.scheduler, self.scaler, self.max_grad_norm)
 
     # ----------------------------------------------------------------------------------------- out of memory
 
@@ -191,6 +176,35 @@ class TrainStep:
         if self.on_gpu:
             return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
         return list(tensors)
+
+
+def loss_scaler(device, precision: str):
+    """A trial's loss scaler (torch.amp.GradScaler) under fp16 autocast on a GPU (one without bf16), where small
+    gradients underflow to zero unless the loss is scaled up first; None otherwise."""
+    import torch
+
+    return torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "fp16" else None
+
+
+def clip_and_step(trainable: list, optimizer, scheduler, scaler, max_grad_norm: float) -> None:
+    """The end of a trial's effective batch: its gradients unscaled (under a loss scaler) and clipped, then its
+    optimizer and schedule stepped; under a loss scaler a step whose gradients overflowed is skipped (the scale
+    shrinks), and the schedule with it."""
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm, foreach=True)
+    if scaler is None:
+        optimizer.step()
+        scheduler.step()
+        return
+    scale = scaler.get_scale()  # a host sync, as fp16 training has anyway (it never runs as a CUDA graph)
+    scaler.step(optimizer)  # skipped when a gradient overflowed; update() then shrinks the scale
+    scaler.update()
+    if scaler.get_scale() >= scale:  # the step was taken: the schedule moves with the optimizer
+        scheduler.step()
 
 
 def step_mode(ctx, on_gpu: bool, precision: str) -> tuple[bool, bool]:
