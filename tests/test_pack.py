@@ -378,6 +378,7 @@ def test_a_pack_without_trials_frees_its_base_and_loads_it_for_the_next(tiny_mod
     later = server.next_result("later")
     server.leave("later")
     assert later["metrics"]["model_load_s"] > 0 and not later["metrics"]["base_reused"]
+    assert not later["metrics"]["joined_running_pack"]
     for name, result in (("first", first), ("later", later)):
         assert result["last"] and result["metrics"]["epoch"] == 1
         assert_result_as_solo(result, ctx, configs[name])

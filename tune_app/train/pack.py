@@ -1114,10 +1114,11 @@ class PackServer:
         from tune_app.spec.space import HYPERPARAMETERS, SEED_KEY
 
         t0 = time.perf_counter()
-        running = self.pack is not None  # read without the lock: only a pack being loaded can change it
+        running = self.pack is not None  # before the lock: a trial that waits for another's load joins no running pack
         with self._turn():
             loaded = self.pack is None
-            if loaded:
+            if loaded:  # the pack's first trial, or the first since an idle pack freed its base
+                running = False
                 self._load()
             t_load = time.perf_counter()
             slot = self.pack.join(trial_id, {k: config[k] for k in HYPERPARAMETERS},
