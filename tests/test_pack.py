@@ -104,8 +104,9 @@ def test_packed_trials_train_what_each_trains_alone(tiny_models, family, threads
 def test_each_packed_trial_scales_its_loss_with_its_own_scaler(tiny_models, monkeypatch, threads):
     """fp16 training (a GPU without bf16) scales each trial's loss by a GradScaler of its own. Forced here on the CPU
     in fp32, for solo and packed trials alike (growing every 2 steps, so trials of other step counts end at other
-    scales): each packed trial trains what it trains alone and saves its own scaler where its solo run saves it,
-    at its solo run's scale."""
+    scales), with trial a's gradients overflowing in its third step: that step is skipped for trial a alone, and
+    each packed trial trains what it trains alone and saves its own scaler where its solo run saves it, at its solo
+    run's scale."""
     from safetensors.torch import load_file
 
     from tune_app.spec.rundir import STATE_FILE
@@ -114,8 +115,17 @@ def test_each_packed_trial_scales_its_loss_with_its_own_scaler(tiny_models, monk
     def scaler(device, precision):
         return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 
-    monkeypatch.setattr(step, "loss_scaler", scaler)
-    monkeypatch.setattr(pack, "loss_scaler", scaler)
+    clip_and_step = step.clip_and_step
+
+    def overflowing(trainable, optimizer, *args):
+        optimizer.tested_steps = getattr(optimizer, "tested_steps", 0) + 1
+        if optimizer.param_groups[0]["initial_lr"] == TRIALS["a"]["learning_rate"] and optimizer.tested_steps == 3:
+            trainable[0].grad.fill_(float("inf"))
+        clip_and_step(trainable, optimizer, *args)
+
+    for module in (step, pack):
+        monkeypatch.setattr(module, "loss_scaler", scaler)
+        monkeypatch.setattr(module, "clip_and_step", overflowing)
     ctx = make_context(tiny_models("bert", **DROPOUT), epochs=2, n_train=48, n_val=16, vocab=1000)
     configs = {name: make_config(**params) for name, params in TRIALS.items()}
     solo = solo_runs(configs, ctx)
@@ -132,7 +142,8 @@ def test_each_packed_trial_scales_its_loss_with_its_own_scaler(tiny_models, monk
         assert_same_training(solo[name], packed[name])
     scales = {name: runs[-1][2]["scaler"]["scale"] for name, runs in solo.items()}
     assert packed_scales == scales
-    assert len(set(scales.values())) == 3 and min(scales.values()) > 2.0**10  # each its own, and they grew
+    # 12 steps of trial a: 2 taken (the scale doubles), 1 overflowed (skipped, halved), 9 taken (4 doublings).
+    assert scales == {"a": 2.0**14, "b": 2.0**(10 + 24 // 2), "c": 2.0**(10 + 6 // 2)}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
