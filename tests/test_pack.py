@@ -592,6 +592,31 @@ def test_a_pack_process_loads_no_library_before_it_starts():
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.parametrize("pack,cores,line", [
+    ("off", 2, "packing: none (tune.pack off): each trial trains in its own process"),
+    ("auto", 2, "packing: none (tune.pack auto, which packs only trials that share a GPU: none do here): each "
+                "trial trains in its own process"),
+    (2, 1, "packing: none (tune.pack 2: no GPU or node here holds two trials of a model): each trial trains in its "
+           "own process"),
+    (2, 2, "packing: m: up to 2 trials per node in one process over one base"),
+])
+def test_the_study_says_how_its_trials_are_packed_and_why_not(tiny_models, tweets_csv, tmp_path, pack, cores, line):
+    """The study's packing line, on CPU nodes of `cores` cores for trials of 1 core: where nothing packs, it says
+    why (auto packs only where trials share a GPU; N needs a device that holds two trials)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tune_app.spec import config as config_mod
+    from tune_app.study import packing, runner
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(packed_study_raw(tiny_models("bert"), tweets_csv, tmp_path / "runs", pack)))
+    cfg = config_mod.load(path)
+    plans = packing.plan(cfg, {"m": {"cpu": 1.0, "gpu": 0.0}}, cpus_per_node=cores)
+    assert runner._packing_line(cfg, SimpleNamespace(packs=plans)) == line
+
+
 @pytest.mark.slow
 def test_a_packed_study_trains_what_the_same_study_trains_unpacked(ray_session, tiny_models, tweets_csv, tmp_path,
                                                                     capsys):

@@ -228,7 +228,9 @@ def _resources_line(session: Session) -> str:
 def _packing_line(cfg: StudyConfig, session: Session) -> str:
     """How trials are packed, per model (tune.pack)."""
     if not session.packs:
-        return f"packing: none (tune.pack {cfg.tune.pack}): each trial trains in its own process"
+        why = {"off": "", "auto": ", which packs only trials that share a GPU: none do here"}.get(
+            cfg.tune.pack, ": no GPU or node here holds two trials of a model")
+        return f"packing: none (tune.pack {cfg.tune.pack}{why}): each trial trains in its own process"
     packed = "; ".join(f"{name}: {plan.describe()}" for name, plan in session.packs.items())
     alone = [name for name in cfg.models if name not in session.packs]
     return f"packing: {packed}" + (f"; {', '.join(alone)}: one trial per process" if alone else "")
