@@ -52,19 +52,12 @@ HPARAMS = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.1, learning_rate=1e-4,
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "disaster_tweets" / "train.csv"
 
 
-GPU_MEMORY_ENV = "TUNE_APP_BENCH_GPU_MEMORY_GB"
-"""--gpu-memory-gb, handed to Ray's workers: each process's CUDA allocator may hold at most this many GiB per GPU."""
-
-
-def cap_gpu_memory() -> None:
-    """As if every GPU held GPU_MEMORY_ENV GiB: each process's caching allocator is capped there
+def cap_gpu_memory(gb: float) -> None:
+    """As if every GPU held `gb` GiB: this process's caching allocator is capped there
     (torch.cuda.set_per_process_memory_fraction), which raises an out-of-memory error past it as a smaller GPU
     would. Run in this process and, as Ray's worker setup hook, in every worker (a pack's whole base, adapters and
     activations then have to fit; a thin trial that never uses CUDA gets a context it does not need, outside any
     other process's cap)."""
-    gb = float(os.environ.get(GPU_MEMORY_ENV) or 0)
-    if gb <= 0:
-        return
     import torch
 
     if not torch.cuda.is_available():
@@ -72,20 +65,6 @@ def cap_gpu_memory() -> None:
     for device in range(torch.cuda.device_count()):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), device)
-
-
-def connect_capped() -> None:
-    """Start Ray as tune_app does (`cluster.connect_ray`), with `cap_gpu_memory` run in every worker."""
-    import logging
-
-    import ray
-
-    from tune_app.study.cluster import trial_env_vars
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, include_dashboard=False,
-                 runtime_env={"env_vars": {**trial_env_vars(), GPU_MEMORY_ENV: os.environ[GPU_MEMORY_ENV]},
-                              "worker_process_setup_hook": cap_gpu_memory})
 
 
 def log(*args) -> None:
@@ -343,7 +322,7 @@ class WorkerMemory:
 def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, cpus: int, max_length: int,
           limit: int | None, workdir: Path, gpu: str, reuse_actors: bool = True, wandb: str = "disabled",
           compile_: str = "auto", cuda_graphs: str = "auto", dtype: str = "auto", pack: str = "off",
-          batch_sizes: list[int] | None = None) -> dict:
+          batch_sizes: list[int] | None = None, gpu_memory_gb: float | None = None) -> dict:
     """A real Ray Tune study of n_trials trials, k at a time, identical unless `batch_sizes` has the searcher draw
     each trial's batch size from these (seeded: the same draws for every --pack): aggregate throughput and slot use,
     and the peak resident memory of Ray's worker processes (trials, and packs under tune.pack)."""
@@ -351,6 +330,7 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
 
     from tune_app.spec import config as config_mod
     from tune_app.study import runner as study_mod
+    from tune_app.study.cluster import connect_ray
     from tune_app.study.storage import new_run_dir
 
     yaml_path = workdir / f"study-{name}.yaml"
@@ -366,8 +346,11 @@ def study(name: str, folder: str, csv: str, k: int, n_trials: int, epochs: int, 
         "output_dir": str(workdir / "runs"), "wandb": {"mode": wandb},
     }))
     cfg = config_mod.load(yaml_path)
-    if os.environ.get(GPU_MEMORY_ENV):
-        connect_capped()  # start_session then finds Ray started
+    if gpu_memory_gb:  # Ray started as start_session starts it, with the cap in every worker
+        def cap_this_worker() -> None:  # a function, not a partial: Ray exports a setup hook by its name
+            cap_gpu_memory(gpu_memory_gb)
+
+        connect_ray(setup_hook=cap_this_worker)
     session = study_mod.start_session(cfg, None)  # data, Ray, object refs, resources, trainable
     prepared, resources = session.prepared, session.resources
     clock = trial_clock()
@@ -515,11 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", args.wandb)
-    if args.gpu_memory_gb:
-        os.environ[GPU_MEMORY_ENV] = str(args.gpu_memory_gb)
     import torch
 
-    cap_gpu_memory()  # the reference and trial parts run in this process
+    if args.gpu_memory_gb:
+        cap_gpu_memory(args.gpu_memory_gb)  # the reference and trial parts run in this process
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -551,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                                     workdir, args.gpu_share or (f"{1 / k:.4f}" if cuda else "0"),
                                     reuse_actors=args.reuse_actors == "on", wandb=args.wandb,
                                     compile_=args.compile, cuda_graphs=args.cuda_graphs, dtype=args.dtype,
-                                    pack=args.pack,
+                                    pack=args.pack, gpu_memory_gb=args.gpu_memory_gb,
                                     batch_sizes=[int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                                     else None)
             except Exception as error:  # noqa: BLE001 - one failing part must not lose the others' numbers

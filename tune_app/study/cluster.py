@@ -205,15 +205,18 @@ def planned_gpu_memory() -> GpuMemory:
                                          f"answer); set {GPU_MEMORY_ENV} to the memory of the GPUs trials run on")
 
 
-def connect_ray(address: str | None = None) -> None:
+def connect_ray(address: str | None = None, *, setup_hook=None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, which `ray job submit` sets for its driver); otherwise
-    start a local Ray with this machine's CPUs/GPUs and no dashboard."""
+    start a local Ray with this machine's CPUs/GPUs and no dashboard. `setup_hook`: a callable every worker runs
+    as it starts (Ray's worker_process_setup_hook; the benchmark's GPU memory cap)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": trial_env_vars()}
+    runtime_env: dict = {"env_vars": trial_env_vars()}
+    if setup_hook is not None:
+        runtime_env["worker_process_setup_hook"] = setup_hook
     _connection.joined = True
     # Adapter checkpoints are small: Tune's warning about frequent experiment snapshots is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
